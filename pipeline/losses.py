@@ -350,47 +350,68 @@ def hard_token_mask(unc: Tensor, valid: Tensor, groups: Tensor, hard_fraction: f
     return hard
 
 
+def sequence_groups(shape: torch.Size, scope: str, device: torch.device) -> Tensor:
+    """Group id per token [prod(shape)]: one group per row of the leading dims ('sequence') or one ('batch')."""
+    n = math.prod(shape)
+    if scope == "sequence" and len(shape) >= 2:
+        return torch.arange(n // shape[-1], device=device).repeat_interleave(shape[-1])
+    return torch.zeros(n, dtype=torch.long, device=device)
+
+
+def atkd_token_weights(unc: Tensor, valid: Tensor, groups: Tensor, *, lam: float, hard_fraction: float,
+                       normalize: str) -> tuple[Tensor, Tensor]:
+    """Per-token weights (w_tkd, w_dkd) [N] so that sum(w_tkd TKD + w_dkd DKD) / n_valid is ATKD's loss.
+    Hard tokens get (1-lam) on TKD + DKD, easy ones lam on DKD only; 'group_mean' rescales each group's tokens by
+    n_valid / n_group within its scope (an empty group contributes 0). Needs every token of a scope at once, so the
+    chunked path computes it in a separate pass over the teacher."""
+    hard = hard_token_mask(unc, valid, groups, hard_fraction)
+    easy = valid & ~hard
+    dtype = unc.dtype if unc.is_floating_point() else torch.float32
+    w_hard = torch.full(unc.shape, 1.0 - lam, dtype=dtype, device=unc.device)
+    w_easy = torch.full(unc.shape, lam, dtype=dtype, device=unc.device)
+    if normalize == "group_mean":
+        n_groups = int(groups.max().item()) + 1 if groups.numel() else 1
+        def count(m):
+            return torch.zeros(n_groups, dtype=dtype, device=unc.device).index_add_(0, groups, m.to(dtype))
+        n_valid, n_hard, n_easy = count(valid), count(hard), count(easy)
+        w_hard = w_hard * (n_valid / n_hard.clamp_min(1))[groups]
+        w_easy = w_easy * (n_valid / n_easy.clamp_min(1))[groups]
+    w_tkd = torch.where(hard, w_hard, torch.zeros_like(w_hard))
+    w_dkd = torch.where(hard, w_hard, torch.where(easy, w_easy, torch.zeros_like(w_easy)))
+    return w_tkd, w_dkd
+
+
+def atkd_uncertainty(lp: Tensor, targets: Tensor, ops=LOCAL) -> Tensor:
+    """The teacher's uncertainty 1 - p_g per token (detached): what splits hard from easy tokens."""
+    is_g = ops.column_ids(lp.shape[-1], lp.device) == targets.unsqueeze(-1)
+    (lp_g,) = ops.sum(torch.where(is_g, lp.detach(), torch.zeros_like(lp)))
+    return -torch.expm1(lp_g)
+
+
 def atkd(lp: Tensor, lq: Tensor, ops=LOCAL, *, targets: Tensor, mask: Tensor, lam: float = 0.2,
          hard_fraction: float = 0.5, scope: str = "sequence", normalize: str = "group_mean",
-         keep_unc: bool = False, reverse: bool = False, groups: Tensor | None = None) -> Tensor:
+         keep_unc: bool = False, reverse: bool = False, groups: Tensor | None = None,
+         token_weights: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """ATKD: lam * mean_easy[DKD] + (1 - lam) * mean_hard[TKD + DKD] (official defaults: lam 0.2, 50% hard, the
     uncertainty weight 1 - p_g dropped). Hard tokens are the most uncertain for the teacher (1 - p_g) within a
     scope: 'sequence' (each row of the leading dims), 'batch' (all tokens given) or explicit `groups` ids.
 
-    Returned per token so that the caller's token mean reproduces the formula: normalize='group_mean' scales each
-    group's tokens by n_valid / n_group (an empty group contributes 0); 'token_mean' leaves the weights at lam and
-    1 - lam. keep_unc=True multiplies DKD by 1 - p_g (all hard, lam = 0: exactly forward KL). reverse=True
-    decomposes KL(q || p) instead, still split by the teacher's uncertainty."""
+    Returned per token so that the caller's token mean reproduces the formula (see atkd_token_weights).
+    keep_unc=True multiplies DKD by 1 - p_g (all hard, lam = 0: exactly forward KL). reverse=True decomposes
+    KL(q || p) instead, still split by the teacher's uncertainty. `token_weights` (flattened, from
+    atkd_token_weights) skips the split, for callers that see a scope in several chunks."""
     first, second = (lq, lp) if reverse else (lp, lq)
-    tkd, dkd, unc = target_decomposition(first, second, targets, ops)
-    if reverse:  # the split is still driven by the teacher: one more sum round for log p_g
-        is_g = ops.column_ids(lp.shape[-1], lp.device) == targets.unsqueeze(-1)
-        (lp_g,) = ops.sum(torch.where(is_g, lp, torch.zeros_like(lp)))
-        unc = -torch.expm1(lp_g)
-    unc = unc.detach()
+    tkd, dkd, unc_first = target_decomposition(first, second, targets, ops)
     if keep_unc:
-        dkd = unc * dkd
-    shape = tkd.shape
-    valid = mask.reshape(-1)
-    if groups is None:
-        if scope == "sequence" and len(shape) >= 2:
-            groups = torch.arange(math.prod(shape[:-1]), device=tkd.device).repeat_interleave(shape[-1])
-        else:
-            groups = torch.zeros(valid.numel(), dtype=torch.long, device=tkd.device)
-    groups = groups.reshape(-1)
-    hard = hard_token_mask(unc.reshape(-1), valid, groups, hard_fraction)
-    easy = valid & ~hard
-    w_hard = torch.full_like(tkd.reshape(-1), 1.0 - lam)
-    w_easy = torch.full_like(w_hard, lam)
-    if normalize == "group_mean":
-        n_groups = int(groups.max().item()) + 1
-        count = lambda m: torch.zeros(n_groups, dtype=w_hard.dtype, device=w_hard.device).index_add_(  # noqa: E731
-            0, groups, m.to(w_hard.dtype))
-        n_valid, n_hard, n_easy = count(valid), count(hard), count(easy)
-        w_hard = w_hard * (n_valid / n_hard.clamp_min(1))[groups]
-        w_easy = w_easy * (n_valid / n_easy.clamp_min(1))[groups]
-    per_tok = torch.where(hard, w_hard * (tkd + dkd).reshape(-1), w_easy * dkd.reshape(-1))
-    return per_tok.reshape(shape)
+        dkd = unc_first * dkd
+    if token_weights is None:
+        unc = atkd_uncertainty(lp, targets, ops) if reverse else unc_first.detach()
+        if groups is None:
+            groups = sequence_groups(tkd.shape, scope, tkd.device)
+        token_weights = atkd_token_weights(unc.reshape(-1), mask.reshape(-1), groups.reshape(-1), lam=lam,
+                                           hard_fraction=hard_fraction, normalize=normalize)
+    w_tkd, w_dkd = (w.reshape(tkd.shape).to(tkd.dtype) for w in token_weights)
+    return w_tkd * tkd + w_dkd * dkd
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -507,7 +528,8 @@ def make_loss(method: str, **options) -> Callable[..., Tensor]:
     spec = METHODS[method]
 
     def loss(student_logits: Tensor, teacher_logits: Tensor, *, mask: Tensor | None = None,
-             targets: Tensor | None = None, ops=LOCAL, groups: Tensor | None = None, **overrides) -> Tensor:
+             targets: Tensor | None = None, ops=LOCAL, groups: Tensor | None = None,
+             token_weights: tuple[Tensor, Tensor] | None = None, **overrides) -> Tensor:
         o = resolve_options(method, {**resolved, **overrides}) if overrides else dict(resolved)
         temperature = o.pop("temperature")
         if student_logits.shape != teacher_logits.shape:
@@ -527,7 +549,8 @@ def make_loss(method: str, **options) -> Callable[..., Tensor]:
             if targets is None:
                 raise ValueError(f"{method} needs the target token ids (targets=...)")
             safe_targets = torch.where(mask, targets, torch.zeros_like(targets))
-            value = spec.fn(lp, lq, ops, targets=safe_targets, mask=mask, groups=groups, **o)
+            value = spec.fn(lp, lq, ops, targets=safe_targets, mask=mask, groups=groups, token_weights=token_weights,
+                            **o)
         else:
             value = spec.fn(lp, lq, ops, **o)
         return torch.where(mask, value, torch.zeros_like(value))
