@@ -69,6 +69,16 @@ def _both_dead(la: Tensor, lb: Tensor) -> Tensor:
     return (la == NEG_INF) & (lb == NEG_INF)
 
 
+def _has_neg_inf(*xs: Tensor) -> bool:
+    """One cheap pass that lets the common case (no -inf anywhere) skip every sanitising `where`; the slow path
+    issues the same collectives, so ranks taking different branches stay in lockstep. Under torch.compile the
+    sanitising path is always taken: fused `where`s cost nothing there, and a data-dependent branch would split
+    the graph."""
+    if torch.compiler.is_compiling():
+        return True
+    return any(bool(torch.isneginf(x).any()) for x in xs)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The alpha-mixture assistant distribution (AMiD)
 # --------------------------------------------------------------------------------------------------------------
@@ -84,20 +94,22 @@ def power_mean_log(lp: Tensor, lq: Tensor, *, alpha: float, lam: float) -> Tenso
     if lam <= 0.0:
         return lq
     s = (1.0 - alpha) / 2.0
-    # s > 0: support is the union, dead only where both are -inf; s <= 0: the intersection.
-    dead = _both_dead(lp, lq) if s > 0 else (lp == NEG_INF) | (lq == NEG_INF)
-    a = torch.where(dead, torch.zeros_like(lp), lp)
-    c = torch.where(dead, torch.zeros_like(lq), lq)
+    dead = None
+    if _has_neg_inf(lp, lq):
+        # s > 0: support is the union, dead only where both are -inf; s <= 0: the intersection.
+        dead = _both_dead(lp, lq) if s > 0 else (lp == NEG_INF) | (lq == NEG_INF)
+        lp, lq = torch.where(dead, 0.0, lp), torch.where(dead, 0.0, lq)
     if s == 0.0:
-        u = lam * a + (1.0 - lam) * c
+        u = lam * lp + (1.0 - lam) * lq
     else:
-        sel = (a >= c) if s > 0 else (a <= c)
-        base = torch.where(sel, a, c)
-        other = torch.where(sel, c, a)
-        w_other = torch.where(sel, torch.full_like(a, 1.0 - lam), torch.full_like(a, lam))
+        sel = (lp >= lq) if s > 0 else (lp <= lq)
+        # `where`, not maximum/minimum: at ties those split the gradient evenly, which is wrong here
+        base = torch.where(sel, lp, lq)
+        other = torch.where(sel, lq, lp)
+        w_other = sel.to(lp.dtype) * (1.0 - 2.0 * lam) + lam  # 1 - lam where the base is p, else lam
         # a one-sided -inf (s > 0) gives other = -inf: expm1 -> -1, a finite log(w_base) / s, and zero gradient.
         u = base + torch.log1p(w_other * torch.expm1(s * (other - base))) / s
-    return torch.where(dead, torch.full_like(u, NEG_INF), u)
+    return u if dead is None else torch.where(dead, NEG_INF, u)
 
 
 def alpha_mixture_from_log_probs(lp: Tensor, lq: Tensor, *, alpha: float, lam: float, ops=LOCAL) -> Tensor:
@@ -128,11 +140,11 @@ def alpha_mixture_log_probs(teacher_logits: Tensor, student_logits: Tensor, *, a
 # --------------------------------------------------------------------------------------------------------------
 def kl(la: Tensor, lb: Tensor, ops=LOCAL) -> Tensor:
     """KL(a || b) = sum_v a_v (log a_v - log b_v), with 0 log 0 = 0."""
+    if not _has_neg_inf(la):
+        return ops.sum(torch.exp(la) * (la - lb))[0]
     live = la > NEG_INF
-    la0 = torch.where(live, la, torch.zeros_like(la))
-    lb0 = torch.where(live, lb, torch.zeros_like(lb))
-    terms = torch.where(live, torch.exp(la0) * (la0 - lb0), torch.zeros_like(la0))
-    return ops.sum(terms)[0]
+    la0, lb0 = torch.where(live, la, 0.0), torch.where(live, lb, 0.0)
+    return ops.sum(torch.where(live, torch.exp(la0) * (la0 - lb0), 0.0))[0]
 
 
 def generalized_jsd(lp: Tensor, lq: Tensor, ops=LOCAL, *, beta: float = 0.5) -> Tensor:
@@ -173,18 +185,13 @@ def amari_alpha(la: Tensor, lb: Tensor, ops=LOCAL, *, alpha: float = 0.5) -> Ten
         return kl(la, lb, ops)
     if x == 0.0:
         return kl(lb, la, ops)
-    dead = _both_dead(la, lb)
-    a0 = torch.where(dead, torch.zeros_like(la), la)
-    b0 = torch.where(dead, torch.zeros_like(lb), lb)
-    if abs(y) <= abs(x):
-        lw, coef, d = a0, y, b0 - a0
-    else:
-        lw, coef, d = b0, x, a0 - b0
-    # where one side is -inf and the weight is 0 the term is 0 * expm1(+-inf); keep it 0 without NaN.
-    live = (lw > NEG_INF) & ~dead
-    lw_s = torch.where(live, lw, torch.zeros_like(lw))
-    d_s = torch.where(live, d, torch.zeros_like(d))
-    terms = torch.where(live, torch.exp(lw_s) * torch.expm1(coef * d_s), torch.zeros_like(lw_s))
+    lw, lo, coef = (la, lb, y) if abs(y) <= abs(x) else (lb, la, x)
+    if not _has_neg_inf(la, lb):
+        return -ops.sum(torch.exp(lw) * torch.expm1(coef * (lo - lw)))[0] / (x * y)
+    # a term whose weight is 0 is 0 * expm1(+-inf): keep it 0 without NaN in either pass
+    live = lw > NEG_INF
+    lw0, lo0 = torch.where(live, lw, 0.0), torch.where(live, lo, 0.0)
+    terms = torch.where(live, torch.exp(lw0) * torch.expm1(coef * (lo0 - lw0)), 0.0)
     return -ops.sum(terms)[0] / (x * y)
 
 
@@ -193,12 +200,12 @@ def ab_divergence(la: Tensor, lb: Tensor, ops=LOCAL, *, alpha: float = 0.2, beta
     -1/(ab) sum[a^a b^b - a/(a+b) a^(a+b) - b/(a+b) b^(a+b)], with its continuous limits where a, b or a+b is 0
     (a=1, b=0 is KL(a || b); a=0, b=1 is KL(b || a))."""
     a, b = alpha, beta
-    dead = _both_dead(la, lb)
-    x = torch.where(dead, torch.zeros_like(la), la)
-    y = torch.where(dead, torch.zeros_like(lb), lb)
+    dead = _both_dead(la, lb) if _has_neg_inf(la, lb) else None
+    x = la if dead is None else torch.where(dead, 0.0, la)
+    y = lb if dead is None else torch.where(dead, 0.0, lb)
 
     def total(terms: Tensor) -> Tensor:
-        return ops.sum(torch.where(dead, torch.zeros_like(terms), terms))[0]
+        return ops.sum(terms if dead is None else torch.where(dead, 0.0, terms))[0]
 
     if a == 0.0 and b == 0.0:
         return 0.5 * total((x - y) ** 2)
@@ -242,9 +249,7 @@ def taid(lp: Tensor, lq: Tensor, ops=LOCAL, *, t: float, form: str = "kl") -> Te
     lpt = a - lse.unsqueeze(-1)
     value = kl(lpt, lq, ops)
     if form == "ce":
-        live = lpt > NEG_INF
-        lpt0 = torch.where(live, lpt, torch.zeros_like(lpt))
-        value = value - ops.sum(torch.where(live, torch.exp(lpt0) * lpt0, torch.zeros_like(lpt0)))[0]
+        value = value - kl(lpt, torch.zeros_like(lpt), ops)  # KL(p_t || 1) = -H(p_t), so this adds H(p_t)
     return value
 
 
@@ -538,10 +543,10 @@ def make_loss(method: str, **options) -> Callable[..., Tensor]:
                              f"(mask padded rows to -inf rather than slicing)")
         if mask is None:
             mask = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
-        # masked rows may hold garbage: zero them so nothing non-finite enters the graph
-        keep = mask.unsqueeze(-1)
-        zs = torch.where(keep, upcast(student_logits), 0.0)
-        zt = torch.where(keep, upcast(teacher_logits), 0.0)
+        zs, zt = upcast(student_logits), upcast(teacher_logits)
+        if torch.compiler.is_compiling() or not bool(mask.all()):  # masked rows may hold garbage: zero them so nothing non-finite enters the graph
+            keep = mask.unsqueeze(-1)
+            zs, zt = torch.where(keep, zs, 0.0), torch.where(keep, zt, 0.0)
         if temperature != 1.0:
             zs, zt = zs / temperature, zt / temperature
         lp, lq = log_normalize(zt, zs, ops=ops)

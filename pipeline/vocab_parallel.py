@@ -12,6 +12,7 @@ detached MAX all-reduces (constants for the gradient). The formulas themselves l
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -192,7 +193,8 @@ def _sum_to_owners(x: Tensor, n_max: int, group) -> Tensor:
 class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor, weight: Tensor, targets: Tensor,
-                groups: Tensor, loss_fn, group, vocab_start: int, vocab_size, chunk_size: int, overrides: dict):
+                groups: Tensor, loss_fn, group, vocab_start: int, vocab_size, chunk_size: int, overrides: dict,
+                compile: bool):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         world = _world(group)
         nk = hs.shape[0]
@@ -213,6 +215,8 @@ class _FusedLinearLoss(torch.autograd.Function):
         owner = torch.arange(all_gr.numel(), device=all_gr.device) // max(n_max, 1)
         all_gr = all_gr + owner * (int(all_gr.max().item()) + 1 if all_gr.numel() else 0)
         keep = torch.nonzero(all_w != 0).squeeze(-1)  # identical on every rank: same chunk count everywhere
+        n_keep = keep.numel()
+        chunk_fn = _compiled_chunk(loss_fn) if compile else functools.partial(_chunk_loss, loss_fn)
         ops = ShardedVocab(group, vocab_start)
         is_atkd = loss_fn.method == "atkd"
 
@@ -233,22 +237,26 @@ class _FusedLinearLoss(torch.autograd.Function):
                 unc, torch.ones_like(unc, dtype=torch.bool), all_gr[keep], lam=o["lam"],
                 hard_fraction=o["hard_fraction"], normalize=o["normalize"])
 
+        if compile and n_keep % chunk_size:
+            # one static shape for the compiled chunk: pad the last chunk with zero-weight copies of a real row
+            keep = torch.cat([keep, keep[:1].expand(chunk_size - n_keep % chunk_size)])
         total = torch.zeros((), dtype=torch.float64, device=hs.device)
         grad_all_h = torch.zeros(all_hs.shape, dtype=torch.float32, device=hs.device) if needs_grad else None
         grad_ws = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device) if needs_grad else None
         for c0 in range(0, keep.numel(), chunk_size):
             sel = keep[c0:c0 + chunk_size]
+            w_c = all_w[sel]
+            if c0 + chunk_size > n_keep:  # the padded tail (compile only) carries no weight
+                w_c = torch.where(torch.arange(sel.numel(), device=w_c.device) < n_keep - c0, w_c, 0.0)
             with torch.no_grad():
                 zt = logits(all_ht, wt, sel)
             h_c = losses.upcast(all_hs[sel])
             with torch.enable_grad():
                 zs = (h_c @ losses.upcast(ws).t()).requires_grad_(needs_grad)
-                zs_m = mask_padded_columns(zs, vocab_start, vocab_size)
                 kw = dict(overrides)
                 if is_atkd:
-                    kw["token_weights"] = tuple(w[c0:c0 + chunk_size] for w in token_weights)
-                per_tok = loss_fn(zs_m, zt, targets=all_tg[sel], ops=ops, **kw)
-                chunk_loss = (per_tok * all_w[sel].to(per_tok.dtype)).sum()
+                    kw["token_weights"] = tuple(_pad_to(w[c0:c0 + chunk_size], sel.numel()) for w in token_weights)
+                chunk_loss = chunk_fn(zs, zt, w_c, all_tg[sel], ops, vocab_start, vocab_size, kw)
                 if needs_grad:
                     # the replicated-loss rule: each rank backpropagates 1/P of the same value
                     (g_z,) = torch.autograd.grad(chunk_loss / world, zs)
@@ -256,7 +264,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             if needs_grad:
                 grad_all_h.index_add_(0, sel, g_z @ losses.upcast(ws))
                 grad_ws += g_z.t() @ h_c
-            del zs, zt, per_tok
+            del zs, zt
         if needs_grad:
             ctx.save_for_backward(_sum_to_owners(grad_all_h, n_max, group)[:nk], grad_ws)
         ctx.dtypes = (hs.dtype, ws.dtype)
@@ -269,13 +277,33 @@ class _FusedLinearLoss(torch.autograd.Function):
         # the same on every rank.
         gh = (grad_h * grad_out).to(ctx.dtypes[0])
         gw = (grad_w * grad_out).to(ctx.dtypes[1])
-        return gh, None, gw, None, None, None, None, None, None, None, None, None, None
+        return gh, None, gw, None, None, None, None, None, None, None, None, None, None, None
+
+
+def _pad_to(x: Tensor, n: int) -> Tensor:
+    return x if x.numel() == n else torch.cat([x, x.new_zeros(n - x.numel())])
+
+
+def _chunk_loss(loss_fn, zs: Tensor, zt: Tensor, w: Tensor, targets: Tensor, ops, vocab_start: int, vocab_size,
+                kw: dict) -> Tensor:
+    """sum_n w_n loss_n for one chunk of logits [c, Vp]."""
+    per_tok = loss_fn(mask_padded_columns(zs, vocab_start, vocab_size), zt, targets=targets, ops=ops, **kw)
+    return (per_tok * w.to(per_tok.dtype)).sum()
+
+
+def _compiled_chunk(loss_fn):
+    """torch.compile of the chunk loss, cached on the loss callable: Inductor fuses the ~20 elementwise passes of a
+    mixture loss (3x faster on CPU here); collectives stay eager between the compiled pieces."""
+    if getattr(loss_fn, "_compiled_chunk", None) is None:
+        loss_fn._compiled_chunk = torch.compile(functools.partial(_chunk_loss, loss_fn), dynamic=False)
+    return loss_fn._compiled_chunk
 
 
 def fused_linear_loss(loss_fn: Callable[..., Tensor], student_hidden: Tensor, teacher_hidden: Tensor,
                       student_weight: Tensor, teacher_weight: Tensor, *, token_weight: Tensor,
                       targets: Tensor | None = None, groups: Tensor | None = None, group=None, vocab_start: int = 0,
-                      vocab_size: int | None = None, chunk_size: int = 1024, **overrides) -> Tensor:
+                      vocab_size: int | None = None, chunk_size: int = 1024, compile: bool = False,
+                      **overrides) -> Tensor:
     """sum over all ranks' tokens of token_weight * loss, from hidden states and vocab-sharded output layers.
 
     student_hidden [Nk, Hs], teacher_hidden [Nk, Ht]: this rank's own tokens (Nk may differ between ranks).
@@ -286,7 +314,8 @@ def fused_linear_loss(loss_fn: Callable[..., Tensor], student_hidden: Tensor, te
     Returns the replicated scalar. Its backward gives this rank the exact gradient for its own hidden states and
     for its weight rows (teacher inputs get none). Logits exist one chunk at a time ([chunk, Vp] fp32, a few
     copies), so extra memory is O(chunk x Vp + N x H), flat in N: the gradients are computed in the forward pass
-    (Liger-style), which also spares the recompute. Under data parallelism the caller must account for the
+    (Liger-style), which also spares the recompute. compile=True runs each chunk's loss through torch.compile
+    (one static shape: the last chunk is padded with zero-weight rows). Under data parallelism the caller must account for the
     data-parallel gradient average (each rank already holds the gradient of the *global* loss)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -305,4 +334,5 @@ def fused_linear_loss(loss_fn: Callable[..., Tensor], student_hidden: Tensor, te
     if groups is None:
         groups = torch.zeros(nk, dtype=torch.long, device=student_hidden.device)
     return _FusedLinearLoss.apply(student_hidden, teacher_hidden, student_weight, teacher_weight, token_weight,
-                                  targets, groups, loss_fn, group, vocab_start, vocab_size, chunk_size, overrides)
+                                  targets, groups, loss_fn, group, vocab_start, vocab_size, chunk_size, overrides,
+                                  compile)
