@@ -11,11 +11,12 @@ pure-PyTorch chunked loss), and `limit`: the bare output-layer matmuls (teacher 
 same way, which any exact loss must pay. `ours` runs the chunk loss through torch.compile (compiled once in the
 warm-up); `ours_eager` is the same without it.
 
-Two phases, each a process that runs every implementation side by side on the same inputs:
-- time: one fwd+bwd after a warm-up, under an allocator that reuses freed memory (MALLOC_MMAP_MAX_=0, as a
-  caching allocator would), so page faults of fresh buffers do not dominate elementwise code;
-- memory: the peak RSS above the level before the call, sampled every millisecond by a thread, under an allocator
-  that gives every buffer above 1 MiB its own mmap and returns it when freed, so RSS follows the live tensors.
+All rows run side by side in one process on the same inputs. Time: one fwd+bwd after a warm-up. Memory: the peak
+RSS above the level before the call, sampled every millisecond by a thread. The process re-executes itself with
+glibc's mmap threshold fixed at 1 MiB, so every large buffer is its own mmap, returned when freed, and RSS follows
+the live tensors (by default glibc keeps freed buffers on its heap and a later row would reuse an earlier row's
+memory). That allocator also turned out to be the fastest one here for every row: MALLOC_MMAP_MAX_=0 (heap
+reuse) made all rows about 3x slower.
 Implementations whose projected peak (measured bytes per token x vocab cell, which is constant for a path that
 never chunks) does not fit in the machine's available memory are skipped and the projection is printed, marked
 "projected".
@@ -135,7 +136,7 @@ def run_limit(hs, ht, ws, wt, chunk):
             ht[c0:c0 + chunk] @ wt.t()
             z = h @ ws.t()  # stands in for dL/dz: same shape, same matmuls
             gh[c0:c0 + chunk] = z @ ws
-            gw += z.t() @ h
+            gw.addmm_(z.t(), h)
     return 0.0
 
 
@@ -151,8 +152,7 @@ def measure(name, n, args, inputs):
         value = IMPLS[name](hs, ht, ws, wt, args.chunk)
         sec = time.perf_counter() - t0
     hs.grad = ws.grad = None
-    return {"impl": name, "N": n, "seconds": sec, "peak_gb": m.extra / 1e9, "loss": value, "measured": True,
-            "phase": args.phase}
+    return {"impl": name, "N": n, "seconds": sec, "peak_gb": m.extra / 1e9, "loss": value, "measured": True}
 
 
 def check_agreement(args):
@@ -172,52 +172,12 @@ def check_agreement(args):
     return set(vals)
 
 
-PHASE_ENV = {
-    "time": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)},
-    "memory": {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)},
-}
-
-
 def main_single(args):
-    """Run the two phases as child processes (the allocator is chosen at process start) and merge them."""
-    import subprocess
-    rows = {}
-    for phase in ("time", "memory"):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-        env.update(PHASE_ENV[phase])
-        cmd = [sys.executable, os.path.abspath(__file__), "--phase", phase] + sys.argv[1:]
-        print(f"# phase {phase}: {' '.join(f'{k}={v}' for k, v in PHASE_ENV[phase].items())}", flush=True)
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
-        if proc.returncode:
-            raise SystemExit(f"phase {phase} failed ({proc.returncode})")
-        for line in proc.stdout.splitlines():
-            if line.startswith("{"):
-                r = json.loads(line)
-                rows.setdefault((r["impl"], r["N"]), {}).update(
-                    {"impl": r["impl"], "N": r["N"], **({"seconds": r["seconds"], "loss": r["loss"]}
-                                                      if phase == "time" else
-                                                      {"peak_gb": r["peak_gb"], "measured": r["measured"]})})
-            else:
-                print(line, flush=True)
-    merged = sorted(rows.values(), key=lambda r: (r["N"], list(IMPLS).index(r["impl"])))
-    print_table(merged, args)
-    n_json = 4096 if 4096 in args.tokens else args.tokens[-1]
-    get = lambda impl: next((r for r in merged if r["impl"] == impl and r["N"] == n_json), None)  # noqa: E731
-    ours, naive, limit, liger = get("ours"), get("naive"), get("limit"), get("liger")
-    print(json.dumps({
-        "N": n_json,
-        "memory_ratio_vs_naive": naive["peak_gb"] / ours["peak_gb"] if naive else None,
-        "naive_memory_measured": bool(naive and naive["measured"]),
-        "time_ratio_vs_limit": ours["seconds"] / limit["seconds"] if limit else None,
-        "time_ratio_vs_liger": ours["seconds"] / liger["seconds"] if liger and liger.get("seconds") else None,
-    }))
-
-
-def run_phase(args):
-    """Every implementation side by side in this process; one JSON line per measurement."""
+    """Every implementation side by side in this process, on the same inputs."""
     torch.set_num_threads(args.threads)
     have = check_agreement(args)
-    impls = [i for i in args.impls.split(",") if i in have or i == "limit"]
+    impls = [i for i in args.impls.split(",") if i in have or i in ("limit", "ours_eager")]
+    rows = []
     per_cell = {}
     for n in args.tokens:
         inputs = make_inputs(n, args.vocab, args.hs, args.ht)
@@ -227,19 +187,29 @@ def run_phase(args):
             if name in UNCHUNKED and name in per_cell:
                 need = per_cell[name] * cells
                 if need > 0.8 * available():
-                    print(json.dumps({"impl": name, "N": n, "seconds": None, "peak_gb": need / 1e9, "loss": None,
-                                      "measured": False}), flush=True)
+                    rows.append({"impl": name, "N": n, "seconds": None, "peak_gb": need / 1e9, "loss": None,
+                                 "measured": False})
                     print(f"# {name} N={n}: skipped, projected peak {need / 1e9:.1f} GB "
                           f"> 80% of the {available() / 1e9:.1f} GB available", flush=True)
                     continue
             r = measure(name, n, args, inputs)
             if name in UNCHUNKED:
                 per_cell[name] = r["peak_gb"] * 1e9 / cells
-            print(f"# {args.phase:6s} {name:10s} N={n:5d}  {r['seconds']:8.2f} s  peak +{r['peak_gb']:7.2f} GB",
-                  flush=True)
-            print(json.dumps(r), flush=True)
+            rows.append(r)
+            print(f"# {name:10s} N={n:5d}  {r['seconds']:8.2f} s  peak +{r['peak_gb']:7.2f} GB", flush=True)
         del inputs
         gc.collect()
+    print_table(rows, args)
+    n_json = 4096 if 4096 in args.tokens else args.tokens[-1]
+    get = lambda impl: next((r for r in rows if r["impl"] == impl and r["N"] == n_json), None)  # noqa: E731
+    ours, naive, limit, liger = get("ours"), get("naive"), get("limit"), get("liger")
+    print(json.dumps({
+        "N": n_json,
+        "memory_ratio_vs_naive": naive["peak_gb"] / ours["peak_gb"] if naive else None,
+        "naive_memory_measured": bool(naive and naive["measured"]),
+        "time_ratio_vs_limit": ours["seconds"] / limit["seconds"] if limit else None,
+        "time_ratio_vs_liger": ours["seconds"] / liger["seconds"] if liger and liger["seconds"] else None,
+    }))
 
 
 def print_table(rows, args):
@@ -249,8 +219,8 @@ def print_table(rows, args):
     print("|---|---|---|---|---|---|")
     for r in rows:
         ours = next(o for o in rows if o["impl"] == "ours" and o["N"] == r["N"])
-        t = f"{r['seconds']:.2f}" if r.get("seconds") is not None else "–"
-        tr = f"{r['seconds'] / ours['seconds']:.2f}" if r.get("seconds") is not None else "–"
+        t = f"{r['seconds']:.2f}" if r["seconds"] is not None else "–"
+        tr = f"{r['seconds'] / ours['seconds']:.2f}" if r["seconds"] is not None else "–"
         mem = f"{r['peak_gb']:.2f}" + ("" if r["measured"] else " (projected)")
         print(f"| {r['impl']} | {r['N']} | {t} | {mem} | {tr} | {r['peak_gb'] / ours['peak_gb']:.1f} |")
 
@@ -329,7 +299,6 @@ def parse(argv=None):
     ap.add_argument("--impls", default="limit,ours,liger,naive,trl")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--world-size", type=int, default=1)
-    ap.add_argument("--phase", choices=["time", "memory"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.tokens = [int(x) for x in args.tokens.split(",")]
     if min(args.tokens) < 1 or args.chunk < 1 or args.world_size < 1:
@@ -337,12 +306,11 @@ def parse(argv=None):
     return args
 
 
+ALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
+
 if __name__ == "__main__":
+    if any(os.environ.get(k) != v for k, v in ALLOC_ENV.items()):
+        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **ALLOC_ENV})
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     a = parse()
-    if a.world_size > 1:
-        main_world(a)
-    elif a.phase:
-        run_phase(a)
-    else:
-        main_single(a)
+    main_world(a) if a.world_size > 1 else main_single(a)

@@ -263,7 +263,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             total += chunk_loss.detach().double()
             if needs_grad:
                 grad_all_h.index_add_(0, sel, g_z @ losses.upcast(ws))
-                grad_ws += g_z.t() @ h_c
+                grad_ws.addmm_(g_z.t(), h_c)  # in place: no [Vp, H] temporary per chunk
             del zs, zt
         if needs_grad:
             ctx.save_for_backward(_sum_to_owners(grad_all_h, n_max, group)[:nk], grad_ws)

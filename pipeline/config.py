@@ -1,0 +1,364 @@
+"""One typed config tree: a YAML file plus `--section.key=value` overrides, validated entirely before any model
+loads. Every field has a docstring-comment; a bad value raises ValueError naming the field and what to fix.
+
+    cfg = load_config("pipeline/configs/debug_cpu.yaml", ["--train.steps=20", "--parallel.backend=fsdp2"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from pipeline import losses
+
+
+@dataclass
+class ModelConfig:
+    teacher_path: str | None = None
+    """Local HF checkpoint directory of the teacher (from_pretrained). Exactly one of teacher_path /
+    teacher_config."""
+    teacher_config: dict | None = None
+    """An HF model config (dict, with `model_type`) for a randomly initialised teacher: tests and debugging."""
+    student_path: str | None = None
+    """Local HF checkpoint directory of the student. Exactly one of student_path / student_config."""
+    student_config: dict | None = None
+    """An HF model config for a randomly initialised student."""
+    tokenizer_path: str | None = None
+    """Tokenizer directory; default: the teacher's checkpoint directory. Teacher and student share it."""
+    dtype: str = "float32"
+    """Parameter dtype of both models: float32 or bfloat16 (losses always compute in float32)."""
+    init_seed: int = 0
+    """Seed of random initialisation (identical on every rank)."""
+
+
+@dataclass
+class DataConfig:
+    files: list = field(default_factory=list)
+    """Local data files or glob patterns (jsonl/json, parquet, txt). Empty when `dataset` names a hub dataset."""
+    dataset: str | None = None
+    """A dataset name for `datasets.load_dataset` that the cluster can reach (instead of files)."""
+    format: str = "auto"
+    """json, parquet, text or auto (from the file extension)."""
+    text_field: str = "text"
+    """The column that holds the text."""
+    seq_len: int = 128
+    """Tokens per packed training sequence."""
+    streaming: bool = False
+    """Stream the dataset (for corpora that do not fit on disk); packing happens on the fly."""
+    shuffle_seed: int = 0
+    """Seed of the order of packed sequences (one permutation per epoch, identical on every rank)."""
+    max_documents: int | None = None
+    """Use only the first N documents (quick runs)."""
+
+
+@dataclass
+class TaidConfig:
+    t_start: float = 0.4
+    """TAID's interpolation t at step 0."""
+    t_end: float = 1.0
+    """t at the end of training (the linear floor reaches it at the last step)."""
+    alpha: float = 5e-4
+    """Step size of the adaptive update of t."""
+    beta: float = 0.99
+    """Momentum of the relative loss decrease."""
+    adaptive: bool = True
+    """False: t follows the linear ramp only."""
+    signal: str = "ce"
+    """The value that drives t: ce (the official cross-entropy value H(p_t) + KL) or kl."""
+
+
+@dataclass
+class LossConfig:
+    method: str = "amid"
+    """One of: amid, taid, atkd, fkl, rkl, gjsd, skl, srkl, tvd, alpha_divergence, ab_divergence."""
+    options: dict = field(default_factory=dict)
+    """The method's options (see the README's methods table), e.g. {alpha: 0.5, lam: 0.1, divergence: ab}."""
+    lam_end: float | None = None
+    """AMiD only: schedule lam linearly from options.lam to lam_end over training (None: fixed lam)."""
+    ce_weight: float = 0.0
+    """Weight of an extra next-token cross-entropy on the labels (0 = pure distillation)."""
+    chunk_size: int = 1024
+    """Tokens per chunk of the fused output-layer + loss (memory is O(chunk x V / world))."""
+    compile: bool = False
+    """torch.compile the per-chunk loss (faster; one compile per run)."""
+    taid: TaidConfig = field(default_factory=TaidConfig)
+    """TAID's t schedule (method: taid)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    schedule: str = "cosine"
+    """cosine, linear or constant decay after warm-up."""
+    grad_clip: float = 1.0
+    """Max gradient norm (0 = off), applied to the model body and the output layer each."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimiser steps."""
+    micro_batch_size: int = 4
+    """Sequences per rank per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step."""
+    global_batch_size: int | None = None
+    """If set, must equal micro_batch_size x grad_accum x world size (checked at launch)."""
+    seed: int = 0
+    """Seed of dropout and sampling (offset per rank)."""
+    log_every: int = 1
+    """Log scalars every N steps."""
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "deepspeed"
+    """deepspeed (ZeRO-3), fsdp2 or none (one process, no sharding; a reference run)."""
+    ds_student_config: str = "ds_configs/zero3_student.json"
+    """DeepSpeed JSON for the student (stage 3; batch sizes, LR and clipping come from this config tree)."""
+    ds_teacher_config: str = "ds_configs/zero3_teacher.json"
+    """DeepSpeed JSON for the frozen teacher (stage 3 inference: no optimizer)."""
+    fsdp_param_dtype: str = "float32"
+    """FSDP2 mixed precision: dtype of gathered parameters for compute (float32 or bfloat16)."""
+    fsdp_reduce_dtype: str = "float32"
+    """FSDP2 mixed precision: dtype of gradient reduction."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """Complete checkpoints to keep."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in the run directory, if any."""
+    export: bool = True
+    """Export the final student as a plain HF checkpoint (safetensors) in run_dir/student."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write tensorboard scalars to run_dir/tb (rank 0)."""
+    progress: bool = True
+    """A progress bar on the console (rank 0)."""
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/debug"
+    """Where the resolved config, logs, tensorboard events, checkpoints and the exported student go."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# building and checking
+# --------------------------------------------------------------------------------------------------------------
+def _type_ok(value: Any, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in (list, dict, str, bool):
+        return isinstance(value, tp)
+    return isinstance(value, tp)
+
+
+def _build(cls, data: dict, path: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{path or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(f'{path}{k}' for k in unknown)}; "
+                         f"valid keys in {path.rstrip('.') or 'the top level'}: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, f"{path}{name}.")
+            continue
+        if tp is float or (typing.get_origin(tp) and float in typing.get_args(tp)):
+            value = float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        if not _type_ok(value, tp):
+            raise ValueError(f"{path}{name}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _parse_override(arg: str) -> tuple[list[str], Any]:
+    if not arg.startswith("--") or "=" not in arg:
+        raise ValueError(f"override {arg!r}: use --section.key=value")
+    key, raw = arg[2:].split("=", 1)
+    return key.split("."), yaml.safe_load(raw) if raw != "" else None
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Read YAML, apply overrides, build the typed tree and validate it (no model, no data is touched beyond
+    checking that local files exist)."""
+    data: dict = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ValueError(f"config file {path!r} does not exist")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path!r} must hold a mapping at the top level")
+    for arg in overrides:
+        keys, value = _parse_override(arg)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {arg!r}: {k} is not a section")
+        node[keys[-1]] = value
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def _positive(name: str, v, allow_zero=False):
+    if v is None or (v < 0 if allow_zero else v <= 0):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+
+
+def resolve_files(patterns: list) -> list[str]:
+    out = []
+    for p in patterns:
+        hits = sorted(glob.glob(p)) if any(c in p for c in "*?[") else ([p] if os.path.exists(p) else [])
+        if not hits:
+            raise ValueError(f"data.files: {p!r} matches no file")
+        out.extend(hits)
+    return out
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Every check that needs no model: ranges, choices, files, batch arithmetic (when world_size is known)."""
+    m = cfg.model
+    for who in ("teacher", "student"):
+        p, c = getattr(m, f"{who}_path"), getattr(m, f"{who}_config")
+        if (p is None) == (c is None):
+            raise ValueError(f"model.{who}_path / model.{who}_config: give exactly one")
+        if p is not None and not os.path.isdir(p):
+            raise ValueError(f"model.{who}_path: {p!r} is not a directory (a local HF checkpoint)")
+        if c is not None and "model_type" not in c:
+            raise ValueError(f"model.{who}_config needs a model_type (e.g. llama)")
+    if m.tokenizer_path is not None and not os.path.isdir(m.tokenizer_path):
+        raise ValueError(f"model.tokenizer_path: {m.tokenizer_path!r} is not a directory")
+    if m.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"model.dtype must be float32 or bfloat16, got {m.dtype!r}")
+
+    d = cfg.data
+    if bool(d.files) == bool(d.dataset):
+        raise ValueError("data.files / data.dataset: give exactly one")
+    if d.files:
+        resolve_files(d.files)
+    if d.format not in ("auto", "json", "parquet", "text"):
+        raise ValueError(f"data.format must be auto, json, parquet or text, got {d.format!r}")
+    _positive("data.seq_len", d.seq_len)
+    if d.seq_len < 2:
+        raise ValueError("data.seq_len must be >= 2 (inputs and next-token targets)")
+    if d.max_documents is not None:
+        _positive("data.max_documents", d.max_documents)
+
+    lc = cfg.loss
+    try:
+        losses.resolve_options(lc.method, lc.options)
+    except ValueError as e:
+        raise ValueError(f"loss.options: {e}") from None
+    if lc.lam_end is not None:
+        if lc.method != "amid":
+            raise ValueError("loss.lam_end schedules AMiD's lam: only with loss.method = amid")
+        if not 0.0 <= lc.lam_end <= 1.0:
+            raise ValueError(f"loss.lam_end must be in [0, 1], got {lc.lam_end}")
+    _positive("loss.ce_weight", lc.ce_weight, allow_zero=True)
+    _positive("loss.chunk_size", lc.chunk_size)
+    t = lc.taid
+    try:
+        losses.TaidSchedule(total_steps=max(cfg.train.steps, 1), t_start=t.t_start, t_end=t.t_end, alpha=t.alpha,
+                            beta=t.beta, adaptive=t.adaptive)
+    except ValueError as e:
+        raise ValueError(f"loss.taid: {e}") from None
+    if t.signal not in ("ce", "kl"):
+        raise ValueError(f"loss.taid.signal must be ce or kl, got {t.signal!r}")
+
+    o = cfg.optim
+    _positive("optim.lr", o.lr)
+    _positive("optim.min_lr", o.min_lr, allow_zero=True)
+    if o.min_lr > o.lr:
+        raise ValueError(f"optim.min_lr ({o.min_lr}) must not exceed optim.lr ({o.lr})")
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
+        raise ValueError(f"optim.betas must be two numbers in [0, 1), got {o.betas!r}")
+    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    if o.schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"optim.schedule must be cosine, linear or constant, got {o.schedule!r}")
+    _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+
+    tr = cfg.train
+    _positive("train.steps", tr.steps)
+    _positive("train.micro_batch_size", tr.micro_batch_size)
+    _positive("train.grad_accum", tr.grad_accum)
+    _positive("train.log_every", tr.log_every)
+    if tr.global_batch_size is not None:
+        per_rank = tr.micro_batch_size * tr.grad_accum
+        if tr.global_batch_size % per_rank:
+            raise ValueError(f"train.global_batch_size ({tr.global_batch_size}) is not a multiple of "
+                             f"micro_batch_size x grad_accum ({per_rank})")
+        if world_size is not None and tr.global_batch_size != per_rank * world_size:
+            raise ValueError(f"train.global_batch_size ({tr.global_batch_size}) != micro_batch_size x grad_accum x "
+                             f"world size ({tr.micro_batch_size} x {tr.grad_accum} x {world_size})")
+
+    p = cfg.parallel
+    if p.backend not in ("deepspeed", "fsdp2", "none"):
+        raise ValueError(f"parallel.backend must be deepspeed, fsdp2 or none, got {p.backend!r}")
+    if p.backend == "deepspeed":
+        for name in ("ds_student_config", "ds_teacher_config"):
+            if not os.path.isfile(getattr(p, name)):
+                raise ValueError(f"parallel.{name}: {getattr(p, name)!r} does not exist")
+    for name in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
+        if getattr(p, name) not in ("float32", "bfloat16"):
+            raise ValueError(f"parallel.{name} must be float32 or bfloat16, got {getattr(p, name)!r}")
+    if world_size is not None and world_size > 1 and p.backend == "none":
+        raise ValueError("parallel.backend none runs one process; use deepspeed or fsdp2 for several")
+
+    c = cfg.checkpoint
+    _positive("checkpoint.every", c.every, allow_zero=True)
+    _positive("checkpoint.keep_last", c.keep_last)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_resolved(cfg: Config, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

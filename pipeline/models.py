@@ -1,0 +1,90 @@
+"""Student (trainable) and teacher (frozen) from local HF checkpoints or from model configs; the shared tokenizer and
+the vocabulary checks that must pass before any training starts."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_tokenizer(cfg):
+    """The tokenizer shared by teacher and student: model.tokenizer_path, else the teacher's directory."""
+    from transformers import AutoTokenizer
+    path = cfg.model.tokenizer_path or cfg.model.teacher_path
+    if path is None:
+        raise ValueError("model.tokenizer_path is required when the teacher is built from a config")
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.eos_token_id is None:
+        raise ValueError(f"the tokenizer in {path} has no EOS token: packing needs a document separator")
+    return tok
+
+
+def build_model(path: str | None, config: dict | None, dtype: str, seed: int) -> nn.Module:
+    """from_pretrained on a local directory, or a random init from an HF config dict (identical on every rank)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if path is not None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    conf = dict(config)
+    model_type = conf.pop("model_type")
+    hf_config = AutoConfig.for_model(model_type, **conf)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config)
+    return model.to(DTYPES[dtype])
+
+
+def output_rows(model: nn.Module) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_vocab(student: nn.Module, teacher: nn.Module, tokenizer) -> int:
+    """The real vocabulary size (the tokenizer's). Both output layers must cover it; rows beyond it (padded heads,
+    e.g. 151,936 vs 152,064 in the Qwen2.5 family) are masked to -inf in both models by the loss."""
+    real = len(tokenizer)
+    rows_s, rows_t = output_rows(student), output_rows(teacher)
+    for who, rows in (("student", rows_s), ("teacher", rows_t)):
+        if rows < real:
+            raise ValueError(f"the {who}'s output layer has {rows} rows but the shared tokenizer has {real} tokens: "
+                             f"teacher and student must share the tokenizer (resize the {who}'s embeddings)")
+    return real
+
+
+def check_same_tokenizer(cfg, tokenizer) -> None:
+    """A student checkpoint that ships its own tokenizer must agree with the shared one token for token."""
+    import os
+    from transformers import AutoTokenizer
+    path = cfg.model.student_path
+    if path is None or not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        return
+    other = AutoTokenizer.from_pretrained(path)
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"the student's tokenizer ({path}) differs from the teacher's: distillation needs one "
+                         f"shared vocabulary")
+
+
+def build_models(cfg, tokenizer) -> tuple[nn.Module, nn.Module, int]:
+    """(student in train mode, teacher in eval mode with requires_grad False, real vocab size)."""
+    m = cfg.model
+    check_same_tokenizer(cfg, tokenizer)
+    teacher = build_model(m.teacher_path, m.teacher_config, m.dtype, m.init_seed + 1)
+    student = build_model(m.student_path, m.student_config, m.dtype, m.init_seed)
+    teacher.eval().requires_grad_(False)
+    student.train()
+    vocab = check_vocab(student, teacher, tokenizer)
+    return student, teacher, vocab
+
+
+def detach_head(model: nn.Module) -> torch.Tensor:
+    """Take the output layer out of the model (its forward then returns hidden states) and return its full weight
+    [V, H]. A tied head is copied, so the student trains an untied output layer (exported untied). The loss uses
+    the rows vocab-parallel; no backend ever wraps or gathers this weight."""
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("output layers with a bias are not supported by the vocab-parallel loss")
+    weight = head.weight.detach().clone()
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+    model.set_output_embeddings(nn.Identity())
+    return weight

@@ -1,0 +1,325 @@
+"""The one place parallelism touches the models: DeepSpeed ZeRO-3, PyTorch FSDP2, or none (one process).
+
+Both models lose their output layer first (models.detach_head): the bodies return hidden states and are sharded by
+the backend; the output layers are split by vocabulary rows across the data-parallel group (OutputHeads), which is
+what the vocab-parallel loss consumes. So no backend ever gathers a full output-layer weight, and no rank holds
+full-vocab logits. The three backends look alike through the small `Models` protocol that train.py uses.
+
+Gradient scale: the fused loss gives every rank the gradient of the *global* loss for its own tokens and its own
+head rows. DeepSpeed and FSDP average body gradients over ranks, so train.py backpropagates loss x world size and
+OutputHeads divides its (already exact, never averaged) head gradients by the same factor.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from pipeline import models as M
+from pipeline.vocab_parallel import shard_range
+
+
+class Models(Protocol):
+    heads: "OutputHeads"
+
+    def student_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
+    def teacher_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
+    def set_lr(self, lr: float) -> None: ...
+    def backward(self, loss: Tensor) -> None: ...
+    def step(self) -> float: ...
+    def save(self, path: str) -> None: ...
+    def load(self, path: str) -> None: ...
+    def full_student_state(self) -> dict | None: ...
+    def teacher_state_digest(self) -> str: ...
+
+
+def _group_world(group) -> tuple[int, int]:
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class OutputHeads:
+    """This rank's rows [start, end) of both output layers, over the real vocabulary only: padded rows beyond the
+    tokenizer's size are dropped rather than masked (they are never a target and never predicted). The student's
+    rows are an fp32 master parameter with their own AdamW (the same hyper-parameters and schedule as the body)."""
+
+    def __init__(self, student_w: Tensor, teacher_w: Tensor, vocab_size: int, group, optim_cfg):
+        self.group = group
+        rank, world = _group_world(group)
+        self.world = world
+        self.start, self.end = shard_range(vocab_size, rank, world)
+        self.student = nn.Parameter(student_w[self.start:self.end].float().clone())
+        self.teacher = teacher_w[self.start:self.end].clone()
+        self.vocab_size = vocab_size
+        self.optimizer = torch.optim.AdamW([self.student], lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
+                                           weight_decay=optim_cfg.weight_decay)
+
+    def grad_norm_and_clip(self, max_norm: float) -> float:
+        """Undo the world-size loss scale, then clip by the norm over all ranks' rows (one all-reduce)."""
+        g = self.student.grad
+        if g is None:
+            return 0.0
+        if self.world > 1:
+            g.div_(self.world)
+        sq = g.float().pow(2).sum().reshape(1)
+        if self.world > 1:
+            dist.all_reduce(sq, group=self.group)
+        norm = float(sq.sqrt())
+        if max_norm > 0 and norm > max_norm:
+            g.mul_(max_norm / (norm + 1e-6))
+        return norm
+
+    def step(self, max_norm: float) -> float:
+        norm = self.grad_norm_and_clip(max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def state_dict(self) -> dict:
+        return {"student": self.student.detach().clone(), "optimizer": self.optimizer.state_dict(),
+                "start": self.start, "end": self.end}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["start"], state["end"]) != (self.start, self.end):
+            raise ValueError(f"checkpoint holds output-layer rows {state['start']}:{state['end']} but this rank "
+                             f"owns {self.start}:{self.end}: resume with the same number of ranks")
+        with torch.no_grad():
+            self.student.copy_(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def full_student_weight(self) -> Tensor:
+        """All ranks' rows gathered (export only), in row order."""
+        if self.world == 1:
+            return self.student.detach().clone()
+        per = math.ceil(self.vocab_size / self.world)
+        local = torch.zeros(per, self.student.shape[1], dtype=self.student.dtype, device=self.student.device)
+        local[: self.end - self.start] = self.student.detach()
+        out = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(out, local, group=self.group)
+        return torch.cat(out)[: self.vocab_size]
+
+
+def _hidden(model, input_ids, attention_mask) -> Tensor:
+    # the output layer is an Identity: the "logits" of the HF output are the final hidden states
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def _digest(tensors) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _clip_local(params, max_norm: float) -> float:
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _set_lr(optimizer, lr: float) -> None:
+    for gr in optimizer.param_groups:
+        gr["lr"] = lr
+
+
+class LocalModels:
+    """One process, no sharding: the reference every backend is tested against."""
+
+    def __init__(self, student, teacher, heads: OutputHeads, cfg):
+        self.student, self.teacher, self.heads, self.cfg = student, teacher, heads, cfg
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(student.parameters(), lr=o.lr, betas=tuple(o.betas),
+                                           weight_decay=o.weight_decay)
+
+    def student_hidden(self, input_ids, attention_mask):
+        return _hidden(self.student, input_ids, attention_mask)
+
+    @torch.no_grad()
+    def teacher_hidden(self, input_ids, attention_mask):
+        return _hidden(self.teacher, input_ids, attention_mask)
+
+    def set_lr(self, lr):
+        _set_lr(self.optimizer, lr)
+        _set_lr(self.heads.optimizer, lr)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        """Clip and update the body; returns its gradient norm (the heads step on their own)."""
+        norm = _clip_local(self.student.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def save(self, path):
+        torch.save({"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict()},
+                   os.path.join(path, "body.pt"))
+
+    def load(self, path):
+        state = torch.load(os.path.join(path, "body.pt"), weights_only=False)
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def full_student_state(self):
+        return {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+
+    def teacher_state_digest(self):
+        return _digest(list(self.teacher.parameters()) + [self.heads.teacher])
+
+
+class FsdpModels(LocalModels):
+    """FSDP2 (`fully_shard`) on every decoder block and the root of both models; the teacher has no optimizer."""
+
+    def __init__(self, student, teacher, heads, cfg, group):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        mesh = init_device_mesh(device, (dist.get_world_size(group),))
+        mp = MixedPrecisionPolicy(param_dtype=M.DTYPES[cfg.parallel.fsdp_param_dtype],
+                                  reduce_dtype=M.DTYPES[cfg.parallel.fsdp_reduce_dtype])
+        for model in (student, teacher):
+            blocks = set(getattr(model, "_no_split_modules", None) or [])
+            for module in model.modules():
+                if type(module).__name__ in blocks:
+                    fully_shard(module, mesh=mesh, mp_policy=mp)
+            fully_shard(model, mesh=mesh, mp_policy=mp)
+        super().__init__(student, teacher, heads, cfg)
+
+    def _state(self):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model_sd, optim_sd = get_state_dict(self.student, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def save(self, path):
+        import torch.distributed.checkpoint as dcp
+        dcp.save(self._state(), checkpoint_id=os.path.join(path, "body"))
+
+    def load(self, path):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        state = self._state()
+        dcp.load(state, checkpoint_id=os.path.join(path, "body"))
+        set_state_dict(self.student, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+
+    def full_student_state(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if dist.get_rank() == 0 else None
+
+    def teacher_state_digest(self):
+        return _digest([p.to_local() if hasattr(p, "to_local") else p for p in self.teacher.parameters()]
+                       + [self.heads.teacher])
+
+
+def deepspeed_config(path: str, cfg, world: int, *, train: bool) -> dict:
+    """The JSON with the batch sizes, clipping and precision filled from the pipeline config. A JSON that sets one
+    of those fields itself is refused: one source of truth."""
+    with open(path) as f:
+        ds = json.load(f)
+    owned = ["train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+             "gradient_clipping", "optimizer", "scheduler"]
+    clash = [k for k in owned if k in ds and ds[k] != "auto"]
+    if clash:
+        raise ValueError(f"{path} sets {clash}: these come from the pipeline config (train.*, optim.*); "
+                         f"remove them or set them to \"auto\"")
+    stage = ds.get("zero_optimization", {}).get("stage")
+    if stage != 3:
+        raise ValueError(f"{path}: zero_optimization.stage must be 3, got {stage}")
+    tr = cfg.train
+    ds.update(train_micro_batch_size_per_gpu=tr.micro_batch_size,
+              gradient_accumulation_steps=tr.grad_accum if train else 1,
+              train_batch_size=tr.micro_batch_size * (tr.grad_accum if train else 1) * world)
+    if train:
+        ds["gradient_clipping"] = cfg.optim.grad_clip
+        ds["zero_allow_untested_optimizer"] = True
+    for k in ("optimizer", "scheduler"):
+        ds.pop(k, None)
+    ds["bf16"] = {"enabled": cfg.model.dtype == "bfloat16"}
+    return ds
+
+
+class DeepSpeedModels(LocalModels):
+    """ZeRO-3 student engine (torch AdamW inside) and a ZeRO-3 inference engine for the teacher (no optimizer)."""
+
+    def __init__(self, student, teacher, heads, cfg, group):
+        import deepspeed
+        world = dist.get_world_size(group)
+        p = cfg.parallel
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(student.parameters(), lr=o.lr, betas=tuple(o.betas),
+                                      weight_decay=o.weight_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=student, optimizer=optimizer, config=deepspeed_config(p.ds_student_config, cfg, world, train=True))
+        self.teacher_engine, *_ = deepspeed.initialize(
+            model=teacher, config=deepspeed_config(p.ds_teacher_config, cfg, world, train=False))
+        self.teacher_engine.eval()
+        self.student, self.teacher, self.heads, self.cfg = self.engine.module, self.teacher_engine.module, heads, cfg
+
+    def student_hidden(self, input_ids, attention_mask):
+        return self.engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    @torch.no_grad()
+    def teacher_hidden(self, input_ids, attention_mask):
+        return self.teacher_engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def backward(self, loss):
+        # the token weights already divide by the count over the whole accumulation window
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
+
+    def step(self):
+        # the body was clipped and updated inside engine.step() at the accumulation boundary
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def save(self, path):
+        self.engine.save_checkpoint(os.path.join(path, "body"), tag="state", save_latest=False)
+
+    def load(self, path):
+        self.engine.load_checkpoint(os.path.join(path, "body"), tag="state", load_optimizer_states=True,
+                                    load_lr_scheduler_states=False)
+
+    def full_student_state(self):
+        import deepspeed
+        sd = {}
+        rank = dist.get_rank()
+        for name, param in self.student.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if rank == 0:
+                    sd[name] = param.detach().clone().cpu()
+        for name, buf in self.student.named_buffers():
+            if rank == 0:
+                sd[name] = buf.detach().clone().cpu()
+        return sd if rank == 0 else None
+
+    def teacher_state_digest(self):
+        import deepspeed
+        params = list(self.teacher.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return _digest(params + [self.heads.teacher])
+
+
+def parallelize(student, teacher, vocab_size: int, cfg, group) -> Models:
+    """Detach both output layers into vocab-sharded heads and wrap both bodies for the configured backend."""
+    ws = M.detach_head(student)
+    wt = M.detach_head(teacher)
+    heads = OutputHeads(ws, wt, vocab_size, group, cfg.optim)
+    backend = cfg.parallel.backend
+    if backend == "none":
+        return LocalModels(student, teacher, heads, cfg)
+    if backend == "fsdp2":
+        return FsdpModels(student, teacher, heads, cfg, group)
+    return DeepSpeedModels(student, teacher, heads, cfg, group)
