@@ -420,6 +420,27 @@ def atkd(lp: Tensor, lq: Tensor, ops=LOCAL, *, targets: Tensor, mask: Tensor, la
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Label cross-entropy and agreement (the optional hard-label term, and a metric)
+# --------------------------------------------------------------------------------------------------------------
+def cross_entropy(student_logits: Tensor, targets: Tensor, ops=LOCAL) -> Tensor:
+    """-log q_target per token (logsumexp minus the target logit; the target column found by global id)."""
+    z = upcast(student_logits)
+    (lse,) = logsumexp(z, ops=ops)
+    is_g = ops.column_ids(z.shape[-1], z.device) == targets.unsqueeze(-1)
+    (z_g,) = ops.sum(torch.where(is_g, z, 0.0))
+    return lse - z_g
+
+
+@torch.no_grad()
+def top1_agreement(student_logits: Tensor, teacher_logits: Tensor, ops=LOCAL) -> Tensor:
+    """1.0 where the student's and the teacher's most likely tokens coincide (over the whole vocabulary)."""
+    ms, mt = ops.max(student_logits, teacher_logits)
+    both = (student_logits == ms.unsqueeze(-1)) & (teacher_logits == mt.unsqueeze(-1))
+    (hits,) = ops.sum(both.float())
+    return (hits > 0).float()
+
+
+# --------------------------------------------------------------------------------------------------------------
 # One entry point: method name + options (from config) -> loss callable
 # --------------------------------------------------------------------------------------------------------------
 def _check_unit(name: str, v: float) -> None:

@@ -1,0 +1,81 @@
+"""Process group from the launcher's environment (torchrun, srun, mpirun); rank helpers. No model or loss maths."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# launcher variables -> the torch.distributed names, first match wins (torchrun sets the targets itself)
+ENV_MAP = (
+    ("RANK", ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")),
+    ("WORLD_SIZE", ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")),
+    ("LOCAL_RANK", ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID")),
+)
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    group: object  # the data-parallel (= vocab-parallel) group; None for a single process
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_ranks(environ=os.environ) -> tuple[int, int, int]:
+    """(rank, world, local_rank) from the environment; (0, 1, 0) when no launcher set anything. An environment
+    whose variables disagree is an error that names them."""
+    found = {}
+    for dst, srcs in ENV_MAP:
+        if dst in environ:
+            found[dst] = environ[dst]
+            continue
+        for src in srcs:
+            if src in environ:
+                found[dst] = environ[src]
+                break
+    if not found:
+        return 0, 1, 0
+    try:
+        rank = int(found.get("RANK", 0))
+        world = int(found.get("WORLD_SIZE", 1))
+        local = int(found.get("LOCAL_RANK", 0))
+    except ValueError as e:
+        raise ValueError(f"launcher environment is not numeric: {found}") from e
+    if not 0 <= rank < world or local < 0:
+        raise ValueError(f"inconsistent launcher environment: RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}")
+    return rank, world, local
+
+
+def init(backend: str | None = None, timeout_s: int = 600) -> Dist:
+    """Join the process group described by the environment (gloo on CPU, nccl on GPU). One process without a
+    launcher gets no group: every distributed helper then runs its single-process path."""
+    rank, world, local = env_ranks()
+    if world == 1 and "MASTER_ADDR" not in os.environ:
+        return Dist(0, 1, 0, None)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    return Dist(rank, world, local, dist.group.WORLD)
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(x, group=group)
+    return x
+
+
+def barrier(group) -> None:
+    if group is not None:
+        dist.barrier(group=group)

@@ -1,0 +1,168 @@
+"""Pretraining-scale distillation: a frozen teacher and a trainable student in the same processes.
+
+    torchrun --nproc-per-node 2 -m pipeline.train --config pipeline/configs/debug_cpu.yaml [--section.key=value ...]
+
+Build everything (config validated first, then data, then models), then a plain loop around train_step().
+Shapes: B micro-batch, T sequence length, H hidden size, N = B (T - 1) predicted positions.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+from pipeline import checkpoint, config as C, data, distributed, losses
+from pipeline.metrics import Metrics, Progress
+from pipeline.vocab_parallel import fused_linear_loss
+
+
+def lr_at(step: int, o: C.OptimConfig, total: int) -> float:
+    """Linear warm-up to optim.lr, then cosine / linear / constant decay to optim.min_lr at the last step."""
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    frac = (step - o.warmup_steps) / max(total - o.warmup_steps, 1)
+    decay = 0.5 * (1 + math.cos(math.pi * frac)) if o.schedule == "cosine" else 1 - frac
+    return o.min_lr + (o.lr - o.min_lr) * decay
+
+
+class Run:
+    """What the loop needs, built once: no behaviour beyond holding things (the loop is the functions below)."""
+
+    def __init__(self, cfg: C.Config, dist_ctx: distributed.Dist):
+        from pipeline import models as M
+        from pipeline.parallelize import parallelize
+        self.cfg, self.dist = cfg, dist_ctx
+        self.tokenizer = M.load_tokenizer(cfg)
+        self.batches = data.make_batches(cfg, self.tokenizer, dist_ctx.rank, dist_ctx.world)
+        student, teacher, self.vocab = M.build_models(cfg, self.tokenizer)
+        self.student_config = student.config
+        self.models = parallelize(student, teacher, self.vocab, cfg, dist_ctx.group)
+        lc = cfg.loss
+        options = dict(lc.options)
+        if lc.method == "taid":
+            options["form"] = lc.taid.signal  # the value that drives t; the gradient is the same either way
+        self.loss_fn = losses.make_loss(lc.method, **options)
+        t = lc.taid
+        self.taid = (losses.TaidSchedule(cfg.train.steps, t.t_start, t.t_end, t.alpha, t.beta, t.adaptive)
+                     if lc.method == "taid" else None)
+        self.step = 0
+        self.metrics = Metrics(os.path.join(cfg.run_dir, "tb"), dist_ctx.is_main and cfg.logging.tensorboard)
+
+    def method_overrides(self) -> dict:
+        lc = self.cfg.loss
+        if self.taid is not None:
+            return {"t": self.taid.t}
+        if lc.lam_end is not None:
+            lam0 = self.loss_fn.options["lam"]
+            return {"lam": losses.scheduled_value(lam0, lc.lam_end, self.step, self.cfg.train.steps)}
+        return {}
+
+    def extra_state(self) -> dict:
+        return {"data": self.batches.state_dict(), "taid": self.taid.state_dict() if self.taid else None}
+
+
+def train_step(run: Run) -> dict:
+    """One optimiser step over train.grad_accum micro-batches; returns the scalars to log."""
+    cfg, models, heads, group, world = run.cfg, run.models, run.models.heads, run.dist.group, run.dist.world
+    t0 = time.perf_counter()
+    lr = lr_at(run.step, cfg.optim, cfg.train.steps)
+    models.set_lr(lr)
+    micro = [run.batches.next() for _ in range(cfg.train.grad_accum)]
+    # the denominator is the number of predicted tokens over the whole step and every rank: token-mean losses
+    # then do not depend on how the batch was split across micro-batches and ranks
+    count = torch.tensor([float(sum(mb[:, 1:].numel() for mb in micro))])
+    distributed.all_reduce_sum(count, group)
+    overrides = run.method_overrides()
+    total, stats = 0.0, {"agree": 0.0, "tokens": 0.0}
+    for mb in micro:
+        inputs, targets = mb[:, :-1], mb[:, 1:]
+        attn = torch.ones_like(inputs)
+        hs = run.models.student_hidden(inputs, attn)                       # [B, T-1, Hs]
+        ht = run.models.teacher_hidden(inputs, attn)                       # [B, T-1, Ht]
+        n = targets.numel()
+        groups = torch.arange(inputs.shape[0]).repeat_interleave(inputs.shape[1])  # ATKD's per-sequence scope
+        loss = fused_linear_loss(
+            run.loss_fn, hs.reshape(n, -1), ht.reshape(n, -1), heads.student, heads.teacher,
+            token_weight=torch.full((n,), 1.0 / float(count)), targets=targets.reshape(n), groups=groups,
+            group=group, vocab_start=heads.start, chunk_size=cfg.loss.chunk_size, compile=cfg.loss.compile,
+            ce_weight=cfg.loss.ce_weight, stats=stats, **overrides)
+        # DeepSpeed / FSDP average body gradients over ranks, but each rank already holds the gradient of the
+        # global loss for its tokens: scale up here, the heads scale their (never averaged) gradient back down
+        models.backward(loss * world)
+        total += float(loss)
+    body_norm = models.step()
+    head_norm = heads.step(cfg.optim.grad_clip)
+    run.step += 1
+    if run.taid is not None:
+        run.taid.update(total)  # identical on every rank: `total` is the replicated global loss
+    elapsed = time.perf_counter() - t0
+    return {"loss/total": total, "lr": lr, "grad_norm/body": body_norm, "grad_norm/head": head_norm,
+            "tokens_per_s": float(count) / elapsed, "agreement/top1": stats["agree"] / max(stats["tokens"], 1),
+            "method/t": run.taid.t if run.taid else None, "method/lam": overrides.get("lam"),
+            "memory/peak_gb": _peak_memory_gb()}
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML config; any field can be overridden as --section.key=v")
+    args, overrides = ap.parse_known_args(argv)
+    cfg = C.load_config(args.config, overrides)  # every check that needs no model or data, before either loads
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    dist_ctx = distributed.init()
+    C.validate(cfg, world_size=dist_ctx.world)
+    torch.manual_seed(cfg.train.seed + dist_ctx.rank)
+    if dist_ctx.is_main:
+        C.save_resolved(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+    run = Run(cfg, dist_ctx)
+    start = 0
+    resume_from = checkpoint.latest(cfg.run_dir) if cfg.checkpoint.resume else None
+    if resume_from:
+        state = checkpoint.load(resume_from, run.models, dist_ctx)
+        run.batches.load_state_dict(state["data"])
+        if run.taid is not None:
+            run.taid.load_state_dict(state["taid"])
+        run.step = start = state["step"]
+        if dist_ctx.is_main:
+            print(f"resumed from {resume_from} at step {start}", file=sys.stderr)
+    progress = Progress(cfg.train.steps, dist_ctx.is_main and cfg.logging.progress, start)
+    losses_seen = []
+    while run.step < cfg.train.steps:
+        scalars = train_step(run)
+        losses_seen.append(scalars["loss/total"])
+        if run.step % cfg.train.log_every == 0 or run.step == cfg.train.steps:
+            run.metrics.log(run.step, scalars)
+        progress.update(run.step, loss=scalars["loss/total"], lr=scalars["lr"],
+                        tok_s=round(scalars["tokens_per_s"]))
+        every = cfg.checkpoint.every
+        if (every and run.step % every == 0) or run.step == cfg.train.steps:
+            checkpoint.save(cfg.run_dir, run.step, run.models, run.extra_state(), dist_ctx, cfg.checkpoint.keep_last)
+        if dist_ctx.is_main:  # one line per step in the run's log: what the tests and the tools read back
+            with open(os.path.join(cfg.run_dir, "losses.tsv"), "a") as f:
+                f.write(f"{run.step}\t{scalars['loss/total']!r}\n")
+    progress.close()
+    if cfg.checkpoint.export:
+        out = checkpoint.export_student(os.path.join(cfg.run_dir, "student"), run.models, run.student_config,
+                                        run.tokenizer, dist_ctx)
+        if out:
+            print(f"exported the student to {out}", file=sys.stderr)
+    run.metrics.close()
+    distributed.barrier(dist_ctx.group)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
