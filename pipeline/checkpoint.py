@@ -103,11 +103,10 @@ def export_student(out_dir: str, models, student_config, tokenizer, dist_ctx) ->
     config.tie_word_embeddings = False
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    state = {k: v for k, v in body.items()}
-    out_name = [n for n, _ in model.named_parameters() if n.endswith("weight") and
-                model.get_output_embeddings() is not None and
-                n.startswith(_output_prefix(model))]
-    state[out_name[0]] = head.to(next(iter(body.values())).dtype)
+    expected = model.state_dict().keys()  # persistent entries only (rotary caches etc. are rebuilt on load)
+    head_key = _output_prefix(model) + "weight"
+    state = {k: v for k, v in body.items() if k in expected}
+    state[head_key] = head.to(next(iter(body.values())).dtype)
     model.load_state_dict(state, assign=True, strict=True)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -122,6 +122,9 @@ class TrainConfig:
     """Seed of dropout and sampling (offset per rank)."""
     log_every: int = 1
     """Log scalars every N steps."""
+    stop_after: int | None = None
+    """End this invocation after reaching this step (a checkpoint is written); the schedule still spans `steps`.
+    For time-limited allocations: resubmit and the run resumes."""
 
 
 @dataclass
@@ -327,6 +330,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _positive("train.micro_batch_size", tr.micro_batch_size)
     _positive("train.grad_accum", tr.grad_accum)
     _positive("train.log_every", tr.log_every)
+    if tr.stop_after is not None and not 0 < tr.stop_after <= tr.steps:
+        raise ValueError(f"train.stop_after must be in [1, train.steps], got {tr.stop_after}")
     if tr.global_batch_size is not None:
         per_rank = tr.micro_batch_size * tr.grad_accum
         if tr.global_batch_size % per_rank:

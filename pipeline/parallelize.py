@@ -176,7 +176,16 @@ class LocalModels:
         return {k: v.detach().clone() for k, v in self.student.state_dict().items()}
 
     def teacher_state_digest(self):
-        return _digest(list(self.teacher.parameters()) + [self.heads.teacher])
+        """sha256 of this rank's share of the teacher (its shards and head rows): no gather, cheap at any size."""
+        return _digest([_local_shard(p) for p in self.teacher.parameters()] + [self.heads.teacher])
+
+
+def _local_shard(p: Tensor) -> Tensor:
+    if hasattr(p, "ds_tensor"):  # ZeRO-3 partition
+        return p.ds_tensor
+    if hasattr(p, "to_local"):   # FSDP2 DTensor
+        return p.to_local()
+    return p
 
 
 class FsdpModels(LocalModels):
@@ -196,6 +205,14 @@ class FsdpModels(LocalModels):
                     fully_shard(module, mesh=mesh, mp_policy=mp)
             fully_shard(model, mesh=mesh, mp_policy=mp)
         super().__init__(student, teacher, heads, cfg)
+
+    @torch.no_grad()
+    def teacher_hidden(self, input_ids, attention_mask):
+        h = _hidden(self.teacher, input_ids, attention_mask)
+        # FSDP2 keeps the root's parameters gathered after forward, expecting a backward; the frozen teacher has
+        # none, so free them now (also makes the local shards what teacher_state_digest reads)
+        self.teacher.reshard()
+        return h
 
     def _state(self):
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -219,9 +236,6 @@ class FsdpModels(LocalModels):
         sd = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return sd if dist.get_rank() == 0 else None
 
-    def teacher_state_digest(self):
-        return _digest([p.to_local() if hasattr(p, "to_local") else p for p in self.teacher.parameters()]
-                       + [self.heads.teacher])
 
 
 def deepspeed_config(path: str, cfg, world: int, *, train: bool) -> dict:
@@ -304,12 +318,6 @@ class DeepSpeedModels(LocalModels):
             if rank == 0:
                 sd[name] = buf.detach().clone().cpu()
         return sd if rank == 0 else None
-
-    def teacher_state_digest(self):
-        import deepspeed
-        params = list(self.teacher.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return _digest(params + [self.heads.teacher])
 
 
 def parallelize(student, teacher, vocab_size: int, cfg, group) -> Models:

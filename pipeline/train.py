@@ -95,7 +95,7 @@ def train_step(run: Run) -> dict:
         # DeepSpeed / FSDP average body gradients over ranks, but each rank already holds the gradient of the
         # global loss for its tokens: scale up here, the heads scale their (never averaged) gradient back down
         models.backward(loss * world)
-        total += float(loss)
+        total += float(loss.detach())
     body_norm = models.step()
     head_norm = heads.step(cfg.optim.grad_clip)
     run.step += 1
@@ -115,11 +115,23 @@ def _peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
 
 
+def _write_summary(run_dir, dist_ctx, step, losses_seen, digest_before, digest_after) -> None:
+    """run_dir/summary_rank{r}.json: where the run ended and whether this rank's teacher shard stayed unchanged."""
+    import json
+    with open(os.path.join(run_dir, f"summary_rank{dist_ctx.rank}.json"), "w") as f:
+        json.dump({"step": step, "losses": losses_seen, "teacher_digest_before": digest_before,
+                   "teacher_digest_after": digest_after}, f)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML config; any field can be overridden as --section.key=v")
     args, overrides = ap.parse_known_args(argv)
-    cfg = C.load_config(args.config, overrides)  # every check that needs no model or data, before either loads
+    try:
+        cfg = C.load_config(args.config, overrides)  # every check that needs no model or data, before either loads
+    except ValueError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     dist_ctx = distributed.init()
@@ -139,8 +151,10 @@ def main(argv=None) -> int:
         if dist_ctx.is_main:
             print(f"resumed from {resume_from} at step {start}", file=sys.stderr)
     progress = Progress(cfg.train.steps, dist_ctx.is_main and cfg.logging.progress, start)
+    digest_before = run.models.teacher_state_digest()
     losses_seen = []
-    while run.step < cfg.train.steps:
+    end = cfg.train.stop_after or cfg.train.steps
+    while run.step < end:
         scalars = train_step(run)
         losses_seen.append(scalars["loss/total"])
         if run.step % cfg.train.log_every == 0 or run.step == cfg.train.steps:
@@ -148,13 +162,14 @@ def main(argv=None) -> int:
         progress.update(run.step, loss=scalars["loss/total"], lr=scalars["lr"],
                         tok_s=round(scalars["tokens_per_s"]))
         every = cfg.checkpoint.every
-        if (every and run.step % every == 0) or run.step == cfg.train.steps:
+        if (every and run.step % every == 0) or run.step == end:
             checkpoint.save(cfg.run_dir, run.step, run.models, run.extra_state(), dist_ctx, cfg.checkpoint.keep_last)
         if dist_ctx.is_main:  # one line per step in the run's log: what the tests and the tools read back
             with open(os.path.join(cfg.run_dir, "losses.tsv"), "a") as f:
                 f.write(f"{run.step}\t{scalars['loss/total']!r}\n")
     progress.close()
-    if cfg.checkpoint.export:
+    _write_summary(cfg.run_dir, dist_ctx, run.step, losses_seen, digest_before, run.models.teacher_state_digest())
+    if cfg.checkpoint.export and run.step == cfg.train.steps:
         out = checkpoint.export_student(os.path.join(cfg.run_dir, "student"), run.models, run.student_config,
                                         run.tokenizer, dist_ctx)
         if out:
