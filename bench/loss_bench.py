@@ -234,11 +234,12 @@ def _worker(rank, world, args, out):
         my = slice(rank * n // world, (rank + 1) * n // world)  # data parallel: each rank owns N / P tokens
         h_s, h_t = hs[my].detach().requires_grad_(True), ht[my]
         w_s, w_t = ws[start:end].detach().requires_grad_(True), wt[start:end]
-        run_ours(h_s, h_t, w_s, w_t, args.chunk, group=group, start=start)  # warm-up
+        compile = not args.no_compile
+        run_ours(h_s, h_t, w_s, w_t, args.chunk, group=group, start=start, compile=compile)  # warm-up
         h_s.grad = w_s.grad = None
         with PeakRSS() as m:
             t0 = time.perf_counter()
-            run_ours(h_s, h_t, w_s, w_t, args.chunk, group=group, start=start)
+            run_ours(h_s, h_t, w_s, w_t, args.chunk, group=group, start=start, compile=compile)
             sec = time.perf_counter() - t0
         out.put((rank, n, m.extra / 1e9, sec))
 
@@ -253,8 +254,9 @@ def main_world(args):
     single = {}
     for n in args.tokens:
         inputs = make_inputs(n, args.vocab, args.hs, args.ht)
-        run_ours(*make_inputs(min(n, 2 * args.chunk), args.vocab, args.hs, args.ht), args.chunk)
-        single[n] = measure("ours", n, args, inputs)
+        name = "ours_eager" if args.no_compile else "ours"
+        IMPLS[name](*make_inputs(min(n, 2 * args.chunk), args.vocab, args.hs, args.ht), args.chunk)
+        single[n] = measure(name, n, args, inputs)
         del inputs
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -299,6 +301,7 @@ def parse(argv=None):
     ap.add_argument("--impls", default="limit,ours,liger,naive,trl")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--world-size", type=int, default=1)
+    ap.add_argument("--no-compile", action="store_true", help="--world-size mode: the eager chunk loss")
     args = ap.parse_args(argv)
     args.tokens = [int(x) for x in args.tokens.split(",")]
     if min(args.tokens) < 1 or args.chunk < 1 or args.world_size < 1:
