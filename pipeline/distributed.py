@@ -53,10 +53,33 @@ def env_ranks(environ=os.environ) -> tuple[int, int, int]:
     return rank, world, local
 
 
+def mpi_discover() -> tuple[int, int, int]:
+    """Ranks from MPI itself (mpirun, or srun --mpi=pmix): rank 0 picks the rendezvous address and a free port and
+    broadcasts them, so the job needs no MASTER_ADDR / MASTER_PORT from its script."""
+    import socket
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    addr = port = None
+    if rank == 0:
+        addr = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = os.environ.get("MASTER_PORT") or str(s.getsockname()[1])
+    addr, port = comm.bcast((addr, port), root=0)
+    os.environ.update(MASTER_ADDR=addr, MASTER_PORT=port)
+    return rank, world, local
+
+
 def init(backend: str | None = None, timeout_s: int = 600) -> Dist:
     """Join the process group described by the environment (gloo on CPU, nccl on GPU). One process without a
-    launcher gets no group: every distributed helper then runs its single-process path."""
-    rank, world, local = env_ranks()
+    launcher gets no group: every distributed helper then runs its single-process path. PIPELINE_DISCOVERY=mpi
+    takes the ranks from mpi4py instead of launcher variables."""
+    if os.environ.get("PIPELINE_DISCOVERY") == "mpi":
+        rank, world, local = mpi_discover()
+    else:
+        rank, world, local = env_ranks()
     if world == 1 and "MASTER_ADDR" not in os.environ:
         return Dist(0, 1, 0, None)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))

@@ -115,6 +115,34 @@ def _peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
 
 
+class Preemption:
+    """SIGUSR1 (Slurm's `--signal=USR1@secs` before the time limit, or `scancel --signal=USR1`) asks the run to
+    stop: ranks may receive it at different steps, so after every step they agree with one MAX all-reduce of a
+    flag, then all of them checkpoint at the same step and leave; rank 0 requeues the Slurm job."""
+
+    def __init__(self):
+        import signal
+        self.flag = False
+        signal.signal(signal.SIGUSR1, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def requested(self, group) -> bool:
+        f = torch.tensor([1.0 if self.flag else 0.0])
+        if group is not None:
+            torch.distributed.all_reduce(f, op=torch.distributed.ReduceOp.MAX, group=group)
+        return bool(f.item())
+
+
+def requeue_slurm_job() -> None:
+    import subprocess
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        subprocess.run(["scontrol", "requeue", job], check=False)
+        print(f"preempted: checkpoint written, job {job} requeued", file=sys.stderr)
+
+
 def _write_summary(run_dir, dist_ctx, step, losses_seen, digest_before, digest_after) -> None:
     """run_dir/summary_rank{r}.json: where the run ended and whether this rank's teacher shard stayed unchanged."""
     import json
@@ -154,6 +182,8 @@ def main(argv=None) -> int:
     digest_before = run.models.teacher_state_digest()
     losses_seen = []
     end = cfg.train.stop_after or cfg.train.steps
+    preemption = Preemption()
+    preempted = False
     while run.step < end:
         scalars = train_step(run)
         losses_seen.append(scalars["loss/total"])
@@ -161,13 +191,22 @@ def main(argv=None) -> int:
             run.metrics.log(run.step, scalars)
         progress.update(run.step, loss=scalars["loss/total"], lr=scalars["lr"],
                         tok_s=round(scalars["tokens_per_s"]))
-        every = cfg.checkpoint.every
-        if (every and run.step % every == 0) or run.step == end:
-            checkpoint.save(cfg.run_dir, run.step, run.models, run.extra_state(), dist_ctx, cfg.checkpoint.keep_last)
         if dist_ctx.is_main:  # one line per step in the run's log: what the tests and the tools read back
             with open(os.path.join(cfg.run_dir, "losses.tsv"), "a") as f:
                 f.write(f"{run.step}\t{scalars['loss/total']!r}\n")
+        preempted = preemption.requested(dist_ctx.group)
+        every = cfg.checkpoint.every
+        if (every and run.step % every == 0) or run.step == end or preempted:
+            checkpoint.save(cfg.run_dir, run.step, run.models, run.extra_state(), dist_ctx, cfg.checkpoint.keep_last)
+        if preempted:
+            break
     progress.close()
+    if preempted:
+        if dist_ctx.is_main:
+            requeue_slurm_job()
+        run.metrics.close()
+        distributed.barrier(dist_ctx.group)
+        return 0
     _write_summary(cfg.run_dir, dist_ctx, run.step, losses_seen, digest_before, run.models.teacher_state_digest())
     if cfg.checkpoint.export and run.step == cfg.train.steps:
         out = checkpoint.export_student(os.path.join(cfg.run_dir, "student"), run.models, run.student_config,

@@ -1,0 +1,23 @@
+# Sourced by the sbatch scripts: the environment, the rendezvous address and port from the allocation.
+#   PIPELINE_VENV   a virtualenv to activate (default: the repository's .venv); PIPELINE_CONDA: a conda env instead
+#   PIPELINE_REPO   the repository (default: the directory sbatch was called from)
+set -euo pipefail
+REPO=${PIPELINE_REPO:-$SLURM_SUBMIT_DIR}
+cd "$REPO"
+if [ -n "${PIPELINE_CONDA:-}" ]; then
+  eval "$(conda shell.bash hook)" && conda activate "$PIPELINE_CONDA"
+else
+  # shellcheck disable=SC1091
+  source "${PIPELINE_VENV:-$REPO/.venv}/bin/activate"
+fi
+first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+# a resolvable node name on a real cluster; the node's NodeAddr where names do not resolve (test clusters)
+MASTER_ADDR=$(getent hosts "$first" | awk '{print $1; exit}' || true)
+[ -n "$MASTER_ADDR" ] || MASTER_ADDR=$(scontrol show node "$first" -o | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
+export MASTER_ADDR
+export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+# one CPU thread pool per task unless the user says otherwise; GPUs: one task per GPU (srun binds them)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=cpu; fi
+echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES nodes x ${SLURM_NTASKS_PER_NODE:-1} tasks," \
+     "rendezvous $MASTER_ADDR:$MASTER_PORT"
