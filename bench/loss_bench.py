@@ -293,7 +293,7 @@ def _world_entry(rank, world, port, args, out):
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", default="1024,4096", help="comma-separated N (default 1024,4096)")
+    ap.add_argument("--tokens", default="1024,2048,4096", help="comma-separated N (default 1024,2048,4096)")
     ap.add_argument("--vocab", type=int, default=151_936)
     ap.add_argument("--hs", type=int, default=896, help="student hidden size")
     ap.add_argument("--ht", type=int, default=1536, help="teacher hidden size")

@@ -54,6 +54,10 @@ class DataConfig:
     """Seed of the order of packed sequences (one permutation per epoch, identical on every rank)."""
     max_documents: int | None = None
     """Use only the first N documents (quick runs)."""
+    eval_files: list = field(default_factory=list)
+    """Held-out files (same format rules as `files`) for the curve of held-out KL(teacher || student)."""
+    eval_blocks: int = 16
+    """Held-out sequences of seq_len tokens evaluated every train.eval_every steps."""
 
 
 @dataclass
@@ -122,6 +126,8 @@ class TrainConfig:
     """Seed of dropout and sampling (offset per rank)."""
     log_every: int = 1
     """Log scalars every N steps."""
+    eval_every: int = 0
+    """Held-out KL every N steps (and at step 0) when data.eval_files is set; 0 = never."""
     stop_after: int | None = None
     """End this invocation after reaching this step (a checkpoint is written); the schedule still spans `steps`.
     For time-limited allocations: resubmit and the run resumes."""
@@ -283,6 +289,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ValueError("data.files / data.dataset: give exactly one")
     if d.files:
         resolve_files(d.files)
+    if d.eval_files:
+        resolve_files(d.eval_files)
+    _positive("data.eval_blocks", d.eval_blocks)
     if d.format not in ("auto", "json", "parquet", "text"):
         raise ValueError(f"data.format must be auto, json, parquet or text, got {d.format!r}")
     _positive("data.seq_len", d.seq_len)
@@ -330,6 +339,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _positive("train.micro_batch_size", tr.micro_batch_size)
     _positive("train.grad_accum", tr.grad_accum)
     _positive("train.log_every", tr.log_every)
+    _positive("train.eval_every", tr.eval_every, allow_zero=True)
     if tr.stop_after is not None and not 0 < tr.stop_after <= tr.steps:
         raise ValueError(f"train.stop_after must be in [1, train.steps], got {tr.stop_after}")
     if tr.global_batch_size is not None:

@@ -72,7 +72,14 @@ def mpi_discover() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def init(backend: str | None = None, timeout_s: int = 600) -> Dist:
+def _free_port() -> str:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def init(backend: str | None = None, timeout_s: int = 600, require_group: bool = False) -> Dist:
     """Join the process group described by the environment (gloo on CPU, nccl on GPU). One process without a
     launcher gets no group: every distributed helper then runs its single-process path. PIPELINE_DISCOVERY=mpi
     takes the ranks from mpi4py instead of launcher variables."""
@@ -80,11 +87,12 @@ def init(backend: str | None = None, timeout_s: int = 600) -> Dist:
         rank, world, local = mpi_discover()
     else:
         rank, world, local = env_ranks()
-    if world == 1 and "MASTER_ADDR" not in os.environ:
+    if world == 1 and "MASTER_ADDR" not in os.environ and not require_group:
         return Dist(0, 1, 0, None)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    # a lone process (ZeRO-3 / FSDP2 still need a group) must not collide with another run's default port
+    os.environ.setdefault("MASTER_PORT", _free_port() if world == 1 else "29500")
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
     if not dist.is_initialized():

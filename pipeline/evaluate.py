@@ -40,6 +40,37 @@ def evaluate_models(student, teacher, blocks: torch.Tensor, batch_size: int = 4)
             "tokens": n_tok}
 
 
+def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """The prompt in the tokenizer's chat template (plain text where it has none), ready for generation."""
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt")
+        return ids if torch.is_tensor(ids) else ids["input_ids"]
+    return tokenizer(prompt + "\n", return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
+    """Greedy responses, one prompt at a time (no padding effects)."""
+    model.eval()
+    out = []
+    for p in prompts:
+        ids = chat_ids(tokenizer, p)
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return out
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F1 (rouge_score's rougeL with stemming, as in the AMiD / DistiLLM / MiniLLM evaluations), in
+    percent."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+    return 100.0 * sum(scores) / max(len(scores), 1)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="an HF checkpoint directory (e.g. run_dir/student)")

@@ -53,6 +53,14 @@ class Run:
                      if lc.method == "taid" else None)
         self.step = 0
         self.metrics = Metrics(os.path.join(cfg.run_dir, "tb"), dist_ctx.is_main and cfg.logging.tensorboard)
+        self.eval_blocks = None
+        if cfg.data.eval_files and cfg.train.eval_every:
+            import dataclasses
+            held = dataclasses.replace(cfg.data, files=cfg.data.eval_files, streaming=False, max_documents=None)
+            blocks = data.pack_blocks(data.load_documents(held), self.tokenizer, held.text_field, held.seq_len)
+            if blocks.shape[0] == 0:
+                raise ValueError("data.eval_files hold no block of data.seq_len tokens")
+            self.eval_blocks = blocks[: cfg.data.eval_blocks][dist_ctx.rank::dist_ctx.world]
 
     def method_overrides(self) -> dict:
         lc = self.cfg.loss
@@ -106,6 +114,30 @@ def train_step(run: Run) -> dict:
             "tokens_per_s": float(count) / elapsed, "agreement/top1": stats["agree"] / max(stats["tokens"], 1),
             "method/t": run.taid.t if run.taid else None, "method/lam": overrides.get("lam"),
             "memory/peak_gb": _peak_memory_gb()}
+
+
+@torch.no_grad()
+def heldout_kl(run: Run) -> float:
+    """Token-mean KL(teacher || student) over the held-out blocks (each rank a share; the value is global)."""
+    heads, blocks = run.models.heads, run.eval_blocks
+    count = torch.tensor([float(blocks[:, 1:].numel())])
+    distributed.all_reduce_sum(count, run.dist.group)
+    inputs = blocks[:, :-1]
+    attn = torch.ones_like(inputs)
+    hs, ht = run.models.student_hidden(inputs, attn), run.models.teacher_hidden(inputs, attn)
+    n = inputs.numel()
+    kl = fused_linear_loss(losses.make_loss("fkl"), hs.reshape(n, -1), ht.reshape(n, -1), heads.student.detach(),
+                           heads.teacher, token_weight=torch.full((n,), 1.0 / float(count)),
+                           group=run.dist.group, vocab_start=heads.start, chunk_size=run.cfg.loss.chunk_size)
+    return float(kl)
+
+
+def _log_eval(run: Run) -> None:
+    value = heldout_kl(run)
+    run.metrics.log(run.step, {"eval/kl": value})
+    if run.dist.is_main:
+        with open(os.path.join(run.cfg.run_dir, "eval.tsv"), "a") as f:
+            f.write(f"{run.step}\t{value!r}\n")
 
 
 def _peak_memory_gb() -> float:
@@ -162,7 +194,7 @@ def main(argv=None) -> int:
         return 2
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    dist_ctx = distributed.init()
+    dist_ctx = distributed.init(require_group=cfg.parallel.backend != "none")
     C.validate(cfg, world_size=dist_ctx.world)
     torch.manual_seed(cfg.train.seed + dist_ctx.rank)
     if dist_ctx.is_main:
@@ -184,6 +216,8 @@ def main(argv=None) -> int:
     end = cfg.train.stop_after or cfg.train.steps
     preemption = Preemption()
     preempted = False
+    if run.eval_blocks is not None and run.step == 0:
+        _log_eval(run)
     while run.step < end:
         scalars = train_step(run)
         losses_seen.append(scalars["loss/total"])
@@ -194,6 +228,8 @@ def main(argv=None) -> int:
         if dist_ctx.is_main:  # one line per step in the run's log: what the tests and the tools read back
             with open(os.path.join(cfg.run_dir, "losses.tsv"), "a") as f:
                 f.write(f"{run.step}\t{scalars['loss/total']!r}\n")
+        if run.eval_blocks is not None and run.step % cfg.train.eval_every == 0:
+            _log_eval(run)
         preempted = preemption.requested(dist_ctx.group)
         every = cfg.checkpoint.every
         if (every and run.step % every == 0) or run.step == end or preempted:

