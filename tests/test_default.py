@@ -84,7 +84,7 @@ def test_compare_two_methods_two_seeds(tmp_path):
          "--methods", "fkl,amid", "--seeds", "2", "--steps", "3", "--eval-every", "1", "--no-rouge",
          "--out", str(out), "--parallel.backend=none", "--data.max_documents=40", "--data.seq_len=32",
          "--data.eval_files=[pipeline/configs/assets/tiny_corpus.txt]", "--data.eval_blocks=4",
-         "--train.micro_batch_size=2", "--train.grad_accum=1", f"--run_dir={tmp_path}/unused"],
+         "--train.micro_batch_size=2", "--train.grad_accum=1"],
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     md = (out / "results.md").read_text()
