@@ -4,6 +4,7 @@ side in one process on the same inputs (hidden states -> output layers -> genera
     make bench                                   # default grid, ends with one JSON line for N = 4096
     .venv-bench/bin/python bench/loss_bench.py --tokens 1024,2048,4096,8192
     .venv-bench/bin/python bench/loss_bench.py --world-size 2   # per-rank loss memory, vocab split over 2 ranks
+                                                               # (eager chunk loss; --compile for the compiled one)
 
 Rows: `ours` (pipeline.vocab_parallel.fused_linear_loss), `naive` (the same loss on full [N, V] logits),
 `trl` (TRL's GKDTrainer.generalized_jsd_loss on full logits), `liger` (LigerFusedLinearJSDLoss(compiled=False), its
@@ -234,7 +235,7 @@ def _worker(rank, world, args, out):
         my = slice(rank * n // world, (rank + 1) * n // world)  # data parallel: each rank owns N / P tokens
         h_s, h_t = hs[my].detach().requires_grad_(True), ht[my]
         w_s, w_t = ws[start:end].detach().requires_grad_(True), wt[start:end]
-        compile = not args.no_compile
+        compile = args.compile
         run_ours(h_s, h_t, w_s, w_t, args.chunk, group=group, start=start, compile=compile)  # warm-up
         h_s.grad = w_s.grad = None
         with PeakRSS() as m:
@@ -254,7 +255,7 @@ def main_world(args):
     single = {}
     for n in args.tokens:
         inputs = make_inputs(n, args.vocab, args.hs, args.ht)
-        name = "ours_eager" if args.no_compile else "ours"
+        name = "ours" if args.compile else "ours_eager"
         IMPLS[name](*make_inputs(min(n, 2 * args.chunk), args.vocab, args.hs, args.ht), args.chunk)
         single[n] = measure(name, n, args, inputs)
         del inputs
@@ -301,7 +302,8 @@ def parse(argv=None):
     ap.add_argument("--impls", default="limit,ours,liger,naive,trl")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--world-size", type=int, default=1)
-    ap.add_argument("--no-compile", action="store_true", help="--world-size mode: the eager chunk loss")
+    ap.add_argument("--compile", action="store_true",
+                    help="--world-size mode: the compiled chunk loss (default: eager, the pipeline's default)")
     args = ap.parse_args(argv)
     args.tokens = [int(x) for x in args.tokens.split(",")]
     if min(args.tokens) < 1 or args.chunk < 1 or args.world_size < 1:
