@@ -115,8 +115,6 @@ def test_exact_resume_after_stop(two_ranks, tmp_path):
 
 def test_exact_resume_after_kill_9_mid_run(tmp_path, two_ranks):
     backend, full = two_ranks
-    if backend != "deepspeed":
-        pytest.skip("one backend is enough for the kill test; exact resume of both is tested above")
     proc = subprocess.Popen(command(tmp_path, 2, backend), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
