@@ -72,11 +72,12 @@ def mpi_discover() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def _free_port() -> str:
+def free_port() -> int:
+    """A free TCP port on this machine (for a lone process's rendezvous, and for tests)."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+        return s.getsockname()[1]
 
 
 def init(backend: str | None = None, timeout_s: int = 600, require_group: bool = False) -> Dist:
@@ -92,7 +93,7 @@ def init(backend: str | None = None, timeout_s: int = 600, require_group: bool =
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     # a lone process (ZeRO-3 / FSDP2 still need a group) must not collide with another run's default port
-    os.environ.setdefault("MASTER_PORT", _free_port() if world == 1 else "29500")
+    os.environ.setdefault("MASTER_PORT", str(free_port()) if world == 1 else "29500")
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
     if not dist.is_initialized():

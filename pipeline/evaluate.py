@@ -71,6 +71,28 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     return 100.0 * sum(scores) / max(len(scores), 1)
 
 
+def evaluate_checkpoint(checkpoint: str, cfg, n_blocks: int, prompts=None) -> dict:
+    """Held-out metrics of an HF student checkpoint against the config's teacher, on `n_blocks` packed sequences of
+    data.eval_files (else the tail of the training data); ROUGE-L too when `prompts` = (prompts, references)."""
+    from transformers import AutoModelForCausalLM
+    from pipeline import models as M
+    tokenizer = M.load_tokenizer(cfg)
+    d = cfg.data
+    held = C.DataConfig(files=d.eval_files or d.files, dataset=None if d.eval_files else d.dataset, format=d.format,
+                        text_field=d.text_field, seq_len=d.seq_len)
+    blocks = data.pack_blocks(data.load_documents(held), tokenizer, held.text_field, held.seq_len)
+    if blocks.shape[0] == 0:
+        raise ValueError(f"no held-out block of data.seq_len ({d.seq_len}) tokens in the data")
+    # held-out files: any part is unseen, take the first blocks; the training data: its tail
+    blocks = blocks[:n_blocks] if d.eval_files else blocks[-n_blocks:]
+    student = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    teacher = M.build_model(cfg.model.teacher_path, cfg.model.teacher_config, "float32", cfg.model.init_seed + 1)
+    scores = evaluate_models(student, teacher.eval(), blocks)
+    if prompts:
+        scores["rouge_l"] = rouge_l(generate(student, tokenizer, prompts[0]), prompts[1])
+    return scores
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="an HF checkpoint directory (e.g. run_dir/student)")
@@ -83,17 +105,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from transformers import AutoModelForCausalLM
-    from pipeline import models as M
-    tokenizer = M.load_tokenizer(cfg)
-    blocks = data.pack_blocks(data.load_documents(cfg.data), tokenizer, cfg.data.text_field, cfg.data.seq_len)
-    if blocks.shape[0] == 0:
-        print("no held-out block of data.seq_len tokens in the data", file=sys.stderr)
+    try:
+        result = {"checkpoint": args.checkpoint, **evaluate_checkpoint(args.checkpoint, cfg, args.blocks)}
+    except ValueError as err:
+        print(str(err), file=sys.stderr)
         return 2
-    blocks = blocks[-args.blocks:]  # the tail of the packed stream
-    student = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
-    teacher = M.build_model(cfg.model.teacher_path, cfg.model.teacher_config, "float32", cfg.model.init_seed + 1)
-    result = {"checkpoint": args.checkpoint, **evaluate_models(student, teacher.eval(), blocks)}
     print(json.dumps(result))
     if args.out:
         with open(args.out, "w") as f:

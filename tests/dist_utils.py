@@ -3,17 +3,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pipeline.distributed import free_port  # noqa: F401 (re-exported for the tests)
 
 
 def _entry(rank: int, world: int, port: int, fn, args):
