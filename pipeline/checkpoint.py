@@ -104,7 +104,7 @@ def export_student(out_dir: str, models, student_config, tokenizer, dist_ctx) ->
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     expected = model.state_dict().keys()  # persistent entries only (rotary caches etc. are rebuilt on load)
-    head_key = _output_prefix(model) + "weight"
+    head_key = output_prefix(model) + "weight"
     state = {k: v for k, v in body.items() if k in expected}
     state[head_key] = head.to(next(iter(body.values())).dtype)
     model.load_state_dict(state, assign=True, strict=True)
@@ -114,7 +114,7 @@ def export_student(out_dir: str, models, student_config, tokenizer, dist_ctx) ->
     return out_dir
 
 
-def _output_prefix(model) -> str:
+def output_prefix(model) -> str:
     head = model.get_output_embeddings()
     for name, module in model.named_modules():
         if module is head:

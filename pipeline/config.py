@@ -42,12 +42,23 @@ class DataConfig:
     """Local data files or glob patterns (jsonl/json, parquet, txt). Empty when `dataset` names a hub dataset."""
     dataset: str | None = None
     """A dataset name for `datasets.load_dataset` that the cluster can reach (instead of files)."""
+    kind: str = "text"
+    """text: documents packed into seq_len blocks (pretraining-style); chat: prompt/response examples for
+    instruction tuning (loss on response tokens only; the rollout section mixes in generations)."""
     format: str = "auto"
     """json, parquet, text or auto (from the file extension)."""
     text_field: str = "text"
     """The column that holds the text."""
     seq_len: int = 128
-    """Tokens per packed training sequence."""
+    """Tokens per packed training sequence (text); the longest prompt + response (chat)."""
+    max_prompt_len: int = 64
+    """chat: prompts keep their last max_prompt_len tokens."""
+    prompt_field: str = "prompt"
+    """chat: the prompt column (rows with prompt/response columns)."""
+    response_field: str = "response"
+    """chat: the response column."""
+    messages_field: str = "messages"
+    """chat: the column of chat messages [{role, content}], last turn the assistant's (used when present)."""
     streaming: bool = False
     """Stream the dataset (for corpora that do not fit on disk); packing happens on the fly."""
     shuffle_seed: int = 0
@@ -57,7 +68,8 @@ class DataConfig:
     eval_files: list = field(default_factory=list)
     """Held-out files (same format rules as `files`) for the curve of held-out KL(teacher || student)."""
     eval_blocks: int = 16
-    """Held-out sequences of seq_len tokens evaluated every train.eval_every steps."""
+    """Held-out sequences of seq_len tokens (text) or held-out examples (chat) evaluated every
+    train.eval_every steps."""
 
 
 @dataclass
@@ -148,6 +160,35 @@ class ParallelConfig:
 
 
 @dataclass
+class RolloutConfig:
+    student_fraction: float = 0.0
+    """chat: share of steps trained on the student's own generations for the step's prompts (on-policy; GKD's
+    lambda). The choice per step comes from (seed, step), so every rank makes the same one."""
+    teacher_fraction: float = 0.0
+    """chat: share of steps trained on the teacher's generations; the rest use the dataset's responses."""
+    max_new_tokens: int | None = None
+    """Longest generation (default: data.seq_len - data.max_prompt_len)."""
+    temperature: float = 1.0
+    """Sampling temperature (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest set of tokens holding this probability (1 = all)."""
+    gather: str = "auto"
+    """once: gather the full model on every rank for the rollout, then decode with no collective (fast);
+    per_step: decode on the sharded model, every rank in lockstep (a parameter all-gather per token; for models
+    whose full copy does not fit); auto: once when the full copy fits gather_memory_fraction of the free memory
+    on every rank."""
+    gather_memory_fraction: float = 0.5
+    """auto: the share of free memory a full copy may take."""
+    replay_capacity: int = 0
+    """Student generations kept per rank for reuse (DistiLLM's replay buffer; 0 = off)."""
+    replay_ratio: float = 0.0
+    """Share of on-policy steps that reuse buffered generations instead of generating (once the buffer holds a
+    step's worth)."""
+    seed: int | None = None
+    """Seed of the source choice and of sampling (default: train.seed)."""
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 0
     """Save every N steps (0: only at the end)."""
@@ -177,6 +218,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -299,6 +341,18 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ValueError("data.seq_len must be >= 2 (inputs and next-token targets)")
     if d.max_documents is not None:
         _positive("data.max_documents", d.max_documents)
+    if d.kind not in ("text", "chat"):
+        raise ValueError(f"data.kind must be text or chat, got {d.kind!r}")
+    if d.kind == "chat":
+        if d.format == "text":
+            raise ValueError("data.kind chat reads json/jsonl or parquet rows; data.format text has no columns")
+        if d.streaming:
+            raise ValueError("data.kind chat does not stream (examples are held in memory); set data.streaming "
+                             "to false")
+        _positive("data.max_prompt_len", d.max_prompt_len)
+        if d.max_prompt_len >= d.seq_len:
+            raise ValueError(f"data.max_prompt_len ({d.max_prompt_len}) must be < data.seq_len ({d.seq_len}): "
+                             f"seq_len holds prompt and response")
 
     lc = cfg.loss
     try:
@@ -363,6 +417,37 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             raise ValueError(f"parallel.{name} must be float32 or bfloat16, got {getattr(p, name)!r}")
     if world_size is not None and world_size > 1 and p.backend == "none":
         raise ValueError("parallel.backend none runs one process; use deepspeed or fsdp2 for several")
+
+    r = cfg.rollout
+    for name in ("student_fraction", "teacher_fraction", "replay_ratio"):
+        v = getattr(r, name)
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"rollout.{name} must be in [0, 1], got {v}")
+    if r.student_fraction + r.teacher_fraction > 1.0 + 1e-9:
+        raise ValueError(f"rollout.student_fraction + teacher_fraction must be <= 1, got "
+                         f"{r.student_fraction} + {r.teacher_fraction}")
+    if (r.student_fraction or r.teacher_fraction) and d.kind != "chat":
+        raise ValueError("rollout.student_fraction / teacher_fraction need prompts: set data.kind to chat")
+    if r.max_new_tokens is not None:
+        _positive("rollout.max_new_tokens", r.max_new_tokens)
+        if d.kind == "chat" and d.max_prompt_len + r.max_new_tokens > d.seq_len:
+            raise ValueError(f"data.max_prompt_len + rollout.max_new_tokens ({d.max_prompt_len} + "
+                             f"{r.max_new_tokens}) exceeds data.seq_len ({d.seq_len}); raise seq_len or lower one")
+    _positive("rollout.temperature", r.temperature, allow_zero=True)
+    if not 0.0 < r.top_p <= 1.0:
+        raise ValueError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    if r.gather not in ("auto", "once", "per_step"):
+        raise ValueError(f"rollout.gather must be auto, once or per_step, got {r.gather!r}")
+    if not 0.0 < r.gather_memory_fraction <= 1.0:
+        raise ValueError(f"rollout.gather_memory_fraction must be in (0, 1], got {r.gather_memory_fraction}")
+    _positive("rollout.replay_capacity", r.replay_capacity, allow_zero=True)
+    if r.replay_ratio > 0:
+        need = tr.micro_batch_size * tr.grad_accum
+        if r.replay_capacity < need:
+            raise ValueError(f"rollout.replay_ratio > 0 needs rollout.replay_capacity >= one step's generations "
+                             f"per rank ({need} = train.micro_batch_size x grad_accum), got {r.replay_capacity}")
+        if r.student_fraction == 0:
+            raise ValueError("rollout.replay_ratio reuses student generations: set rollout.student_fraction > 0")
 
     c = cfg.checkpoint
     _positive("checkpoint.every", c.every, allow_zero=True)

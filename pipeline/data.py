@@ -1,13 +1,20 @@
-"""HF `datasets` -> packed token streams for pretraining-style distillation.
+"""HF `datasets` -> packed token streams (pretraining-style distillation) or prompt/response pairs (instruction
+tuning, data.kind = chat).
 
-Documents are tokenised with the shared tokenizer, joined with EOS, and cut into blocks of seq_len tokens. A global
+Packed text: documents are tokenised with the shared tokenizer, joined with EOS, and cut into blocks of seq_len tokens. A global
 micro-batch is micro_batch_size x world consecutive blocks of a seeded per-epoch permutation; rank r takes its
 rows [r B, (r+1) B). So a run on P ranks with micro-batch B sees exactly the data of one rank with micro-batch P B,
 and the position (epoch, index) is all a checkpoint needs to resume the stream exactly.
+
+Instruction data: one example per row, either `prompt`/`response` columns or chat `messages` ([{role, content}],
+the last turn the assistant's). With a chat template the prompt is the template up to the generation prompt and the
+response the rest; without one, prompt tokens then response tokens then EOS. Batches are (tokens, attention mask,
+loss mask) with the loss on response tokens only; the same per-epoch permutation and rank layout as packed text.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -34,7 +41,7 @@ def load_documents(d: DataConfig):
     else:
         ds = datasets.load_dataset(d.dataset, split="train", streaming=d.streaming)
     columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
-    if d.text_field not in columns:
+    if d.text_field is not None and d.text_field not in columns:
         raise ValueError(f"data.text_field: no column {d.text_field!r} in the data (columns: {columns})")
     if d.max_documents is not None:
         ds = ds.take(d.max_documents) if d.streaming else ds.select(range(min(d.max_documents, len(ds))))
@@ -129,8 +136,117 @@ class StreamingBatches:
         self.consumed, self._it = int(state["consumed"]), None
 
 
+@dataclass
+class Batch:
+    """Right-padded sequences: tokens [B, T], attention_mask [B, T] (1 = real token), loss_mask [B, T-1] over
+    next-token targets (1 = a target the loss is taken on)."""
+    tokens: Tensor
+    attention_mask: Tensor
+    loss_mask: Tensor
+
+
+def text_batch(block: Tensor) -> Batch:
+    """A packed block: every position attends and every target counts."""
+    return Batch(block, torch.ones_like(block), torch.ones_like(block[:, 1:]))
+
+
+def collate(prompts: list, responses: list, pad_id: int) -> Batch:
+    """prompt + response per row, right-padded; loss on the response tokens (a generation's EOS included)."""
+    rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    T = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), T), dtype=torch.long)
+    loss = torch.zeros((len(rows), T - 1), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        n = len(p) + len(r)
+        tokens[i, :n] = torch.tensor(rows[i], dtype=torch.long)
+        attn[i, :n] = 1
+        loss[i, len(p) - 1:n - 1] = 1  # target j is token j + 1: the response starts at target len(p) - 1
+    return Batch(tokens, attn, loss)
+
+
+def _chat_columns(ds, d: DataConfig) -> str:
+    columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
+    if d.messages_field in columns:
+        return "messages"
+    missing = [c for c in (d.prompt_field, d.response_field) if c not in columns]
+    if missing:
+        raise ValueError(f"data.kind chat needs a {d.messages_field!r} column or {d.prompt_field!r} and "
+                         f"{d.response_field!r} columns (data.messages_field / prompt_field / response_field); "
+                         f"the data has {columns}")
+    return "pairs"
+
+
+def tokenize_example(row: dict, tokenizer, d: DataConfig, layout: str) -> tuple[list, list]:
+    """(prompt ids, response ids) of one row; the prompt keeps its last max_prompt_len tokens (where a chat
+    template puts the assistant header), the response is cut to fit seq_len."""
+    if layout == "messages":
+        messages = row[d.messages_field]
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError(f"data: a {d.messages_field!r} row must end with an assistant turn, got {messages!r}")
+        context, answer = messages[:-1], messages[-1]["content"]
+    else:
+        context, answer = [{"role": "user", "content": row[d.prompt_field]}], row[d.response_field]
+    if getattr(tokenizer, "chat_template", None):
+        prompt = list(tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False))
+        full = list(tokenizer.apply_chat_template(context + [{"role": "assistant", "content": answer}],
+                                                  tokenize=True, return_dict=False))
+        if full[:len(prompt)] != prompt:
+            raise ValueError("the tokenizer's chat template does not render the prompt as a prefix of the whole "
+                             "conversation, so response tokens cannot be told apart; use prompt/response data")
+        response = full[len(prompt):]
+    else:
+        text = "\n".join(m["content"] for m in context)
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        response = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt = prompt[-d.max_prompt_len:]
+    return prompt, response[: d.seq_len - len(prompt)]
+
+
+def load_examples(d: DataConfig, tokenizer, files: list | None = None) -> list[tuple[list, list]]:
+    """Every example of the instruction files, tokenised (examples with an empty prompt are dropped)."""
+    import dataclasses
+    docs = load_documents(dataclasses.replace(d, files=files or d.files, streaming=False, text_field=None))
+    layout = _chat_columns(docs, d)
+    out = [tokenize_example(row, tokenizer, d, layout) for row in docs]
+    return [(p, r) for p, r in out if p and r]
+
+
+class InstructBatches:
+    """This rank's examples, n at a time, from a seeded per-epoch permutation (global batch = n x world
+    consecutive indices, rank r the r-th slice); resumable via state_dict()."""
+
+    def __init__(self, examples: list, n: int, rank: int, world: int, seed: int):
+        if len(examples) < n * world:
+            raise ValueError(f"the instruction data holds {len(examples)} usable examples but one step needs "
+                             f"{n * world} (train.micro_batch_size x grad_accum x world size)")
+        self.examples, self.n, self.rank, self.world, self.seed = examples, n, rank, world, seed
+        self.per_epoch = len(examples) // (n * world)
+        self.epoch, self.index = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.examples), generator=g)
+
+    def next(self) -> list[tuple[list, list]]:
+        if self.index == self.per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._perm = self._permutation(self.epoch)
+        start = (self.index * self.world + self.rank) * self.n
+        self.index += 1
+        return [self.examples[i] for i in self._perm[start:start + self.n].tolist()]
+
+    state_dict = PackedBatches.state_dict
+    load_state_dict = PackedBatches.load_state_dict
+
+
 def make_batches(cfg, tokenizer, rank: int, world: int):
     d = cfg.data
+    if d.kind == "chat":
+        per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
+        return InstructBatches(load_examples(d, tokenizer), per_step, rank, world, d.shuffle_seed)
     docs = load_documents(d)
     if d.streaming:
         return StreamingBatches(docs, tokenizer, d.text_field, d.seq_len, cfg.train.micro_batch_size, rank, world)

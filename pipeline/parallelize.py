@@ -94,12 +94,16 @@ class OutputHeads:
         self.optimizer.load_state_dict(state["optimizer"])
 
     def full_student_weight(self) -> Tensor:
-        """All ranks' rows gathered (export only), in row order."""
+        """All ranks' rows gathered (export, gather-once rollouts), in row order."""
+        return self.full_weight(self.student)
+
+    def full_weight(self, shard: Tensor) -> Tensor:
+        """[V, H] from every rank's rows of `shard` (self.student or self.teacher): one all-gather."""
         if self.world == 1:
-            return self.student.detach().clone()
+            return shard.detach().clone()
         per = math.ceil(self.vocab_size / self.world)
-        local = torch.zeros(per, self.student.shape[1], dtype=self.student.dtype, device=self.student.device)
-        local[: self.end - self.start] = self.student.detach()
+        local = torch.zeros(per, shard.shape[1], dtype=shard.dtype, device=shard.device)
+        local[: self.end - self.start] = shard.detach()
         out = [torch.empty_like(local) for _ in range(self.world)]
         dist.all_gather(out, local, group=self.group)
         return torch.cat(out)[: self.vocab_size]
@@ -108,6 +112,39 @@ class OutputHeads:
 def _hidden(model, input_ids, attention_mask) -> Tensor:
     # the output layer is an Identity: the "logits" of the HF output are the final hidden states
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def full_numel(model: nn.Module) -> int:
+    """Elements of the unsharded model (ZeRO-3 keeps the full size in ds_numel; DTensors report it as numel)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+@torch.no_grad()
+def full_state_dict(model: nn.Module, bucket_numel: int = 1 << 26) -> dict:
+    """Every parameter and buffer of a (possibly sharded) body, unsharded, on every rank. Collective: all ranks
+    call it together. ZeRO-3 gathers buckets of up to bucket_numel elements per call (few collectives, bounded
+    transient memory); FSDP2 gathers each DTensor; an unsharded model is returned without copies."""
+    params = list(model.named_parameters())
+    out = {}
+    if any(hasattr(p, "ds_tensor") for _, p in params):
+        import deepspeed
+        bucket, size = [], 0
+        for i, (name, p) in enumerate(params):
+            bucket.append((name, p))
+            size += p.ds_numel
+            if size >= bucket_numel or i == len(params) - 1:
+                with deepspeed.zero.GatheredParameters([q for _, q in bucket], modifier_rank=None):
+                    for n, q in bucket:
+                        out[n] = q.detach().clone()
+                bucket, size = [], 0
+    else:
+        for name, p in params:
+            out[name] = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+    for name, b in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        if leaf not in model.get_submodule(owner)._non_persistent_buffers_set:  # e.g. rotary caches: rebuilt
+            out[name] = b
+    return out
 
 
 def _digest(tensors) -> str:

@@ -1,6 +1,8 @@
-"""Pretraining-scale distillation: a frozen teacher and a trainable student in the same processes.
+"""Distillation of a trainable student from a frozen teacher in the same processes: packed text (pretraining-style,
+data.kind = text) or instruction data (data.kind = chat) with on-policy generations mixed in (rollout section).
 
     torchrun --nproc-per-node 2 -m pipeline.train --config pipeline/configs/debug_cpu.yaml [--section.key=value ...]
+    torchrun --nproc-per-node 2 -m pipeline.train --config pipeline/configs/debug_onpolicy.yaml
 
 Build everything (config validated first, then data, then models), then a plain loop around train_step().
 Shapes: B micro-batch, T sequence length, H hidden size, N = B (T - 1) predicted positions.
@@ -15,7 +17,7 @@ import time
 
 import torch
 
-from pipeline import checkpoint, config as C, data, distributed, losses
+from pipeline import checkpoint, config as C, data, distributed, losses, rollout
 from pipeline.metrics import Metrics, Progress
 from pipeline.vocab_parallel import fused_linear_loss
 
@@ -52,15 +54,14 @@ class Run:
         self.taid = (losses.TaidSchedule(cfg.train.steps, t.t_start, t.t_end, t.alpha, t.beta, t.adaptive)
                      if lc.method == "taid" else None)
         self.step = 0
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.tokenizer.eos_token_id
+        self.rollout_seed = cfg.train.seed if cfg.rollout.seed is None else cfg.rollout.seed
+        self.replay = rollout.ReplayBuffer(cfg.rollout.replay_capacity)
         self.metrics = Metrics(os.path.join(cfg.run_dir, "tb"), dist_ctx.is_main and cfg.logging.tensorboard)
-        self.eval_blocks = None
+        self.eval_data = None  # this rank's held-out blocks [n, seq_len] (text) or (prompt, response) pairs (chat)
         if cfg.data.eval_files and cfg.train.eval_every:
-            import dataclasses
-            held = dataclasses.replace(cfg.data, files=cfg.data.eval_files, streaming=False, max_documents=None)
-            blocks = data.pack_blocks(data.load_documents(held), self.tokenizer, held.text_field, held.seq_len)
-            if blocks.shape[0] == 0:
-                raise ValueError("data.eval_files hold no block of data.seq_len tokens")
-            self.eval_blocks = blocks[: cfg.data.eval_blocks][dist_ctx.rank::dist_ctx.world]
+            self.eval_data = _heldout(cfg, self.tokenizer, dist_ctx)
 
     def method_overrides(self) -> dict:
         lc = self.cfg.loss
@@ -72,7 +73,60 @@ class Run:
         return {}
 
     def extra_state(self) -> dict:
-        return {"data": self.batches.state_dict(), "taid": self.taid.state_dict() if self.taid else None}
+        return {"data": self.batches.state_dict(), "taid": self.taid.state_dict() if self.taid else None,
+                "replay": self.replay.state_dict()}
+
+    def max_new_tokens(self) -> int:
+        d = self.cfg.data
+        return self.cfg.rollout.max_new_tokens or d.seq_len - d.max_prompt_len
+
+
+def _heldout(cfg: C.Config, tokenizer, dist_ctx):
+    import dataclasses
+    d = cfg.data
+    if d.kind == "chat":
+        examples = data.load_examples(d, tokenizer, files=d.eval_files)[: d.eval_blocks]
+    else:
+        held = dataclasses.replace(d, files=d.eval_files, streaming=False, max_documents=None)
+        examples = data.pack_blocks(data.load_documents(held), tokenizer, held.text_field, held.seq_len)
+        examples = examples[: d.eval_blocks]
+    if len(examples) < dist_ctx.world:
+        raise ValueError(f"data.eval_files hold {len(examples)} usable held-out sequences, fewer than the "
+                         f"{dist_ctx.world} ranks (each evaluates a share)")
+    return examples[dist_ctx.rank::dist_ctx.world]
+
+
+def step_batches(run: Run) -> tuple[list, dict]:
+    """This rank's train.grad_accum micro-batches for the step and what they came from. chat: the step's source is
+    drawn from (seed, step), identically on every rank, and all of the step's prompts go into one rollout."""
+    cfg = run.cfg
+    if cfg.data.kind == "text":
+        return [data.text_batch(run.batches.next()) for _ in range(cfg.train.grad_accum)], {}
+    r = cfg.rollout
+    examples = run.batches.next()
+    source = rollout.choose_source(run.rollout_seed, run.step, r.student_fraction, r.teacher_fraction,
+                                   r.replay_ratio, len(run.replay) >= len(examples))
+    info = {"source": source}
+    if source == "dataset":
+        pairs = examples
+    elif source == "replay":
+        g = torch.Generator().manual_seed(rollout.step_seed(run.rollout_seed, run.step, 1 + run.dist.rank))
+        pairs = run.replay.sample(len(examples), g)
+    else:
+        prompts = [p for p, _ in examples]
+        completions, info = rollout.generate(
+            run.models, source, prompts, rc=r, max_new=run.max_new_tokens(), eos_id=run.tokenizer.eos_token_id,
+            pad_id=run.pad_id, seed=rollout.step_seed(run.rollout_seed, run.step, 1_000 + run.dist.rank),
+            group=run.dist.group)
+        info["source"] = source
+        pairs = list(zip(prompts, completions))
+        if source == "student" and r.replay_capacity:
+            run.replay.push(pairs)
+    B = cfg.train.micro_batch_size
+    batches = [data.collate([p for p, _ in pairs[i:i + B]], [c for _, c in pairs[i:i + B]], run.pad_id)
+               for i in range(0, len(pairs), B)]
+    info["response_len"] = sum(len(c) for _, c in pairs) / len(pairs)
+    return batches, info
 
 
 def train_step(run: Run) -> dict:
@@ -81,23 +135,24 @@ def train_step(run: Run) -> dict:
     t0 = time.perf_counter()
     lr = lr_at(run.step, cfg.optim, cfg.train.steps)
     models.set_lr(lr)
-    micro = [run.batches.next() for _ in range(cfg.train.grad_accum)]
-    # the denominator is the number of predicted tokens over the whole step and every rank: token-mean losses
-    # then do not depend on how the batch was split across micro-batches and ranks
-    count = torch.tensor([float(sum(mb[:, 1:].numel() for mb in micro))])
+    micro, info = step_batches(run)
+    t_data = time.perf_counter() - t0
+    # the denominator is the number of loss tokens over the whole step and every rank: token-mean losses then do
+    # not depend on how the batch was split across micro-batches and ranks (nor on padding)
+    count = torch.tensor([float(sum(mb.loss_mask.sum() for mb in micro))])
     distributed.all_reduce_sum(count, group)
+    count.clamp_(min=1.0)
     overrides = run.method_overrides()
     total, stats = 0.0, {"agree": 0.0, "tokens": 0.0}
     for mb in micro:
-        inputs, targets = mb[:, :-1], mb[:, 1:]
-        attn = torch.ones_like(inputs)
+        inputs, targets, attn = mb.tokens[:, :-1], mb.tokens[:, 1:], mb.attention_mask[:, :-1]
         hs = run.models.student_hidden(inputs, attn)                       # [B, T-1, Hs]
         ht = run.models.teacher_hidden(inputs, attn)                       # [B, T-1, Ht]
         n = targets.numel()
         groups = torch.arange(inputs.shape[0]).repeat_interleave(inputs.shape[1])  # ATKD's per-sequence scope
         loss = fused_linear_loss(
             run.loss_fn, hs.reshape(n, -1), ht.reshape(n, -1), heads.student, heads.teacher,
-            token_weight=torch.full((n,), 1.0 / float(count)), targets=targets.reshape(n), groups=groups,
+            token_weight=mb.loss_mask.reshape(n).float() / count, targets=targets.reshape(n), groups=groups,
             group=group, vocab_start=heads.start, chunk_size=cfg.loss.chunk_size, compile=cfg.loss.compile,
             ce_weight=cfg.loss.ce_weight, stats=stats, **overrides)
         # DeepSpeed / FSDP average body gradients over ranks, but each rank already holds the gradient of the
@@ -110,34 +165,59 @@ def train_step(run: Run) -> dict:
     if run.taid is not None:
         run.taid.update(total)  # identical on every rank: `total` is the replicated global loss
     elapsed = time.perf_counter() - t0
-    return {"loss/total": total, "lr": lr, "grad_norm/body": body_norm, "grad_norm/head": head_norm,
-            "tokens_per_s": float(count) / elapsed, "agreement/top1": stats["agree"] / max(stats["tokens"], 1),
-            "method/t": run.taid.t if run.taid else None, "method/lam": overrides.get("lam"),
-            "memory/peak_gb": _peak_memory_gb()}
+    scalars = {"loss/total": total, "lr": lr, "grad_norm/body": body_norm, "grad_norm/head": head_norm,
+               "tokens_per_s": float(count) / elapsed, "agreement/top1": stats["agree"] / max(stats["tokens"], 1),
+               "method/t": run.taid.t if run.taid else None, "method/lam": overrides.get("lam"),
+               "memory/peak_gb": _peak_memory_gb()}
+    if info:
+        generated = "seconds" in info
+        scalars.update({
+            "rollout/source": rollout.SOURCES.index(info["source"]), "rollout/response_len": info["response_len"],
+            "rollout/generation_share": t_data / elapsed,
+            "rollout/train_tokens_per_s": float(count) / (elapsed - t_data),
+            "rollout/generated_tokens_per_s": info["tokens"] / info["seconds"] if generated else None,
+            "rollout/gather_once": float(info["mode"] == "once") if generated else None})
+    return scalars
 
 
 @torch.no_grad()
-def heldout_kl(run: Run) -> float:
-    """Token-mean KL(teacher || student) over the held-out blocks (each rank a share; the value is global)."""
-    heads, blocks = run.models.heads, run.eval_blocks
-    count = torch.tensor([float(blocks[:, 1:].numel())])
+def heldout_kl(run: Run, batch: data.Batch) -> float:
+    """Token-mean KL(teacher || student) over the loss tokens of this rank's share of a held-out set (the value is
+    global: every rank returns the same number)."""
+    heads = run.models.heads
+    count = torch.tensor([float(batch.loss_mask.sum())])
     distributed.all_reduce_sum(count, run.dist.group)
-    inputs = blocks[:, :-1]
-    attn = torch.ones_like(inputs)
+    inputs, attn = batch.tokens[:, :-1], batch.attention_mask[:, :-1]
     hs, ht = run.models.student_hidden(inputs, attn), run.models.teacher_hidden(inputs, attn)
     n = inputs.numel()
     kl = fused_linear_loss(losses.make_loss("fkl"), hs.reshape(n, -1), ht.reshape(n, -1), heads.student.detach(),
-                           heads.teacher, token_weight=torch.full((n,), 1.0 / float(count)),
+                           heads.teacher, token_weight=batch.loss_mask.reshape(n).float() / count.clamp(min=1.0),
                            group=run.dist.group, vocab_start=heads.start, chunk_size=run.cfg.loss.chunk_size)
     return float(kl)
 
 
+def evaluate_heldout(run: Run) -> dict:
+    """text: KL over the held-out blocks. chat: KL on the held-out responses (teacher-forced) and on the student's
+    own greedy answers to the held-out prompts (the divergence the on-policy job is meant to shrink)."""
+    if run.cfg.data.kind == "text":
+        return {"eval/kl": heldout_kl(run, data.text_batch(run.eval_data))}
+    pairs = run.eval_data
+    prompts = [p for p, _ in pairs]
+    out = {"eval/kl": heldout_kl(run, data.collate(prompts, [r for _, r in pairs], run.pad_id))}
+    answers, _ = rollout.generate(run.models, "student", prompts, rc=run.cfg.rollout, max_new=run.max_new_tokens(),
+                                  eos_id=run.tokenizer.eos_token_id, pad_id=run.pad_id, seed=0,
+                                  group=run.dist.group, temperature=0.0)
+    out["eval/kl_student_answers"] = heldout_kl(run, data.collate(prompts, answers, run.pad_id))
+    out["eval/answer_len"] = sum(len(a) for a in answers) / len(answers)
+    return out
+
+
 def _log_eval(run: Run) -> None:
-    value = heldout_kl(run)
-    run.metrics.log(run.step, {"eval/kl": value})
-    if run.dist.is_main:
+    values = evaluate_heldout(run)
+    run.metrics.log(run.step, values)
+    if run.dist.is_main:  # step, held-out KL[, KL on the student's own answers, their mean length]
         with open(os.path.join(run.cfg.run_dir, "eval.tsv"), "a") as f:
-            f.write(f"{run.step}\t{value!r}\n")
+            f.write("\t".join([str(run.step)] + [repr(v) for v in values.values()]) + "\n")
 
 
 def _peak_memory_gb() -> float:
@@ -205,6 +285,7 @@ def main(argv=None) -> int:
     if resume_from:
         state = checkpoint.load(resume_from, run.models, dist_ctx)
         run.batches.load_state_dict(state["data"])
+        run.replay.load_state_dict(state.get("replay") or {"items": []})
         if run.taid is not None:
             run.taid.load_state_dict(state["taid"])
         run.step = start = state["step"]
@@ -216,7 +297,7 @@ def main(argv=None) -> int:
     end = cfg.train.stop_after or cfg.train.steps
     preemption = Preemption()
     preempted = False
-    if run.eval_blocks is not None and run.step == 0:
+    if run.eval_data is not None and run.step == 0:
         _log_eval(run)
     while run.step < end:
         scalars = train_step(run)
@@ -228,7 +309,7 @@ def main(argv=None) -> int:
         if dist_ctx.is_main:  # one line per step in the run's log: what the tests and the tools read back
             with open(os.path.join(cfg.run_dir, "losses.tsv"), "a") as f:
                 f.write(f"{run.step}\t{scalars['loss/total']!r}\n")
-        if run.eval_blocks is not None and run.step % cfg.train.eval_every == 0:
+        if run.eval_data is not None and run.step % cfg.train.eval_every == 0:
             _log_eval(run)
         preempted = preemption.requested(dist_ctx.group)
         every = cfg.checkpoint.every

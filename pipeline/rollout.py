@@ -1,0 +1,263 @@
+"""On-policy generation for distillation: the student (or the teacher) writes responses to the step's prompts.
+
+Two ways to decode a sharded model, chosen per rollout by `rollout.gather`:
+- once: gather the full body (full_state_dict) and the full output layer once, build a plain local replica, and
+  decode with the KV cache and no collective at all, so ranks finish whenever their own sequences end. One
+  all-gather of the weights per rollout instead of one per generated token (TRL #3858: ~10 h for step 0 without it).
+- per_step: decode on the sharded model (ZeRO-3 / FSDP2 gather each layer per token) with the vocab-parallel
+  output layer. Every token is then a collective, so every rank keeps decoding (dummy steps once its own rows are
+  done) until all ranks are done: the stop is agreed with one all-reduce per token (DeepSpeed #8262 deadlocked
+  when ranks hit EOS at different steps).
+auto picks once when the full copy fits `gather_memory_fraction` of the free memory on every rank (agreed by a
+MIN all-reduce, so no rank goes its own way).
+
+Which data a step trains on (dataset responses, student or teacher generations, the replay buffer) comes from
+(seed, step) alone: identical on every rank by construction, never a per-rank coin.
+
+Shapes: B sequences, P prompt length (left-padded), L generated length, H hidden, V vocab, Vp local vocab shard.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+SOURCES = ("dataset", "student", "teacher", "replay")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sampling and the decode loop (pure, single rank)
+# --------------------------------------------------------------------------------------------------------------
+def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
+    """[B, V] logits -> [B] token ids. temperature 0 is greedy; top_p < 1 samples from the smallest set of tokens
+    whose probability reaches top_p (the most likely token is always kept)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p     # mass of the tokens ranked above each one
+        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: list, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Prompts of different lengths -> ids [B, P] and mask [B, P], padded on the left so every row's next token
+    is at the same column."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p):] = 1
+    return ids, mask
+
+
+def _all_ranks_done(done: Tensor, group) -> bool:
+    if group is None:
+        return bool(done.all())
+    flag = torch.tensor([0.0 if bool(done.all()) else 1.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return flag.item() == 0.0
+
+
+@torch.no_grad()
+def decode(forward_last, ids: Tensor, mask: Tensor, *, max_new: int, eos_id: int | None, pad_id: int,
+           temperature: float, top_p: float, generator=None, group=None) -> tuple[Tensor, Tensor]:
+    """Autoregressive decoding with a KV cache. forward_last(ids, mask, positions, cache) -> (logits [B, V] of the
+    last position, cache). Returns tokens [B, L] (pad after a row's EOS) and lengths [B] (up to and including EOS).
+
+    group=None: stop when this rank's rows are done (no collective inside forward_last). A group: forward_last
+    runs collectives, so keep stepping until every rank's rows are done (agreed each token) or max_new."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits, cache = forward_last(ids, mask, positions, None)
+    B = ids.shape[0]
+    done = torch.zeros(B, dtype=torch.bool)
+    lengths = torch.full((B,), max_new, dtype=torch.long)
+    out = []
+    for i in range(max_new):
+        nxt = sample_next(logits, temperature, top_p, generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        out.append(nxt)
+        if eos_id is not None:
+            ended = ~done & (nxt == eos_id)
+            lengths[ended] = i + 1
+            done |= ended
+        if i + 1 == max_new or _all_ranks_done(done, group):
+            break
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
+        positions = positions[:, -1:] + 1
+        logits, cache = forward_last(nxt[:, None], mask, positions, cache)
+    tokens = torch.stack(out, dim=1)
+    return tokens, torch.minimum(lengths, torch.tensor(tokens.shape[1]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the two ways to run a sharded model's forward for decoding
+# --------------------------------------------------------------------------------------------------------------
+def local_replica(body, head_weight: Tensor):
+    """A plain (unsharded) copy of `body` with the full output layer, for decoding with no collective. Parameters
+    are built on the meta device and then take the gathered tensors (no random init, no second copy)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from pipeline.checkpoint import output_prefix
+    from pipeline.parallelize import full_state_dict
+    state = full_state_dict(body)
+    with init_empty_weights(include_buffers=False):
+        replica = AutoModelForCausalLM.from_config(body.config)
+    head = torch.nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False, device="meta")
+    replica.set_output_embeddings(head)
+    dtype = next(iter(state.values())).dtype
+    state[output_prefix(replica) + "weight"] = head_weight.to(dtype)
+    missing, unexpected = replica.load_state_dict(state, strict=False, assign=True)
+    assert not missing and not unexpected, (missing, unexpected)
+    return replica.eval()
+
+
+def replica_forward(replica):
+    def forward_last(ids, mask, positions, cache):
+        out = replica(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                      use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float(), out.past_key_values
+    return forward_last
+
+
+def vocab_parallel_logits(h: Tensor, w_shard: Tensor, vocab_size: int, group) -> Tensor:
+    """This rank's rows h [B, H] (B equal on every rank) -> their full-vocabulary logits [B, V], from every rank's
+    rows of the output layer: all-gather the B hidden states, one local [world B, Vp] matmul, and an all-to-all
+    that hands each rank the columns of its own rows. Only the last position of each sequence is ever full-vocab."""
+    from pipeline.vocab_parallel import shard_range
+    world = dist.get_world_size(group)
+    B = h.shape[0]
+    per = -(-vocab_size // world)
+    hs = torch.empty(world * B, h.shape[1], dtype=h.dtype)
+    dist.all_gather_into_tensor(hs, h.contiguous(), group=group)
+    local = torch.full((world * B, per), float("-inf"))
+    local[:, : w_shard.shape[0]] = hs.float() @ w_shard.float().t()
+    received = torch.empty_like(local)
+    dist.all_to_all_single(received, local, group=group)  # block s: my rows x rank s's columns
+    cols = torch.cat([torch.arange(s * per, s * per + (e - b))
+                      for s, (b, e) in enumerate(shard_range(vocab_size, r, world) for r in range(world))])
+    return received.view(world, B, per).transpose(0, 1).reshape(B, world * per)[:, cols]
+
+
+def sharded_forward(body, w_shard: Tensor, vocab_size: int, group):
+    def forward_last(ids, mask, positions, cache):
+        out = body(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1)
+        h = out.logits[:, -1]  # the body's output layer is an Identity: these are hidden states [B, H]
+        return vocab_parallel_logits(h, w_shard, vocab_size, group), out.past_key_values
+    return forward_last
+
+
+def _free_bytes() -> float:
+    if torch.cuda.is_available():
+        return float(torch.cuda.mem_get_info()[0])
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    return 0.0
+
+
+def choose_gather(mode: str, body, vocab_size: int, fraction: float, group) -> str:
+    """once / per_step; auto asks whether a full copy fits on every rank (one MIN all-reduce: all agree)."""
+    if mode != "auto":
+        return mode
+    from pipeline.parallelize import full_numel
+    elem = next(body.parameters()).element_size()
+    hidden = body.config.get_text_config().hidden_size
+    need = (full_numel(body) + vocab_size * hidden) * elem
+    free = torch.tensor([_free_bytes()], dtype=torch.float64)
+    if group is not None:
+        dist.all_reduce(free, op=dist.ReduceOp.MIN, group=group)
+    return "once" if need <= fraction * float(free) else "per_step"
+
+
+def generate(models, who: str, prompts: list, *, rc, max_new: int, eos_id: int, pad_id: int, seed: int,
+             group, temperature: float | None = None) -> tuple[list, dict]:
+    """The completions (lists of token ids, EOS included when reached) of `who` ('student' or 'teacher') for this
+    rank's prompts, and timing stats. Collective: every rank of the group calls it for the same rollout, with its
+    own prompts (per_step mode pads to the same number of rows everywhere)."""
+    heads = models.heads
+    body = models.student if who == "student" else models.teacher
+    shard = heads.student if who == "student" else heads.teacher
+    temperature = rc.temperature if temperature is None else temperature
+    t0 = time.perf_counter()
+    mode = choose_gather(rc.gather, body, heads.vocab_size, rc.gather_memory_fraction, group) if group else "once"
+    was_training = body.training
+    body.eval()
+    generator = torch.Generator().manual_seed(seed)
+    n = len(prompts)
+    rows = prompts
+    if mode == "per_step":
+        # every rank runs the same forwards: pad to the largest row count (a rank may have none, at evaluation)
+        most = torch.tensor([n])
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
+        rows = prompts + [[eos_id]] * (int(most) - n)
+        forward_last = sharded_forward(body, shard.detach(), heads.vocab_size, group)
+    else:
+        forward_last = replica_forward(local_replica(body, heads.full_weight(shard)))
+    t_gather = time.perf_counter() - t0
+    tokens, lengths = (decode(forward_last, *left_pad(rows, pad_id), max_new=max_new, eos_id=eos_id, pad_id=pad_id,
+                              temperature=temperature, top_p=rc.top_p, generator=generator,
+                              group=group if mode == "per_step" else None)
+                       if rows else (torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
+    if mode == "per_step" and hasattr(body, "reshard"):
+        body.reshard()  # FSDP2 keeps the root's parameters gathered after a forward without backward
+    body.train(was_training)
+    out = [tokens[i, : lengths[i]].tolist() for i in range(n)]
+    elapsed = time.perf_counter() - t0
+    return out, {"mode": mode, "seconds": elapsed, "gather_seconds": t_gather,
+                 "tokens": int(lengths[:n].sum()) if n else 0}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# what a step trains on
+# --------------------------------------------------------------------------------------------------------------
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    return (seed * 1_000_003 + step * 7_919 + salt) % (2 ** 62)
+
+
+def choose_source(seed: int, step: int, student_fraction: float, teacher_fraction: float, replay_ratio: float,
+                  replay_ready: bool) -> str:
+    """dataset / student / teacher / replay for this step, from (seed, step) only: the same on every rank.
+    `replay_ready` (the buffer holds a step's worth) is the same on every rank too, since every rank pushes the
+    same number of generations."""
+    g = torch.Generator().manual_seed(step_seed(seed, step))
+    u, v = torch.rand(2, generator=g).tolist()
+    if u < student_fraction:
+        return "replay" if replay_ready and v < replay_ratio else "student"
+    if u < student_fraction + teacher_fraction:
+        return "teacher"
+    return "dataset"
+
+
+class ReplayBuffer:
+    """This rank's most recent student generations (prompt, completion), reused for later steps (DistiLLM's
+    replay buffer: fewer generations for the same number of on-policy-like steps)."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.items = capacity, []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def push(self, pairs: list) -> None:
+        self.items.extend(pairs)
+        del self.items[: max(len(self.items) - self.capacity, 0)]
+
+    def sample(self, n: int, generator: torch.Generator) -> list:
+        """n distinct items, uniformly."""
+        idx = torch.randperm(len(self.items), generator=generator)[:n].tolist()
+        return [self.items[i] for i in idx]
+
+    def state_dict(self) -> dict:
+        return {"items": list(self.items)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.items = list(state["items"])
