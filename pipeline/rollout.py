@@ -198,7 +198,7 @@ def generate(models, who: str, prompts: list, *, rc, max_new: int, eos_id: int, 
         # every rank runs the same forwards: pad to the largest row count (a rank may have none, at evaluation)
         most = torch.tensor([n])
         dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
-        rows = prompts + [[eos_id]] * (int(most) - n)
+        rows = prompts + [[pad_id]] * (int(most) - n)
         forward_last = sharded_forward(body, shard.detach(), heads.vocab_size, group)
     else:
         forward_last = replica_forward(local_replica(body, heads.full_weight(shard)))
@@ -212,8 +212,8 @@ def generate(models, who: str, prompts: list, *, rc, max_new: int, eos_id: int, 
     body.train(was_training)
     out = [tokens[i, : lengths[i]].tolist() for i in range(n)]
     elapsed = time.perf_counter() - t0
-    return out, {"mode": mode, "seconds": elapsed, "gather_seconds": t_gather,
-                 "tokens": int(lengths[:n].sum()) if n else 0}
+    return out, {"mode": mode, "seconds": elapsed, "gather_seconds": t_gather, "decode_steps": tokens.shape[1],
+                 "lengths": lengths[:n].tolist(), "tokens": int(lengths[:n].sum()) if n else 0}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -170,6 +170,7 @@ def train_step(run: Run) -> dict:
                "method/t": run.taid.t if run.taid else None, "method/lam": overrides.get("lam"),
                "memory/peak_gb": _peak_memory_gb()}
     if info:
+        _log_rollout(run, info, int(count))
         generated = "seconds" in info
         scalars.update({
             "rollout/source": rollout.SOURCES.index(info["source"]), "rollout/response_len": info["response_len"],
@@ -178,6 +179,16 @@ def train_step(run: Run) -> dict:
             "rollout/generated_tokens_per_s": info["tokens"] / info["seconds"] if generated else None,
             "rollout/gather_once": float(info["mode"] == "once") if generated else None})
     return scalars
+
+
+def _log_rollout(run: Run, info: dict, loss_tokens: int) -> None:
+    """run_dir/rollouts_rank{r}.jsonl: per step, where this rank's data came from and, for generations, how long
+    each was and how the rollout ran (the global loss-token count is the same line on every rank)."""
+    import json
+    keep = ("source", "mode", "lengths", "decode_steps", "seconds", "gather_seconds")
+    line = {"step": run.step, "loss_tokens": loss_tokens, **{k: info[k] for k in keep if k in info}}
+    with open(os.path.join(run.cfg.run_dir, f"rollouts_rank{run.dist.rank}.jsonl"), "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 @torch.no_grad()
