@@ -9,7 +9,7 @@ PYTHON ?= python3
 BVENV  := .venv-bench
 BPY    := $(BVENV)/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-rollout clean
 
 # DS_BUILD_OPS=0: DeepSpeed ships as an sdist; build no ops now (they JIT-compile on first use, cached).
 $(STAMP): pyproject.toml Makefile
@@ -35,6 +35,10 @@ test: setup
 
 bench: $(BVENV)/.installed
 	$(BPY) bench/loss_bench.py
+
+# generation under ZeRO-3: plain generate() vs our rollout (needs only the main environment)
+bench-rollout: setup
+	$(PY) bench/rollout_bench.py
 
 clean:
 	rm -rf $(VENV) $(BVENV) .pytest_cache .hypothesis

@@ -134,8 +134,9 @@ def vocab_parallel_logits(h: Tensor, w_shard: Tensor, vocab_size: int, group) ->
     world = dist.get_world_size(group)
     B = h.shape[0]
     per = -(-vocab_size // world)
-    hs = torch.empty(world * B, h.shape[1], dtype=h.dtype)
-    dist.all_gather_into_tensor(hs, h.contiguous(), group=group)
+    parts = [torch.empty_like(h) for _ in range(world)]
+    dist.all_gather(parts, h.contiguous(), group=group)
+    hs = torch.cat(parts)
     local = torch.full((world * B, per), float("-inf"))
     local[:, : w_shard.shape[0]] = hs.float() @ w_shard.float().t()
     received = torch.empty_like(local)
