@@ -169,7 +169,7 @@ def check_agreement(args):
     for name, v in vals.items():
         if abs(v - ref) > 1e-4 * abs(ref):
             raise SystemExit(f"{name} loss {v} disagrees with the naive loss {ref}: not the same objective")
-    print(f"# agreement at N=64, V=4096: " + ", ".join(f"{k}={v:.6f}" for k, v in vals.items()))
+    print("# agreement at N=64, V=4096: " + ", ".join(f"{k}={v:.6f}" for k, v in vals.items()))
     return set(vals)
 
 
@@ -248,7 +248,6 @@ def _worker(rank, world, args, out):
 def main_world(args):
     """Per-rank memory of the vocab-parallel loss with the vocabulary split over `world` gloo processes, next to
     the same loss in one process."""
-    import datetime
     import torch.multiprocessing as mp
     from tests.dist_utils import free_port  # noqa: the launcher helper is shared with the tests
     torch.set_num_threads(args.threads)

@@ -60,7 +60,7 @@ def left_pad(prompts: list, pad_id: int) -> tuple[Tensor, Tensor]:
 def _all_ranks_done(done: Tensor, group) -> bool:
     if group is None:
         return bool(done.all())
-    flag = torch.tensor([0.0 if bool(done.all()) else 1.0])
+    flag = torch.tensor([0.0 if bool(done.all()) else 1.0], device=done.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return flag.item() == 0.0
 
@@ -75,9 +75,9 @@ def decode(forward_last, ids: Tensor, mask: Tensor, *, max_new: int, eos_id: int
     runs collectives, so keep stepping until every rank's rows are done (agreed each token) or max_new."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits, cache = forward_last(ids, mask, positions, None)
-    B = ids.shape[0]
-    done = torch.zeros(B, dtype=torch.bool)
-    lengths = torch.full((B,), max_new, dtype=torch.long)
+    B, device = ids.shape[0], ids.device
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.full((B,), max_new, dtype=torch.long, device=device)
     out = []
     for i in range(max_new):
         nxt = sample_next(logits, temperature, top_p, generator)
@@ -89,11 +89,11 @@ def decode(forward_last, ids: Tensor, mask: Tensor, *, max_new: int, eos_id: int
             done |= ended
         if i + 1 == max_new or _all_ranks_done(done, group):
             break
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
         positions = positions[:, -1:] + 1
         logits, cache = forward_last(nxt[:, None], mask, positions, cache)
     tokens = torch.stack(out, dim=1)
-    return tokens, torch.minimum(lengths, torch.tensor(tokens.shape[1]))
+    return tokens, lengths.clamp(max=tokens.shape[1])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -137,11 +137,11 @@ def vocab_parallel_logits(h: Tensor, w_shard: Tensor, vocab_size: int, group) ->
     parts = [torch.empty_like(h) for _ in range(world)]
     dist.all_gather(parts, h.contiguous(), group=group)
     hs = torch.cat(parts)
-    local = torch.full((world * B, per), float("-inf"))
+    local = torch.full((world * B, per), float("-inf"), device=h.device)
     local[:, : w_shard.shape[0]] = hs.float() @ w_shard.float().t()
     received = torch.empty_like(local)
     dist.all_to_all_single(received, local, group=group)  # block s: my rows x rank s's columns
-    cols = torch.cat([torch.arange(s * per, s * per + (e - b))
+    cols = torch.cat([torch.arange(s * per, s * per + (e - b), device=h.device)
                       for s, (b, e) in enumerate(shard_range(vocab_size, r, world) for r in range(world))])
     return received.view(world, B, per).transpose(0, 1).reshape(B, world * per)[:, cols]
 
@@ -173,7 +173,7 @@ def choose_gather(mode: str, body, vocab_size: int, fraction: float, group) -> s
     elem = next(body.parameters()).element_size()
     hidden = body.config.get_text_config().hidden_size
     need = (full_numel(body) + vocab_size * hidden) * elem
-    free = torch.tensor([_free_bytes()], dtype=torch.float64)
+    free = torch.tensor([_free_bytes()], dtype=torch.float64, device=next(body.parameters()).device)
     if group is not None:
         dist.all_reduce(free, op=dist.ReduceOp.MIN, group=group)
     return "once" if need <= fraction * float(free) else "per_step"
@@ -189,22 +189,25 @@ def generate(models, who: str, prompts: list, *, rc, max_new: int, eos_id: int, 
     shard = heads.student if who == "student" else heads.teacher
     temperature = rc.temperature if temperature is None else temperature
     t0 = time.perf_counter()
-    mode = choose_gather(rc.gather, body, heads.vocab_size, rc.gather_memory_fraction, group) if group else "once"
+    mode = choose_gather(rc.gather, body, heads.vocab_size, rc.gather_memory_fraction, group) \
+        if group is not None else "once"
+    device = next(body.parameters()).device
     was_training = body.training
     body.eval()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     n = len(prompts)
     rows = prompts
     if mode == "per_step":
         # every rank runs the same forwards: pad to the largest row count (a rank may have none, at evaluation)
-        most = torch.tensor([n])
+        most = torch.tensor([n], device=device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
         rows = prompts + [[pad_id]] * (int(most) - n)
         forward_last = sharded_forward(body, shard.detach(), heads.vocab_size, group)
     else:
         forward_last = replica_forward(local_replica(body, heads.full_weight(shard)))
     t_gather = time.perf_counter() - t0
-    tokens, lengths = (decode(forward_last, *left_pad(rows, pad_id), max_new=max_new, eos_id=eos_id, pad_id=pad_id,
+    ids, mask = (t.to(device) for t in left_pad(rows, pad_id)) if rows else (None, None)
+    tokens, lengths = (decode(forward_last, ids, mask, max_new=max_new, eos_id=eos_id, pad_id=pad_id,
                               temperature=temperature, top_p=rc.top_p, generator=generator,
                               group=group if mode == "per_step" else None)
                        if rows else (torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
