@@ -38,7 +38,7 @@ bench: $(BVENV)/.installed
 
 # generation under ZeRO-3: plain generate() vs our rollout (needs only the main environment)
 bench-rollout: setup
-	$(PY) bench/rollout_bench.py
+	$(PY) bench/rollout_bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(BVENV) .pytest_cache .hypothesis
