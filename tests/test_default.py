@@ -95,3 +95,25 @@ def test_compare_two_methods_two_seeds(tmp_path):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     curve = (out / "fkl" / "seed0" / "eval.tsv").read_text().splitlines()
     assert [int(line.split("\t")[0]) for line in curve] == [0, 1, 2, 3]
+
+
+def test_real_chat_template_split_and_rollout_equal_hf_generate(smollm2):
+    """SmolLM2's own chat template through the instruction-data path, and the real model's greedy rollout through
+    pipeline.rollout (output layer detached, gathered into a replica) = HF generate, stopping at its EOS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from pipeline import config as C, data, models, rollout
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    d = C.DataConfig(kind="chat", files=["unused.jsonl"], seq_len=256, max_prompt_len=128)
+    row = {"prompt": "What is the capital of France?", "response": "Paris."}
+    prompt, response = data.tokenize_example(row, tok, d, "pairs")
+    assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
+    assert tok.decode(response).startswith("Paris.<|im_end|>")
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(prompt):].tolist()
+    replica = rollout.local_replica(model, models.detach_head(model))
+    tokens, lengths = rollout.decode(rollout.replica_forward(replica), ids, torch.ones_like(ids), max_new=24,
+                                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.0, top_p=1.0)
+    assert tokens[0, : lengths[0]].tolist() == want
+    assert "Paris" in tok.decode(want)
