@@ -69,30 +69,35 @@ def pack_blocks(docs, tokenizer, text_field: str, seq_len: int) -> Tensor:
 
 
 class PackedBatches:
-    """This rank's micro-batches [B, seq_len] from in-memory blocks; resumable via state_dict()."""
+    """This rank's micro-batches from in-memory rows: blocks [n, seq_len] (a tensor: returns [B, seq_len]) or
+    instruction examples (a list: returns B of them); a seeded permutation per epoch; resumable via state_dict()."""
 
-    def __init__(self, blocks: Tensor, micro_batch: int, rank: int, world: int, seed: int):
+    def __init__(self, blocks, micro_batch: int, rank: int, world: int, seed: int):
         per_global = micro_batch * world
-        if blocks.shape[0] < per_global:
-            raise ValueError(f"the data holds {blocks.shape[0]} blocks of data.seq_len tokens but one global "
-                             f"micro-batch needs {per_global} (train.micro_batch_size x world size): add data or "
-                             f"shorten data.seq_len")
+        if len(blocks) < per_global:
+            if isinstance(blocks, Tensor):
+                raise ValueError(f"the data holds {len(blocks)} blocks of data.seq_len tokens but one global "
+                                 f"micro-batch needs {per_global} (train.micro_batch_size x world size): add data or "
+                                 f"shorten data.seq_len")
+            raise ValueError(f"the instruction data holds {len(blocks)} usable examples but one step needs "
+                             f"{per_global} (train.micro_batch_size x grad_accum x world size): add data")
         self.blocks, self.B, self.rank, self.world, self.seed = blocks, micro_batch, rank, world, seed
-        self.per_epoch = blocks.shape[0] // per_global
+        self.per_epoch = len(blocks) // per_global
         self.epoch, self.index = 0, 0
         self._perm = self._permutation(0)
 
     def _permutation(self, epoch: int) -> Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.blocks.shape[0], generator=g)
+        return torch.randperm(len(self.blocks), generator=g)
 
-    def next(self) -> Tensor:
+    def next(self):
         if self.index == self.per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
             self._perm = self._permutation(self.epoch)
         start = (self.index * self.world + self.rank) * self.B
         self.index += 1
-        return self.blocks[self._perm[start:start + self.B]]
+        rows = self._perm[start:start + self.B]
+        return self.blocks[rows] if isinstance(self.blocks, Tensor) else [self.blocks[i] for i in rows.tolist()]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -213,40 +218,11 @@ def load_examples(d: DataConfig, tokenizer, files: list | None = None) -> list[t
     return [(p, r) for p, r in out if p and r]
 
 
-class InstructBatches:
-    """This rank's examples, n at a time, from a seeded per-epoch permutation (global batch = n x world
-    consecutive indices, rank r the r-th slice); resumable via state_dict()."""
-
-    def __init__(self, examples: list, n: int, rank: int, world: int, seed: int):
-        if len(examples) < n * world:
-            raise ValueError(f"the instruction data holds {len(examples)} usable examples but one step needs "
-                             f"{n * world} (train.micro_batch_size x grad_accum x world size)")
-        self.examples, self.n, self.rank, self.world, self.seed = examples, n, rank, world, seed
-        self.per_epoch = len(examples) // (n * world)
-        self.epoch, self.index = 0, 0
-        self._perm = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.examples), generator=g)
-
-    def next(self) -> list[tuple[list, list]]:
-        if self.index == self.per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-            self._perm = self._permutation(self.epoch)
-        start = (self.index * self.world + self.rank) * self.n
-        self.index += 1
-        return [self.examples[i] for i in self._perm[start:start + self.n].tolist()]
-
-    state_dict = PackedBatches.state_dict
-    load_state_dict = PackedBatches.load_state_dict
-
-
 def make_batches(cfg, tokenizer, rank: int, world: int):
     d = cfg.data
     if d.kind == "chat":
         per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
-        return InstructBatches(load_examples(d, tokenizer), per_step, rank, world, d.shuffle_seed)
+        return PackedBatches(load_examples(d, tokenizer), per_step, rank, world, d.shuffle_seed)
     docs = load_documents(d)
     if d.streaming:
         return StreamingBatches(docs, tokenizer, d.text_field, d.seq_len, cfg.train.micro_batch_size, rank, world)

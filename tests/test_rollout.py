@@ -174,12 +174,12 @@ def test_bad_chat_rows_are_refused_with_what_to_fix(tmp_path):
 
 def test_instruction_batches_partition_like_one_rank_and_resume():
     examples = [([i], [i + 1000]) for i in range(40)]
-    one = data.InstructBatches(examples, 6, 0, 1, seed=3)
-    two = [data.InstructBatches(examples, 3, r, 2, seed=3) for r in range(2)]
+    one = data.PackedBatches(examples, 6, 0, 1, seed=3)
+    two = [data.PackedBatches(examples, 3, r, 2, seed=3) for r in range(2)]
     for _ in range(9):  # over two epochs
         assert one.next() == two[0].next() + two[1].next()
     state = two[1].state_dict()
-    again = data.InstructBatches(examples, 3, 1, 2, seed=3)
+    again = data.PackedBatches(examples, 3, 1, 2, seed=3)
     again.load_state_dict(state)
     assert again.next() == two[1].next()
 
