@@ -186,6 +186,20 @@ class RolloutConfig:
     step's worth)."""
     seed: int | None = None
     """Seed of the source choice and of sampling (default: train.seed)."""
+    schedule: str = "fixed"
+    """fixed: the fractions above; adaptive: DistiLLM's adaptive off-policy scheduler (AMiD's official setting): the
+    on-policy share starts at adaptive_init and rises by adaptive_step whenever the held-out cross-entropy on dataset
+    responses (every train.eval_every steps) has risen by adaptive_eps since the last rise; on-policy steps generate
+    while the replay buffer fills, then mostly replay (replay_schedule)."""
+    adaptive_init: float = 0.0
+    """adaptive: the on-policy share at step 0 (DistiLLM: 0, i.e. off-policy until the first rise)."""
+    adaptive_step: float = 0.1
+    """adaptive: how much the on-policy share rises each time."""
+    adaptive_eps: float = 0.1
+    """adaptive: the held-out cross-entropy rise that triggers it."""
+    replay_schedule: str = "decreasing"
+    """adaptive: the share of on-policy steps that generate fresh samples once the buffer is full: decreasing (all
+    of them at step 0, none at the end), constant (half) or increasing."""
 
 
 @dataclass
@@ -441,6 +455,27 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if not 0.0 < r.gather_memory_fraction <= 1.0:
         raise ValueError(f"rollout.gather_memory_fraction must be in (0, 1], got {r.gather_memory_fraction}")
     _positive("rollout.replay_capacity", r.replay_capacity, allow_zero=True)
+    if r.schedule not in ("fixed", "adaptive"):
+        raise ValueError(f"rollout.schedule must be fixed or adaptive, got {r.schedule!r}")
+    if r.schedule == "adaptive":
+        if d.kind != "chat":
+            raise ValueError("rollout.schedule adaptive schedules student generations: set data.kind to chat")
+        if r.student_fraction or r.teacher_fraction or r.replay_ratio:
+            raise ValueError("rollout.schedule adaptive sets the on-policy and replay shares itself: leave "
+                             "rollout.student_fraction, teacher_fraction and replay_ratio at 0")
+        if not (d.eval_files and tr.eval_every):
+            raise ValueError("rollout.schedule adaptive follows the held-out cross-entropy: set data.eval_files and "
+                             "train.eval_every")
+        if r.replay_capacity < tr.micro_batch_size * tr.grad_accum:
+            raise ValueError(f"rollout.schedule adaptive needs rollout.replay_capacity >= one step's generations per "
+                             f"rank ({tr.micro_batch_size * tr.grad_accum}), got {r.replay_capacity}")
+        for name in ("adaptive_init", "adaptive_step"):
+            if not 0.0 <= getattr(r, name) <= 1.0:
+                raise ValueError(f"rollout.{name} must be in [0, 1], got {getattr(r, name)}")
+        _positive("rollout.adaptive_eps", r.adaptive_eps, allow_zero=True)
+        if r.replay_schedule not in ("decreasing", "constant", "increasing"):
+            raise ValueError(f"rollout.replay_schedule must be decreasing, constant or increasing, got "
+                             f"{r.replay_schedule!r}")
     if r.replay_ratio > 0:
         need = tr.micro_batch_size * tr.grad_accum
         if r.replay_capacity < need:

@@ -1,9 +1,9 @@
 """HF `datasets` -> packed token streams (pretraining-style distillation) or prompt/response pairs (instruction
 tuning, data.kind = chat).
 
-Packed text: documents are tokenised with the shared tokenizer, joined with EOS, and cut into blocks of seq_len tokens. A global
-micro-batch is micro_batch_size x world consecutive blocks of a seeded per-epoch permutation; rank r takes its
-rows [r B, (r+1) B). So a run on P ranks with micro-batch B sees exactly the data of one rank with micro-batch P B,
+Packed text: documents are tokenised with the shared tokenizer, joined with EOS, and cut into blocks of seq_len
+tokens. A global micro-batch is micro_batch_size x world consecutive blocks of a seeded per-epoch permutation; rank r
+takes its rows [r B, (r+1) B). So a run on P ranks with micro-batch B sees exactly the data of one rank with micro-batch P B,
 and the position (epoch, index) is all a checkpoint needs to resume the stream exactly.
 
 Instruction data: one example per row, either `prompt`/`response` columns or chat `messages` ([{role, content}],

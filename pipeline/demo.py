@@ -74,7 +74,8 @@ def chat_files(out_dir: str, rows: list[dict]) -> tuple[str, str]:
     """(training, held-out) prompt/response jsonl for the on-policy job: the same prompt split as the text job."""
     os.makedirs(out_dir, exist_ok=True)
     out = []
-    for name, part in (("train_chat.jsonl", rows[:-HELD_OUT_PROMPTS]), ("heldout_chat.jsonl", rows[-HELD_OUT_PROMPTS:])):
+    split = (("train_chat.jsonl", rows[:-HELD_OUT_PROMPTS]), ("heldout_chat.jsonl", rows[-HELD_OUT_PROMPTS:]))
+    for name, part in split:
         out.append(os.path.join(out_dir, name))
         with open(out[-1], "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in part)

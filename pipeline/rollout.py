@@ -227,18 +227,57 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + step * 7_919 + salt) % (2 ** 62)
 
 
+def _shared_uniforms(seed: int, step: int) -> list[float]:
+    return torch.rand(2, generator=torch.Generator().manual_seed(step_seed(seed, step))).tolist()
+
+
 def choose_source(seed: int, step: int, student_fraction: float, teacher_fraction: float, replay_ratio: float,
                   replay_ready: bool) -> str:
     """dataset / student / teacher / replay for this step, from (seed, step) only: the same on every rank.
     `replay_ready` (the buffer holds a step's worth) is the same on every rank too, since every rank pushes the
     same number of generations."""
-    g = torch.Generator().manual_seed(step_seed(seed, step))
-    u, v = torch.rand(2, generator=g).tolist()
+    u, v = _shared_uniforms(seed, step)
     if u < student_fraction:
         return "replay" if replay_ready and v < replay_ratio else "student"
     if u < student_fraction + teacher_fraction:
         return "teacher"
     return "dataset"
+
+
+class AdaptiveSchedule:
+    """DistiLLM's adaptive off-policy scheduler (AMiD's official runs use it). A threshold (the on-policy share)
+    rises by `step_size` whenever the held-out loss has risen by `eps` over the reference (the loss at the last
+    rise, or before training); each step draws u from (seed, step): u < fresh share (or u < threshold while the
+    buffer is not full) generates, u < threshold replays, otherwise the dataset's responses. Its state is the same
+    on every rank (the held-out loss is global) and goes into checkpoints."""
+
+    def __init__(self, init: float, step_size: float, eps: float, replay_schedule: str):
+        self.threshold, self.step_size, self.eps, self.replay_schedule = init, step_size, eps, replay_schedule
+        self.reference: float | None = None
+
+    def fresh_share(self, step: int, total: int) -> float:
+        progress = step / max(total, 1)
+        factor = {"decreasing": 1.0 - progress, "constant": 0.5, "increasing": progress}[self.replay_schedule]
+        return self.threshold * factor
+
+    def choose(self, seed: int, step: int, total: int, buffer_full: bool) -> str:
+        u, _ = _shared_uniforms(seed, step)
+        if u < self.fresh_share(step, total) or (u < self.threshold and not buffer_full):
+            return "student"
+        return "replay" if u < self.threshold else "dataset"
+
+    def update(self, heldout_loss: float) -> None:
+        if self.reference is None:
+            self.reference = heldout_loss
+        elif heldout_loss >= self.reference + self.eps:
+            self.threshold = min(1.0, self.threshold + self.step_size)
+            self.reference = heldout_loss
+
+    def state_dict(self) -> dict:
+        return {"threshold": self.threshold, "reference": self.reference}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.threshold, self.reference = state["threshold"], state["reference"]
 
 
 class ReplayBuffer:

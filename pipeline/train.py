@@ -58,6 +58,9 @@ class Run:
             else self.tokenizer.eos_token_id
         self.rollout_seed = cfg.train.seed if cfg.rollout.seed is None else cfg.rollout.seed
         self.replay = rollout.ReplayBuffer(cfg.rollout.replay_capacity)
+        r = cfg.rollout
+        self.schedule = (rollout.AdaptiveSchedule(r.adaptive_init, r.adaptive_step, r.adaptive_eps, r.replay_schedule)
+                         if r.schedule == "adaptive" else None)
         self.metrics = Metrics(os.path.join(cfg.run_dir, "tb"), dist_ctx.is_main and cfg.logging.tensorboard)
         self.eval_data = None  # this rank's held-out blocks [n, seq_len] (text) or (prompt, response) pairs (chat)
         if cfg.data.eval_files and cfg.train.eval_every:
@@ -74,7 +77,7 @@ class Run:
 
     def extra_state(self) -> dict:
         return {"data": self.batches.state_dict(), "taid": self.taid.state_dict() if self.taid else None,
-                "replay": self.replay.state_dict()}
+                "replay": self.replay.state_dict(), "schedule": self.schedule.state_dict() if self.schedule else None}
 
     def max_new_tokens(self) -> int:
         d = self.cfg.data
@@ -104,8 +107,11 @@ def step_batches(run: Run) -> tuple[list, dict]:
         return [data.text_batch(run.batches.next()) for _ in range(cfg.train.grad_accum)], {}
     r = cfg.rollout
     examples = run.batches.next()
-    source = rollout.choose_source(run.rollout_seed, run.step, r.student_fraction, r.teacher_fraction,
-                                   r.replay_ratio, len(run.replay) >= len(examples))
+    if run.schedule is not None:
+        source = run.schedule.choose(run.rollout_seed, run.step, cfg.train.steps, len(run.replay) >= r.replay_capacity)
+    else:
+        source = rollout.choose_source(run.rollout_seed, run.step, r.student_fraction, r.teacher_fraction,
+                                       r.replay_ratio, len(run.replay) >= len(examples))
     info = {"source": source}
     if source == "dataset":
         pairs = examples
@@ -177,7 +183,8 @@ def train_step(run: Run) -> dict:
             "rollout/generation_share": t_data / elapsed,
             "rollout/train_tokens_per_s": float(count) / (elapsed - t_data),
             "rollout/generated_tokens_per_s": info["tokens"] / info["seconds"] if generated else None,
-            "rollout/gather_once": float(info["mode"] == "once") if generated else None})
+            "rollout/gather_once": float(info["mode"] == "once") if generated else None,
+            "rollout/adaptive_threshold": run.schedule.threshold if run.schedule else None})
     return scalars
 
 
@@ -192,41 +199,50 @@ def _log_rollout(run: Run, info: dict, loss_tokens: int) -> None:
 
 
 @torch.no_grad()
-def heldout_kl(run: Run, batch: data.Batch) -> float:
-    """Token-mean KL(teacher || student) over the loss tokens of this rank's share of a held-out set (the value is
-    global: every rank returns the same number)."""
+def heldout_kl(run: Run, batch: data.Batch, with_ce: bool = False):
+    """Token-mean KL(teacher || student) over the loss tokens of this rank's share of a held-out set (global: every
+    rank returns the same number); with_ce: (KL, the student's cross-entropy on the batch's tokens)."""
     heads = run.models.heads
     count = torch.tensor([float(batch.loss_mask.sum())])
     distributed.all_reduce_sum(count, run.dist.group)
     inputs, attn = batch.tokens[:, :-1], batch.attention_mask[:, :-1]
     hs, ht = run.models.student_hidden(inputs, attn), run.models.teacher_hidden(inputs, attn)
     n = inputs.numel()
-    kl = fused_linear_loss(losses.make_loss("fkl"), hs.reshape(n, -1), ht.reshape(n, -1), heads.student.detach(),
-                           heads.teacher, token_weight=batch.loss_mask.reshape(n).float() / count.clamp(min=1.0),
-                           group=run.dist.group, vocab_start=heads.start, chunk_size=run.cfg.loss.chunk_size)
-    return float(kl)
+    args = (losses.make_loss("fkl"), hs.reshape(n, -1), ht.reshape(n, -1), heads.student.detach(), heads.teacher)
+    kw = dict(token_weight=batch.loss_mask.reshape(n).float() / count.clamp(min=1.0),
+              targets=batch.tokens[:, 1:].reshape(n), group=run.dist.group, vocab_start=heads.start,
+              chunk_size=run.cfg.loss.chunk_size)
+    kl = float(fused_linear_loss(*args, **kw))
+    if not with_ce:
+        return kl
+    return kl, float(fused_linear_loss(*args, ce_weight=1.0, **kw)) - kl
 
 
 def evaluate_heldout(run: Run) -> dict:
-    """text: KL over the held-out blocks. chat: KL on the held-out responses (teacher-forced) and on the student's
-    own greedy answers to the held-out prompts (the divergence the on-policy job is meant to shrink)."""
+    """text: KL over the held-out blocks. chat: KL and the student's cross-entropy on the held-out responses
+    (teacher-forced), and KL on the student's own greedy answers to the held-out prompts (the divergence the
+    on-policy job is meant to shrink)."""
     if run.cfg.data.kind == "text":
         return {"eval/kl": heldout_kl(run, data.text_batch(run.eval_data))}
     pairs = run.eval_data
     prompts = [p for p, _ in pairs]
-    out = {"eval/kl": heldout_kl(run, data.collate(prompts, [r for _, r in pairs], run.pad_id))}
+    kl, ce = heldout_kl(run, data.collate(prompts, [r for _, r in pairs], run.pad_id), with_ce=True)
+    out = {"eval/kl": kl}
     answers, _ = rollout.generate(run.models, "student", prompts, rc=run.cfg.rollout, max_new=run.max_new_tokens(),
                                   eos_id=run.tokenizer.eos_token_id, pad_id=run.pad_id, seed=0,
                                   group=run.dist.group, temperature=0.0)
     out["eval/kl_student_answers"] = heldout_kl(run, data.collate(prompts, answers, run.pad_id))
     out["eval/answer_len"] = sum(len(a) for a in answers) / len(answers)
+    out["eval/ce"] = ce
     return out
 
 
 def _log_eval(run: Run) -> None:
     values = evaluate_heldout(run)
+    if run.schedule is not None:  # DistiLLM's statistic: the student's held-out cross-entropy on dataset responses
+        run.schedule.update(values["eval/ce"])
     run.metrics.log(run.step, values)
-    if run.dist.is_main:  # step, held-out KL[, KL on the student's own answers, their mean length]
+    if run.dist.is_main:  # step, held-out KL[, KL on the student's own answers, their mean length, held-out CE]
         with open(os.path.join(run.cfg.run_dir, "eval.tsv"), "a") as f:
             f.write("\t".join([str(run.step)] + [repr(v) for v in values.values()]) + "\n")
 
@@ -297,6 +313,8 @@ def main(argv=None) -> int:
         state = checkpoint.load(resume_from, run.models, dist_ctx)
         run.batches.load_state_dict(state["data"])
         run.replay.load_state_dict(state.get("replay") or {"items": []})
+        if run.schedule is not None:
+            run.schedule.load_state_dict(state["schedule"])
         if run.taid is not None:
             run.taid.load_state_dict(state["taid"])
         run.step = start = state["step"]

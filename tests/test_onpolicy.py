@@ -118,3 +118,30 @@ def test_the_debug_onpolicy_config_learns_on_heldout_prompts(tmp_path):
     assert kl_data[-1] < 0.7 * kl_data[0], kl_data
     sources = {json.loads(x)["source"] for x in (tmp_path / "rollouts_rank0.jsonl").read_text().splitlines()}
     assert sources == {"student", "dataset"}
+
+
+ADAPTIVE = ["--train.steps=8", "--train.micro_batch_size=2", "--train.grad_accum=2", "--train.eval_every=2",
+            "--data.eval_blocks=4", "--rollout.student_fraction=0", "--rollout.schedule=adaptive",
+            "--rollout.adaptive_init=0.6", "--rollout.adaptive_eps=0.0", "--rollout.replay_capacity=8",
+            "--rollout.max_new_tokens=16", "--checkpoint.every=4", "--logging.progress=false",
+            "--checkpoint.export=false"]
+
+
+def test_adaptive_schedule_runs_in_step_and_resumes_exactly(tmp_path):
+    """DistiLLM's scheduler under ZeRO-3: the same choice on both ranks, generation until the buffer is full before
+    any replay, the held-out CE logged for it, and a resumed run equal to an uninterrupted one (its state is in the
+    checkpoint)."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    launch(full, "deepspeed", *ADAPTIVE)
+    r0, r1 = rollouts(full, 0), rollouts(full, 1)
+    sources = [r0[s]["source"] for s in range(1, 9)]
+    assert sources == [r1[s]["source"] for s in range(1, 9)]
+    assert set(sources) <= {"student", "replay", "dataset"} and "student" in sources
+    if "replay" in sources:  # 8 slots, 4 generations per rank and step: two generating steps come first
+        assert sources[: sources.index("replay")].count("student") >= 2
+    rows = [line.split("\t") for line in (full / "eval.tsv").read_text().splitlines()]
+    assert [int(r[0]) for r in rows] == [0, 2, 4, 6, 8] and all(float(r[4]) > 0 for r in rows)  # held-out CE
+    launch(split, "deepspeed", *ADAPTIVE, "--train.stop_after=4")
+    launch(split, "deepspeed", *ADAPTIVE)
+    assert losses(split) == losses(full)
+    assert [rollouts(split, 0)[s]["source"] for s in range(1, 9)] == sources

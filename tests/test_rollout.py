@@ -201,6 +201,34 @@ def test_source_choice_depends_on_seed_and_step_only_and_follows_the_fractions()
     assert set(rollout.choose_source(7, s, 0.0, 0.0, 0.0, False) for s in range(200)) == {"dataset"}
 
 
+def test_adaptive_schedule_rises_only_on_a_heldout_rise_and_splits_steps_as_distillm():
+    sched = rollout.AdaptiveSchedule(init=0.0, step_size=0.1, eps=0.1, replay_schedule="decreasing")
+    assert {sched.choose(3, s, 100, False) for s in range(100)} == {"dataset"}  # off-policy until the first rise
+    for loss, want in [(2.0, 0.0), (1.5, 0.0), (2.05, 0.0), (2.1, 0.1), (2.15, 0.1), (2.2, 0.2), (9.0, 0.3)]:
+        sched.update(loss)
+        assert sched.threshold == pytest.approx(want), (loss, sched.state_dict())
+    assert sched.reference == 9.0  # moves only with a rise
+    for _ in range(20):
+        sched.update(100.0 + _)
+    assert sched.threshold == 1.0
+    sched = rollout.AdaptiveSchedule(init=0.6, step_size=0.1, eps=0.1, replay_schedule="decreasing")
+    steps = range(4000)
+    filling = [sched.choose(5, s, 4000, False) for s in steps]   # the buffer not yet full: every on-policy step generates
+    assert set(filling) == {"student", "dataset"}
+    assert filling.count("student") / 4000 == pytest.approx(0.6, abs=0.03)
+    full = [sched.choose(5, s, 4000, True) for s in steps]       # full: fresh share 0.6 (1 - s / total), rest replay
+    assert [a == "dataset" for a in filling] == [b == "dataset" for b in full]
+    early, late = full[:1000], full[3000:]
+    assert early.count("student") / 1000 == pytest.approx(0.6 * (1 - 0.125), abs=0.05)
+    assert late.count("student") / 1000 == pytest.approx(0.6 * (1 - 0.875), abs=0.05)
+    assert full == [rollout.AdaptiveSchedule(0.6, 0.1, 0.1, "decreasing").choose(5, s, 4000, True) for s in steps]
+    constant = rollout.AdaptiveSchedule(0.6, 0.1, 0.1, "constant")
+    assert constant.fresh_share(0, 10) == constant.fresh_share(9, 10) == pytest.approx(0.3)
+    other = rollout.AdaptiveSchedule(0.0, 0.1, 0.1, "decreasing")
+    other.load_state_dict(sched.state_dict())
+    assert other.state_dict() == sched.state_dict()
+
+
 def test_replay_buffer_keeps_the_newest_and_samples_distinct_items():
     buf = rollout.ReplayBuffer(5)
     buf.push([(i, i) for i in range(3)])
@@ -222,6 +250,13 @@ def test_replay_buffer_keeps_the_newest_and_samples_distinct_items():
     (["--rollout.gather=sometimes"], "rollout.gather"),
     (["--rollout.top_p=0"], "rollout.top_p"),
     (["--data.kind=chats"], "data.kind"),
+    (["--rollout.schedule=adaptive", "--rollout.replay_capacity=8"], "leave rollout.student_fraction"),
+    (["--rollout.schedule=adaptive", "--rollout.student_fraction=0", "--rollout.replay_capacity=8",
+      "--train.eval_every=0"], "data.eval_files and train.eval_every"),
+    (["--rollout.schedule=adaptive", "--rollout.student_fraction=0"], "replay_capacity >= one step"),
+    (["--rollout.schedule=adaptive", "--rollout.student_fraction=0", "--rollout.replay_capacity=8",
+      "--rollout.replay_schedule=sometimes"], "rollout.replay_schedule"),
+    (["--rollout.schedule=often"], "rollout.schedule"),
 ])
 def test_rollout_config_errors_name_the_field(override, field):
     with pytest.raises(ValueError, match=field):
