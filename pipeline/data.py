@@ -149,6 +149,9 @@ class Batch:
     attention_mask: Tensor
     loss_mask: Tensor
 
+    def to(self, device) -> "Batch":
+        return Batch(self.tokens.to(device), self.attention_mask.to(device), self.loss_mask.to(device))
+
 
 def text_batch(block: Tensor) -> Batch:
     """A packed block: every position attends and every target counts."""

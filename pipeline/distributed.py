@@ -27,6 +27,15 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def device(self) -> torch.device:
+        return device()
+
+
+def device() -> torch.device:
+    """Where this process computes: its GPU (init() selected it by local rank) or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
 
 def env_ranks(environ=os.environ) -> tuple[int, int, int]:
     """(rank, world, local_rank) from the environment; (0, 1, 0) when no launcher set anything. An environment

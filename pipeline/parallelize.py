@@ -49,13 +49,14 @@ class OutputHeads:
     tokenizer's size are dropped rather than masked (they are never a target and never predicted). The student's
     rows are an fp32 master parameter with their own AdamW (the same hyper-parameters and schedule as the body)."""
 
-    def __init__(self, student_w: Tensor, teacher_w: Tensor, vocab_size: int, group, optim_cfg):
+    def __init__(self, student_w: Tensor, teacher_w: Tensor, vocab_size: int, group, optim_cfg,
+                 device: torch.device | str = "cpu"):
         self.group = group
         rank, world = _group_world(group)
         self.world = world
         self.start, self.end = shard_range(vocab_size, rank, world)
-        self.student = nn.Parameter(student_w[self.start:self.end].float().clone())
-        self.teacher = teacher_w[self.start:self.end].clone()
+        self.student = nn.Parameter(student_w[self.start:self.end].float().clone().to(device))
+        self.teacher = teacher_w[self.start:self.end].clone().to(device)
         self.vocab_size = vocab_size
         self.optimizer = torch.optim.AdamW([self.student], lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
                                            weight_decay=optim_cfg.weight_decay)
@@ -359,12 +360,14 @@ class DeepSpeedModels(LocalModels):
 
 def parallelize(student, teacher, vocab_size: int, cfg, group) -> Models:
     """Detach both output layers into vocab-sharded heads and wrap both bodies for the configured backend."""
+    from pipeline.distributed import device
     ws = M.detach_head(student)
     wt = M.detach_head(teacher)
-    heads = OutputHeads(ws, wt, vocab_size, group, cfg.optim)
+    heads = OutputHeads(ws, wt, vocab_size, group, cfg.optim, device())
     backend = cfg.parallel.backend
     if backend == "none":
-        return LocalModels(student, teacher, heads, cfg)
+        return LocalModels(student.to(device()), teacher.to(device()), heads, cfg)
+    # ZeRO-3 and FSDP2 place the shards on the device themselves (never the whole model at once)
     if backend == "fsdp2":
         return FsdpModels(student, teacher, heads, cfg, group)
     return DeepSpeedModels(student, teacher, heads, cfg, group)

@@ -142,10 +142,11 @@ def train_step(run: Run) -> dict:
     lr = lr_at(run.step, cfg.optim, cfg.train.steps)
     models.set_lr(lr)
     micro, info = step_batches(run)
+    micro = [mb.to(run.dist.device) for mb in micro]  # built on the CPU; a no-op there
     t_data = time.perf_counter() - t0
     # the denominator is the number of loss tokens over the whole step and every rank: token-mean losses then do
     # not depend on how the batch was split across micro-batches and ranks (nor on padding)
-    count = torch.tensor([float(sum(mb.loss_mask.sum() for mb in micro))])
+    count = torch.tensor([float(sum(mb.loss_mask.sum() for mb in micro))], device=run.dist.device)
     distributed.all_reduce_sum(count, group)
     count.clamp_(min=1.0)
     overrides = run.method_overrides()
@@ -155,7 +156,8 @@ def train_step(run: Run) -> dict:
         hs = run.models.student_hidden(inputs, attn)                       # [B, T-1, Hs]
         ht = run.models.teacher_hidden(inputs, attn)                       # [B, T-1, Ht]
         n = targets.numel()
-        groups = torch.arange(inputs.shape[0]).repeat_interleave(inputs.shape[1])  # ATKD's per-sequence scope
+        # ATKD's per-sequence scope
+        groups = torch.arange(inputs.shape[0], device=inputs.device).repeat_interleave(inputs.shape[1])
         loss = fused_linear_loss(
             run.loss_fn, hs.reshape(n, -1), ht.reshape(n, -1), heads.student, heads.teacher,
             token_weight=mb.loss_mask.reshape(n).float() / count, targets=targets.reshape(n), groups=groups,
@@ -203,7 +205,8 @@ def heldout_kl(run: Run, batch: data.Batch, with_ce: bool = False):
     """Token-mean KL(teacher || student) over the loss tokens of this rank's share of a held-out set (global: every
     rank returns the same number); with_ce: (KL, the student's cross-entropy on the batch's tokens)."""
     heads = run.models.heads
-    count = torch.tensor([float(batch.loss_mask.sum())])
+    batch = batch.to(run.dist.device)
+    count = torch.tensor([float(batch.loss_mask.sum())], device=run.dist.device)
     distributed.all_reduce_sum(count, run.dist.group)
     inputs, attn = batch.tokens[:, :-1], batch.attention_mask[:, :-1]
     hs, ht = run.models.student_hidden(inputs, attn), run.models.teacher_hidden(inputs, attn)
@@ -268,7 +271,7 @@ class Preemption:
         self.flag = True
 
     def requested(self, group) -> bool:
-        f = torch.tensor([1.0 if self.flag else 0.0])
+        f = torch.tensor([1.0 if self.flag else 0.0], device=distributed.device())  # NCCL: device tensors only
         if group is not None:
             torch.distributed.all_reduce(f, op=torch.distributed.ReduceOp.MAX, group=group)
         return bool(f.item())
