@@ -117,6 +117,16 @@ def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
+def any_rank(flag: bool, group) -> bool:
+    """True on every rank when `flag` is true on at least one (one MAX all-reduce): decisions that gate
+    collectives (stop decoding, stop training) must come out the same everywhere."""
+    if group is None:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device())  # NCCL reduces device tensors only
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
 def barrier(group) -> None:
     if group is not None:
         dist.barrier(group=group)

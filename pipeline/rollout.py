@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from pipeline.distributed import any_rank
+
 SOURCES = ("dataset", "student", "teacher", "replay")
 
 
@@ -57,14 +59,6 @@ def left_pad(prompts: list, pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
-def _all_ranks_done(done: Tensor, group) -> bool:
-    if group is None:
-        return bool(done.all())
-    flag = torch.tensor([0.0 if bool(done.all()) else 1.0], device=done.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return flag.item() == 0.0
-
-
 @torch.no_grad()
 def decode(forward_last, ids: Tensor, mask: Tensor, *, max_new: int, eos_id: int | None, pad_id: int,
            temperature: float, top_p: float, generator=None, group=None) -> tuple[Tensor, Tensor]:
@@ -87,7 +81,7 @@ def decode(forward_last, ids: Tensor, mask: Tensor, *, max_new: int, eos_id: int
             ended = ~done & (nxt == eos_id)
             lengths[ended] = i + 1
             done |= ended
-        if i + 1 == max_new or _all_ranks_done(done, group):
+        if i + 1 == max_new or not any_rank(not bool(done.all()), group):
             break
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
         positions = positions[:, -1:] + 1

@@ -56,9 +56,9 @@ class Run:
         self.step = 0
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
-        self.rollout_seed = cfg.train.seed if cfg.rollout.seed is None else cfg.rollout.seed
-        self.replay = rollout.ReplayBuffer(cfg.rollout.replay_capacity)
         r = cfg.rollout
+        self.rollout_seed = cfg.train.seed if r.seed is None else r.seed
+        self.replay = rollout.ReplayBuffer(r.replay_capacity)
         self.schedule = (rollout.AdaptiveSchedule(r.adaptive_init, r.adaptive_step, r.adaptive_eps, r.replay_schedule)
                          if r.schedule == "adaptive" else None)
         self.metrics = Metrics(os.path.join(cfg.run_dir, "tb"), dist_ctx.is_main and cfg.logging.tensorboard)
@@ -120,11 +120,11 @@ def step_batches(run: Run) -> tuple[list, dict]:
         pairs = run.replay.sample(len(examples), g)
     else:
         prompts = [p for p, _ in examples]
-        completions, info = rollout.generate(
+        completions, stats = rollout.generate(
             run.models, source, prompts, rc=r, max_new=run.max_new_tokens(), eos_id=run.tokenizer.eos_token_id,
             pad_id=run.pad_id, seed=rollout.step_seed(run.rollout_seed, run.step, 1_000 + run.dist.rank),
             group=run.dist.group)
-        info["source"] = source
+        info.update(stats)
         pairs = list(zip(prompts, completions))
         if source == "student" and r.replay_capacity:
             run.replay.push(pairs)
@@ -271,10 +271,7 @@ class Preemption:
         self.flag = True
 
     def requested(self, group) -> bool:
-        f = torch.tensor([1.0 if self.flag else 0.0], device=distributed.device())  # NCCL: device tensors only
-        if group is not None:
-            torch.distributed.all_reduce(f, op=torch.distributed.ReduceOp.MAX, group=group)
-        return bool(f.item())
+        return distributed.any_rank(self.flag, group)
 
 
 def requeue_slurm_job() -> None:
