@@ -42,6 +42,10 @@ class Run:
         self.cfg, self.dist = cfg, dist_ctx
         self.tokenizer = M.load_tokenizer(cfg)
         self.batches = data.make_batches(cfg, self.tokenizer, dist_ctx.rank, dist_ctx.world)
+        # held-out data too is read before any model loads, so a bad file fails fast
+        self.eval_data = None  # this rank's held-out blocks [n, seq_len] (text) or (prompt, response) pairs (chat)
+        if cfg.data.eval_files and cfg.train.eval_every:
+            self.eval_data = _heldout(cfg, self.tokenizer, dist_ctx)
         student, teacher, self.vocab = M.build_models(cfg, self.tokenizer)
         self.student_config = student.config
         self.models = parallelize(student, teacher, self.vocab, cfg, dist_ctx.group)
@@ -62,9 +66,6 @@ class Run:
         self.schedule = (rollout.AdaptiveSchedule(r.adaptive_init, r.adaptive_step, r.adaptive_eps, r.replay_schedule)
                          if r.schedule == "adaptive" else None)
         self.metrics = Metrics(os.path.join(cfg.run_dir, "tb"), dist_ctx.is_main and cfg.logging.tensorboard)
-        self.eval_data = None  # this rank's held-out blocks [n, seq_len] (text) or (prompt, response) pairs (chat)
-        if cfg.data.eval_files and cfg.train.eval_every:
-            self.eval_data = _heldout(cfg, self.tokenizer, dist_ctx)
 
     def method_overrides(self) -> dict:
         lc = self.cfg.loss
