@@ -1,22 +1,66 @@
-"""Save / resume everything an exact continuation needs; atomic; keep the last k; export the student to HF.
+"""Save / resume everything an exact continuation needs; checkpoints that prove themselves; keep the last k; export
+the student to HF.
 
-Layout: run_dir/checkpoints/step_00000040/{body/..., rank0.pt, rank1.pt, ..., COMPLETE}. A checkpoint is written into
-step_X.tmp, renamed once every rank has finished, and valid only once COMPLETE (written last, fsynced) exists; resume
-picks the newest valid one, so a job killed mid-save (kill -9, preemption) never loads a partial checkpoint.
+Layout: run_dir/checkpoints/step_00000040/{body/..., rank0.pt, rank1.pt, ..., MANIFEST.json, COMPLETE}.
+- What a checkpoint carries besides the model bodies is a registry of named `Stateful` objects (data position,
+  output layers, RNG, TAID, replay buffer, schedule, step) built once by train.Run: save and load iterate over it,
+  so adding state is one line there and nothing here.
+- A checkpoint is written into step_X.tmp. Every file is checksummed (sha256; the ranks share the hashing) and
+  fsynced; rank 0 writes MANIFEST.json (size and sha256 per file, world size, the resolved config and its
+  fingerprint), renames the directory, fsyncs the parent, and writes COMPLETE last. Only a directory with COMPLETE
+  is a checkpoint, so a job killed mid-save (kill -9, preemption) never leaves one that looks whole.
+- Resume verifies the newest checkpoint against its manifest before loading anything from it; on a missing,
+  truncated or altered file it says which, and falls back to the next older checkpoint that verifies (loudly), or
+  stops when none does. It never starts from scratch on its own.
+- A non-finite model state is never written: save checks every rank's share first (one all-reduce).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
 import shutil
+import sys
+from typing import Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from pipeline.distributed import barrier
 
 MARKER = "COMPLETE"
+MANIFEST = "MANIFEST.json"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint can be used (or one cannot be written); the message says what to do."""
+
+
+class NonFiniteState(CheckpointError):
+    pass
+
+
+class RngState:
+    """Python, numpy, torch and CUDA generator states of this process, as a Stateful."""
+
+    def state_dict(self) -> dict:
+        return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def load_state_dict(self, s: dict) -> None:
+        torch.set_rng_state(s["torch"])
+        random.setstate(s["python"])
+        np.random.set_state(s["numpy"])
+        if s.get("cuda") is not None:
+            torch.cuda.set_rng_state_all(s["cuda"])
 
 
 def _dir(run_dir: str) -> str:
@@ -24,6 +68,7 @@ def _dir(run_dir: str) -> str:
 
 
 def complete_checkpoints(run_dir: str) -> list[str]:
+    """Checkpoint directories that have their COMPLETE marker, oldest first."""
     d = _dir(run_dir)
     if not os.path.isdir(d):
         return []
@@ -37,21 +82,95 @@ def latest(run_dir: str) -> str | None:
     return c[-1] if c else None
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def read_manifest(path: str) -> dict | None:
+    """The checkpoint's manifest, or None when it has none or it cannot be read."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    if s.get("cuda") is not None:
-        torch.cuda.set_rng_state_all(s["cuda"])
+# --------------------------------------------------------------------------------------------------------------
+# files: checksums, fsync
+# --------------------------------------------------------------------------------------------------------------
+def _files(root: str) -> list[str]:
+    """Every file under root (relative paths, sorted) except the manifest and the marker."""
+    out = []
+    for d, _, names in os.walk(root):
+        for n in names:
+            rel = os.path.relpath(os.path.join(d, n), root)
+            if rel not in (MANIFEST, MARKER):
+                out.append(rel)
+    return sorted(out)
 
 
-def save(run_dir: str, step: int, models, extra: dict, dist_ctx, keep_last: int) -> str:
-    """extra: this rank's small state (data position, TAID state, ...); the heads and RNG are added here."""
+def _sha256(path: str, fsync: bool = False) -> tuple[int, str]:
+    """(size, sha256) of a file; fsync it too (Linux flushes a file's dirty pages through any descriptor)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+            size += len(block)
+        if fsync:
+            os.fsync(f.fileno())
+    return size, h.hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _gather_dicts(mine: dict, dist_ctx) -> dict:
+    """The union of every rank's dict, on every rank (one all_gather_object)."""
+    if dist_ctx.group is None:
+        return dict(mine)
+    parts = [None] * dist_ctx.world
+    dist.all_gather_object(parts, mine, group=dist_ctx.group)
+    out = {}
+    for p in parts:
+        out.update(p)
+    return out
+
+
+def _broadcast(obj, dist_ctx):
+    if dist_ctx.group is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=dist_ctx.group)
+    return box[0]
+
+
+def _all_true(flag: torch.Tensor, dist_ctx) -> bool:
+    """MIN over ranks of a device bool; one all-reduce and one host read."""
+    t = flag.float().reshape(1)
+    if dist_ctx.group is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=dist_ctx.group)
+    return bool(t.item() > 0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# save
+# --------------------------------------------------------------------------------------------------------------
+def save(run_dir: str, step: int, models, state: dict[str, Stateful], dist_ctx, keep_last: int,
+         config: dict, fingerprint: str) -> str:
+    """Write checkpoint `step` (collective: every rank calls it). state: the registry of this rank's small state.
+    config / fingerprint: the resolved config and config.fingerprint(), recorded for resume checks."""
+    if not _all_true(models.local_state_is_finite(), dist_ctx):
+        raise NonFiniteState(f"the model state at step {step} is not finite: no checkpoint written (the newest "
+                             f"finite one is kept)")
     final = os.path.join(_dir(run_dir), f"step_{step:08d}")
     tmp = final + ".tmp"
     if dist_ctx.is_main:
@@ -59,16 +178,27 @@ def save(run_dir: str, step: int, models, extra: dict, dist_ctx, keep_last: int)
         os.makedirs(tmp)
     barrier(dist_ctx.group)
     models.save(tmp)
-    torch.save({"step": step, "heads": models.heads.state_dict(), "rng": rng_state(), **extra},
+    torch.save({name: obj.state_dict() for name, obj in state.items()},
                os.path.join(tmp, f"rank{dist_ctx.rank}.pt"))
     barrier(dist_ctx.group)
+    # one listing (rank 0's), then every rank hashes and fsyncs its share of the files
+    files = _broadcast(_files(tmp) if dist_ctx.is_main else None, dist_ctx)
+    mine = {}
+    for rel in files[dist_ctx.rank::dist_ctx.world]:
+        size, digest = _sha256(os.path.join(tmp, rel), fsync=True)
+        mine[rel] = {"size": size, "sha256": digest}
+    sums = _gather_dicts(mine, dist_ctx)
     if dist_ctx.is_main:
+        manifest = {"step": step, "world_size": dist_ctx.world, "fingerprint": fingerprint, "config": config,
+                    "state": sorted(state), "files": {k: sums[k] for k in sorted(sums)}}
+        _write_durably(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, default=str))
+        for d, _, _ in os.walk(tmp):
+            _fsync_dir(d)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        with open(os.path.join(final, MARKER), "w") as f:
-            f.write(f"{step}\n")
-            f.flush()
-            os.fsync(f.fileno())
+        _fsync_dir(_dir(run_dir))
+        _write_durably(os.path.join(final, MARKER), f"{step}\n")
+        _fsync_dir(final)
         for old in complete_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for n in os.listdir(_dir(run_dir)):  # leftovers of saves that were killed
@@ -78,23 +208,87 @@ def save(run_dir: str, step: int, models, extra: dict, dist_ctx, keep_last: int)
     return final
 
 
-def load(path: str, models, dist_ctx) -> dict:
-    """Restore the models, heads and RNG; returns this rank's extra state (with 'step')."""
+# --------------------------------------------------------------------------------------------------------------
+# verify and load
+# --------------------------------------------------------------------------------------------------------------
+def verify(path: str, dist_ctx) -> list[str]:
+    """What is wrong with checkpoint `path` (empty: it verifies). Collective: the ranks share the hashing and all
+    return the same list. A checkpoint without a manifest (written before manifests existed) cannot be verified and
+    is reported as such."""
+    manifest = read_manifest(path)
+    if manifest is None:
+        return [f"{MANIFEST} is missing or unreadable"]
+    problems = []
+    if manifest.get("world_size") != dist_ctx.world:
+        problems.append(f"saved by {manifest.get('world_size')} ranks, this launch has {dist_ctx.world}: resume with "
+                        f"the world size it was saved with")
+    names = sorted(manifest.get("files", {}))
+    mine = {}
+    for rel in names[dist_ctx.rank::dist_ctx.world]:
+        want = manifest["files"][rel]
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            mine[rel] = "missing"
+            continue
+        size, digest = _sha256(full)
+        if size != want["size"]:
+            mine[rel] = f"truncated or grown: {size} bytes, {want['size']} expected"
+        elif digest != want["sha256"]:
+            mine[rel] = "contents differ from the checksum written with it (corrupted)"
+    bad = _gather_dicts(mine, dist_ctx)
+    return problems + [f"{rel}: {why}" for rel, why in sorted(bad.items())]
+
+
+def load(path: str, models, state: dict[str, Stateful], dist_ctx) -> int:
+    """Restore the models and every registered Stateful from a verified checkpoint; returns its step."""
     f = os.path.join(path, f"rank{dist_ctx.rank}.pt")
-    if not os.path.exists(f):
-        raise ValueError(f"{path} has no state for rank {dist_ctx.rank}: resume with the world size it was saved "
-                         f"with")
-    state = torch.load(f, weights_only=False)
+    saved = torch.load(f, weights_only=False, map_location="cpu")
+    missing = sorted(set(state) - set(saved))
+    if missing:
+        raise CheckpointError(f"{f} holds no state for {missing}: it was written by a run with another setup")
     models.load(path)
-    models.heads.load_state_dict(state.pop("heads"))
-    set_rng_state(state.pop("rng"))
-    return state
+    for name, obj in state.items():
+        obj.load_state_dict(saved[name])
+    return int(read_manifest(path)["step"])
 
 
+def load_newest_valid(run_dir: str, models, state: dict[str, Stateful], dist_ctx, log=print,
+                      before_load=None) -> str | None:
+    """Load the newest checkpoint that verifies; None when the run directory has none at all. Each one that fails
+    verification is reported with its problems (file by file) and skipped; when every one fails, CheckpointError
+    says so and nothing is loaded or deleted. before_load(path) may refuse the chosen one by raising."""
+    candidates = complete_checkpoints(run_dir)[::-1]
+    rejected = []
+    for path in candidates:
+        problems = verify(path, dist_ctx)
+        if not problems:
+            if rejected and dist_ctx.is_main:
+                log(f"WARNING: resuming from {path}, an OLDER checkpoint: the newer one(s) failed verification")
+            if before_load is not None:
+                before_load(path)
+            load(path, models, state, dist_ctx)
+            return path
+        rejected.append(path)
+        if dist_ctx.is_main:
+            log(f"WARNING: checkpoint {path} fails verification, not loaded:\n  " + "\n  ".join(problems[:20]))
+    if rejected:
+        raise CheckpointError(
+            f"no checkpoint in {_dir(run_dir)} verifies ({len(rejected)} tried, problems above). Nothing was loaded "
+            f"or deleted. Restore the files from a backup, or start again with --checkpoint.resume=false "
+            f"--checkpoint.overwrite=true (this deletes them)")
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------------------------
 def export_student(out_dir: str, models, student_config, tokenizer, dist_ctx) -> str | None:
     """A plain HF checkpoint (safetensors) that from_pretrained loads: the body's full state plus the gathered
-    output layer (untied)."""
+    output layer (untied). Refused when the state is not finite; written beside out_dir and renamed into place,
+    so a reader never sees half an export."""
     from transformers import AutoModelForCausalLM
+    if not _all_true(models.local_state_is_finite(), dist_ctx):
+        raise NonFiniteState("the trained student is not finite: not exported")
     head = models.heads.full_student_weight()
     body = models.full_student_state()
     if not dist_ctx.is_main:
@@ -108,9 +302,12 @@ def export_student(out_dir: str, models, student_config, tokenizer, dist_ctx) ->
     state = {k: v for k, v in body.items() if k in expected}
     state[head_key] = head.to(next(iter(body.values())).dtype)
     model.load_state_dict(state, assign=True, strict=True)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
     return out_dir
 
 
@@ -120,3 +317,7 @@ def output_prefix(model) -> str:
         if module is head:
             return name + "."
     raise ValueError("the student has no output layer to export")
+
+
+def warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

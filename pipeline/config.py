@@ -209,9 +209,28 @@ class CheckpointConfig:
     keep_last: int = 2
     """Complete checkpoints to keep."""
     resume: bool = True
-    """Resume from the newest complete checkpoint in the run directory, if any."""
+    """Resume from the newest checkpoint in the run directory that verifies (checksums, config), if any. Fields that
+    change the meaning of the run must match the checkpoint's config (see the README's failure handling)."""
+    overwrite: bool = False
+    """With resume false: allowed to delete the checkpoints, logs and export a run directory already holds and
+    start again. Without it such a launch is refused and nothing on disk is touched."""
     export: bool = True
     """Export the final student as a plain HF checkpoint (safetensors) in run_dir/student."""
+
+
+@dataclass
+class SafetyConfig:
+    max_consecutive_skips: int = 3
+    """A step whose loss or gradient norm is non-finite (decided by all ranks together) is skipped: no update, the
+    optimizer state untouched, counted in train/skipped_steps. This many skips in a row stop the run with an error
+    and a non-zero exit (0: stop at the first)."""
+    collective_timeout_s: float = 300.0
+    """Bound of every collective once the models are loaded: a rank that stopped, hung or died becomes an error on
+    the others within this many seconds."""
+    startup_timeout_s: float = 1800.0
+    """Bound of the rendezvous and the collectives while the models load (slow for large checkpoints)."""
+    save_timeout_s: float = 1800.0
+    """Bound of the collectives around a checkpoint save or the final export (rank 0 may write alone for long)."""
 
 
 @dataclass
@@ -234,6 +253,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -272,6 +292,11 @@ def _build(cls, data: dict, path: str):
             continue
         if tp is float or (typing.get_origin(tp) and float in typing.get_args(tp)):
             value = float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+            if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string: accept what a user means
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
         if not _type_ok(value, tp):
             raise ValueError(f"{path}{name}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
         kwargs[name] = value
@@ -282,7 +307,25 @@ def _parse_override(arg: str) -> tuple[list[str], Any]:
     if not arg.startswith("--") or "=" not in arg:
         raise ValueError(f"override {arg!r}: use --section.key=value")
     key, raw = arg[2:].split("=", 1)
-    return key.split("."), yaml.safe_load(raw) if raw != "" else None
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {arg!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); quote "
+                         f"strings, write lists as [a, b] and mappings as {{k: v}}") from None
+
+
+def _read_yaml(path: str):
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        problem = getattr(e, "problem", None) or str(e)
+        raise ValueError(f"{where}: YAML syntax error: {problem} (line {mark.line + 1 if mark else '?'}, column "
+                         f"{mark.column + 1 if mark else '?'})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {path!r} is not UTF-8 text (byte {e.start})") from None
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
@@ -292,8 +335,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     if path:
         if not os.path.isfile(path):
             raise ValueError(f"config file {path!r} does not exist")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        data = _read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {path!r} must hold a mapping at the top level")
     for arg in overrides:
@@ -424,8 +466,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ValueError(f"parallel.backend must be deepspeed, fsdp2 or none, got {p.backend!r}")
     if p.backend == "deepspeed":
         for name in ("ds_student_config", "ds_teacher_config"):
-            if not os.path.isfile(getattr(p, name)):
-                raise ValueError(f"parallel.{name}: {getattr(p, name)!r} does not exist")
+            read_deepspeed_json(getattr(p, name), f"parallel.{name}")
     for name in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
         if getattr(p, name) not in ("float32", "bfloat16"):
             raise ValueError(f"parallel.{name} must be float32 or bfloat16, got {getattr(p, name)!r}")
@@ -487,6 +528,93 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     c = cfg.checkpoint
     _positive("checkpoint.every", c.every, allow_zero=True)
     _positive("checkpoint.keep_last", c.keep_last)
+    if c.overwrite and c.resume:
+        raise ValueError("checkpoint.overwrite deletes what the run directory holds: it needs checkpoint.resume "
+                         "false (resume true continues the run instead)")
+
+    s = cfg.safety
+    _positive("safety.max_consecutive_skips", s.max_consecutive_skips, allow_zero=True)
+    for name in ("collective_timeout_s", "startup_timeout_s", "save_timeout_s"):
+        _positive(f"safety.{name}", getattr(s, name))
+
+
+# fields of the DeepSpeed JSON that this config tree owns (one source of truth)
+DS_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+            "optimizer", "scheduler")
+
+
+def read_deepspeed_json(path: str, field_name: str = "parallel.ds_*_config") -> dict:
+    """The DeepSpeed JSON, checked: it parses, is ZeRO stage 3, and leaves the fields this config owns alone."""
+    import json
+    if not os.path.isfile(path):
+        raise ValueError(f"{field_name}: {path!r} does not exist")
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{field_name}: {path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+    if not isinstance(ds, dict):
+        raise ValueError(f"{field_name}: {path} must hold a JSON object")
+    clash = [k for k in DS_OWNED if k in ds and ds[k] != "auto"]
+    if clash:
+        raise ValueError(f"{field_name}: {path} sets {clash}: these come from the pipeline config (train.*, "
+                         f"optim.*); remove them or set them to \"auto\"")
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage") if isinstance(zero, dict) else None
+    if stage != 3:
+        raise ValueError(f"{field_name}: {path}: zero_optimization.stage must be 3, got {stage!r}")
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------------------
+# what a resumed run may change
+# --------------------------------------------------------------------------------------------------------------
+# Fields that do not change what the run computes, or that practitioners re-tune mid-run: a resume may change them,
+# and the change is recorded in run_dir/history.jsonl. That is logging and evaluation cadence, checkpointing, the
+# stop point, the learning-rate schedule and clipping (lowering the lr after a divergence, extending train.steps) and
+# pure performance knobs. Every other field changes the meaning of the run (method and options, models, tokenizer,
+# data, seq_len, batch arithmetic, seeds, backend, AdamW betas and weight decay) and must match the checkpoint.
+# A prefix ending in "." covers a whole section.
+SAFE_TO_CHANGE = (
+    "run_dir", "logging.", "safety.", "checkpoint.", "train.log_every", "train.eval_every", "train.stop_after",
+    "train.steps", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.schedule", "optim.grad_clip",
+    "data.eval_files", "data.eval_blocks", "loss.chunk_size", "loss.compile", "rollout.gather",
+    "rollout.gather_memory_fraction",
+)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; option mappings (loss.options, model.*_config) are leaves' parents too, so a
+    change inside them names the exact key."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def is_safe_to_change(key: str) -> bool:
+    return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE_TO_CHANGE)
+
+
+def config_changes(saved: dict, current: dict) -> tuple[dict, dict]:
+    """(unsafe, safe) differences between a checkpoint's resolved config and this launch's, as {field: (saved,
+    now)}; fields missing on one side count as changed."""
+    a, b = flatten(saved), flatten(current)
+    diff = {k: (a.get(k, "<unset>"), b.get(k, "<unset>")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    unsafe = {k: v for k, v in diff.items() if not is_safe_to_change(k)}
+    return unsafe, {k: v for k, v in diff.items() if k not in unsafe}
+
+
+def fingerprint(cfg_dict: dict, world_size: int) -> str:
+    """sha256 over the fields that define the run (not the safe-to-change ones) and the world size."""
+    import hashlib
+    import json
+    meaning = {k: v for k, v in flatten(cfg_dict).items() if not is_safe_to_change(k)}
+    meaning["world_size"] = world_size
+    return hashlib.sha256(json.dumps(meaning, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def to_dict(cfg: Config) -> dict:

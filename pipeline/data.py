@@ -24,8 +24,69 @@ from pipeline.config import DataConfig, resolve_files
 EXT_FORMAT = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".md": "text"}
 
 
-def load_documents(d: DataConfig):
-    """A datasets.Dataset (or IterableDataset when streaming) with a text column."""
+def check_files(files: list[str], fmt: str, what: str = "data.files", full: bool = True) -> None:
+    """Cheap checks before the datasets library reads anything: no empty file; with `full` (everything will be
+    read at start-up anyway), text files are valid UTF-8, since the library stores bad bytes silently and the error
+    surfaces later without a file or an offset."""
+    import codecs
+    for f in files:
+        if os.path.getsize(f) == 0:
+            raise ValueError(f"{what}: {f} is empty")
+        if not full or fmt == "parquet":
+            continue
+        decoder, offset, line = codecs.getincrementaldecoder("utf-8")(), 0, 1
+        with open(f, "rb") as fh:
+            while block := fh.read(16 << 20):
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as e:
+                    at = offset + e.start
+                    line += block[:e.start].count(b"\n")
+                    raise ValueError(f"{what}: {f}: bytes that are not UTF-8 at byte offset {at} (line {line}); "
+                                     f"re-encode the file") from None
+                offset += len(block)
+                line += block.count(b"\n")
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise ValueError(f"{what}: {f}: ends inside a multi-byte UTF-8 character (byte offset {offset}); "
+                                 f"re-encode the file") from None
+
+
+def diagnose(files: list[str], fmt: str, what: str = "data.files") -> str | None:
+    """Why the datasets library could not read these files, naming the file and the line or byte: bytes that are
+    not UTF-8, a JSON line that does not parse or is not an object. None when nothing is found (the caller then
+    shows the library's own error)."""
+    import json
+    for f in files:
+        with open(f, "rb") as fh:
+            raw = fh.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            return f"{what}: {f}: bytes that are not UTF-8 at byte offset {e.start} (line {line}); re-encode the file"
+        if fmt == "json" and f.endswith(".jsonl"):
+            for i, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"{what}: {f}:{i}: not valid JSON ({e.msg} at column {e.colno})"
+                if not isinstance(row, dict):
+                    return f"{what}: {f}:{i}: a JSON line must be an object with named fields, got {type(row).__name__}"
+        elif fmt == "json":
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as e:
+                return f"{what}: {f}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})"
+    return None
+
+
+def load_documents(d: DataConfig, what: str = "data.files"):
+    """A datasets.Dataset (or IterableDataset when streaming) with a text column. Unreadable files are a ValueError
+    that names the file and the line or byte."""
     import datasets
     if d.files:
         files = resolve_files(d.files)
@@ -36,11 +97,17 @@ def load_documents(d: DataConfig):
                 raise ValueError(f"data.format: cannot tell the format of {files[:3]} from their extensions; "
                                  f"set data.format to json, parquet or text")
             fmt = kinds.pop()
+        check_files(files, fmt, what, full=not d.streaming)
         extra = {"sample_by": "paragraph"} if fmt == "text" else {}
-        ds = datasets.load_dataset(fmt, data_files=files, split="train", streaming=d.streaming, **extra)
+        try:
+            ds = datasets.load_dataset(fmt, data_files=files, split="train", streaming=d.streaming, **extra)
+            columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
+        except Exception as e:  # the library's errors (ArrowInvalid, DatasetGenerationError, ...) name no row
+            raise ValueError(diagnose(files, fmt, what) or f"{what}: {files} could not be read as {fmt}: "
+                             f"{type(e).__name__}: {e}") from None
     else:
         ds = datasets.load_dataset(d.dataset, split="train", streaming=d.streaming)
-    columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
+        columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
     if d.text_field is not None and d.text_field not in columns:
         raise ValueError(f"data.text_field: no column {d.text_field!r} in the data (columns: {columns})")
     if d.max_documents is not None:
@@ -48,10 +115,19 @@ def load_documents(d: DataConfig):
     return ds
 
 
+def _text(value, field: str, row: int) -> str:
+    """A text cell, or a ValueError naming the row and the field (null and empty count as empty text)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"data: row {row}, field {field!r}: expected text, got {type(value).__name__} {value!r}")
+    return value
+
+
 def _token_stream(docs, tokenizer, text_field: str):
     eos = tokenizer.eos_token_id
-    for row in docs:
-        text = row[text_field]
+    for i, row in enumerate(docs):
+        text = _text(row[text_field], text_field, i)
         if text:
             yield from tokenizer(text, add_special_tokens=False)["input_ids"]
             yield eos
@@ -59,10 +135,11 @@ def _token_stream(docs, tokenizer, text_field: str):
 
 def pack_blocks(docs, tokenizer, text_field: str, seq_len: int) -> Tensor:
     """[num_blocks, seq_len] int64; the tail shorter than a block is dropped."""
-    def tok(batch):
-        ids = tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]
-        return {"ids": [x + [tokenizer.eos_token_id] for x, t in zip(ids, batch[text_field]) if t]}
-    tokenised = docs.map(tok, batched=True, remove_columns=docs.column_names)
+    def tok(batch, indices):
+        texts = [_text(t, text_field, i) for t, i in zip(batch[text_field], indices)]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return {"ids": [x + [tokenizer.eos_token_id] for x, t in zip(ids, texts) if t]}
+    tokenised = docs.map(tok, batched=True, with_indices=True, remove_columns=docs.column_names)
     flat = torch.tensor([t for ids in tokenised["ids"] for t in ids], dtype=torch.long)
     n = flat.numel() // seq_len
     return flat[: n * seq_len].view(n, seq_len)
@@ -185,16 +262,30 @@ def _chat_columns(ds, d: DataConfig) -> str:
     return "pairs"
 
 
-def tokenize_example(row: dict, tokenizer, d: DataConfig, layout: str) -> tuple[list, list]:
+def tokenize_example(row: dict, tokenizer, d: DataConfig, layout: str, index: int = 0) -> tuple[list, list] | None:
     """(prompt ids, response ids) of one row; the prompt keeps its last max_prompt_len tokens (where a chat
-    template puts the assistant header), the response is cut to fit seq_len."""
+    template puts the assistant header), the response is cut to fit seq_len. None for a row whose prompt or
+    response text is empty (dropped and counted by the caller); a ValueError naming the row and field for a row
+    that is malformed."""
     if layout == "messages":
         messages = row[d.messages_field]
-        if not messages or messages[-1].get("role") != "assistant":
-            raise ValueError(f"data: a {d.messages_field!r} row must end with an assistant turn, got {messages!r}")
-        context, answer = messages[:-1], messages[-1]["content"]
+        if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict) \
+                or messages[-1].get("role") != "assistant":
+            raise ValueError(f"data: row {index}, field {d.messages_field!r}: must be a list of {{role, content}} "
+                             f"ending with an assistant turn, got {messages!r}"[:400])
+        for m in messages:
+            _text(m.get("content") if isinstance(m, dict) else m, f"{d.messages_field}[].content", index)
+        context, answer = messages[:-1], messages[-1]["content"] or ""
+        if not context or not any(_text(m.get("content"), "content", index).strip() for m in context):
+            return None
     else:
-        context, answer = [{"role": "user", "content": row[d.prompt_field]}], row[d.response_field]
+        prompt_text = _text(row[d.prompt_field], d.prompt_field, index)
+        answer = _text(row[d.response_field], d.response_field, index)
+        if not prompt_text.strip():
+            return None
+        context = [{"role": "user", "content": prompt_text}]
+    if not answer.strip():
+        return None
     if getattr(tokenizer, "chat_template", None):
         prompt = list(tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=True,
                                                     return_dict=False))
@@ -212,13 +303,23 @@ def tokenize_example(row: dict, tokenizer, d: DataConfig, layout: str) -> tuple[
     return prompt, response[: d.seq_len - len(prompt)]
 
 
-def load_examples(d: DataConfig, tokenizer, files: list | None = None) -> list[tuple[list, list]]:
-    """Every example of the instruction files, tokenised (examples with an empty prompt are dropped)."""
+def load_examples(d: DataConfig, tokenizer, files: list | None = None, what: str = "data.files"
+                  ) -> list[tuple[list, list]]:
+    """Every example of the instruction files, tokenised. Rows with an empty prompt or response are dropped (and
+    counted on stderr); none left is an error, since training on template tokens alone teaches nothing."""
     import dataclasses
-    docs = load_documents(dataclasses.replace(d, files=files or d.files, streaming=False, text_field=None))
+    import sys
+    docs = load_documents(dataclasses.replace(d, files=files or d.files, streaming=False, text_field=None), what)
     layout = _chat_columns(docs, d)
-    out = [tokenize_example(row, tokenizer, d, layout) for row in docs]
-    return [(p, r) for p, r in out if p and r]
+    out = [tokenize_example(row, tokenizer, d, layout, i) for i, row in enumerate(docs)]
+    kept = [ex for ex in out if ex is not None and ex[0] and ex[1]]
+    if not kept:
+        raise ValueError(f"{what}: none of the {len(out)} rows has both a non-empty prompt and a non-empty "
+                         f"response: nothing to train on")
+    if len(kept) < len(out):
+        print(f"data: {len(out) - len(kept)} of {len(out)} rows of {what} dropped (empty prompt or response)",
+              file=sys.stderr)
+    return kept
 
 
 def make_batches(cfg, tokenizer, rank: int, world: int):

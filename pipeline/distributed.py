@@ -8,10 +8,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# launcher variables -> the torch.distributed names, first match wins (torchrun sets the targets itself)
+# launcher variables -> the torch.distributed names, first match wins (torchrun sets the targets itself). Slurm's
+# variables count only inside an srun step (SLURM_STEP_ID set): an sbatch shell or an interactive allocation also
+# carries SLURM_NTASKS / SLURM_PROCID, and a plain `python -m pipeline.train` there is one process, not rank 0 of a
+# world that will never arrive.
 ENV_MAP = (
     ("RANK", ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")),
-    ("WORLD_SIZE", ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")),
+    ("WORLD_SIZE", ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")),
     ("LOCAL_RANK", ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID")),
 )
 
@@ -22,6 +25,7 @@ class Dist:
     world: int
     local_rank: int
     group: object  # the data-parallel (= vocab-parallel) group; None for a single process
+    source: str = "no launcher variables"  # where the world size came from (said in errors and the log)
 
     @property
     def is_main(self) -> bool:
@@ -37,29 +41,32 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def env_ranks(environ=os.environ) -> tuple[int, int, int]:
-    """(rank, world, local_rank) from the environment; (0, 1, 0) when no launcher set anything. An environment
-    whose variables disagree is an error that names them."""
-    found = {}
+def env_ranks(environ=os.environ) -> tuple[int, int, int, str]:
+    """(rank, world, local_rank, source) from the environment, source naming the variable the world size came from;
+    (0, 1, 0, ...) when no launcher set anything. An environment whose variables disagree is an error that names
+    them."""
+    in_srun_step = "SLURM_STEP_ID" in environ
+    found, names = {}, {}
     for dst, srcs in ENV_MAP:
-        if dst in environ:
-            found[dst] = environ[dst]
-            continue
-        for src in srcs:
-            if src in environ:
-                found[dst] = environ[src]
+        for name in (dst,) + srcs:
+            if name.startswith("SLURM_") and not in_srun_step:
+                continue
+            if name in environ:
+                found[dst], names[dst] = environ[name], name
                 break
     if not found:
-        return 0, 1, 0
+        return 0, 1, 0, "no launcher variables"
+    source = f"{names['WORLD_SIZE']}={found['WORLD_SIZE']}" if "WORLD_SIZE" in found else "default 1"
     try:
         rank = int(found.get("RANK", 0))
         world = int(found.get("WORLD_SIZE", 1))
         local = int(found.get("LOCAL_RANK", 0))
     except ValueError as e:
-        raise ValueError(f"launcher environment is not numeric: {found}") from e
+        raise ValueError(f"launcher environment is not numeric: {names} = {found}") from e
     if not 0 <= rank < world or local < 0:
-        raise ValueError(f"inconsistent launcher environment: RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}")
-    return rank, world, local
+        raise ValueError(f"inconsistent launcher environment: RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local} "
+                         f"(from {', '.join(f'{v}' for v in names.values())}); a stale variable from another job?")
+    return rank, world, local, source
 
 
 def mpi_discover() -> tuple[int, int, int]:
@@ -78,7 +85,7 @@ def mpi_discover() -> tuple[int, int, int]:
             port = os.environ.get("MASTER_PORT") or str(s.getsockname()[1])
     addr, port = comm.bcast((addr, port), root=0)
     os.environ.update(MASTER_ADDR=addr, MASTER_PORT=port)
-    return rank, world, local
+    return rank, world, local, f"MPI (COMM_WORLD size {world})"
 
 
 def free_port() -> int:
@@ -89,16 +96,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(backend: str | None = None, timeout_s: int = 600, require_group: bool = False) -> Dist:
+def init(backend: str | None = None, timeout_s: float = 1800, require_group: bool = False) -> Dist:
     """Join the process group described by the environment (gloo on CPU, nccl on GPU). One process without a
     launcher gets no group: every distributed helper then runs its single-process path. PIPELINE_DISCOVERY=mpi
-    takes the ranks from mpi4py instead of launcher variables."""
+    takes the ranks from mpi4py instead of launcher variables. timeout_s bounds the rendezvous and every collective
+    until set_timeout() lowers it once the models are loaded."""
     if os.environ.get("PIPELINE_DISCOVERY") == "mpi":
-        rank, world, local = mpi_discover()
+        rank, world, local, source = mpi_discover()
     else:
-        rank, world, local = env_ranks()
+        rank, world, local, source = env_ranks()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent()
     if world == 1 and "MASTER_ADDR" not in os.environ and not require_group:
-        return Dist(0, 1, 0, None)
+        return Dist(0, 1, 0, None, source)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     # a lone process (ZeRO-3 / FSDP2 still need a group) must not collide with another run's default port
@@ -106,9 +116,49 @@ def init(backend: str | None = None, timeout_s: int = 600, require_group: bool =
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
-    return Dist(rank, world, local, dist.group.WORLD)
+        try:
+            dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), rank=rank,
+                                    world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+        except dist.DistError as e:
+            raise RendezvousError(
+                f"rank {rank} could not join a world of {world} processes (world size from {source}) at "
+                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout_s:.0f} s: "
+                f"{str(e).splitlines()[0]}") from None
+    return Dist(rank, world, local, dist.group.WORLD, source)
+
+
+class RendezvousError(RuntimeError):
+    pass
+
+
+def set_timeout(seconds: float) -> None:
+    """Bound every later collective of every process group of this process (the world and the side groups that
+    DeepSpeed / FSDP2 created) by `seconds`: a rank that stopped or died then becomes an error on the others
+    instead of an endless wait. _set_pg_timeout is private but the only way to change a live group's timeout."""
+    if not dist.is_initialized():
+        return
+    from torch.distributed import distributed_c10d as c10d
+    for pg in list(c10d._world.pg_map):
+        try:
+            c10d._set_pg_timeout(datetime.timedelta(seconds=seconds), pg)
+        except (ValueError, RuntimeError, AssertionError):
+            pass  # a group this rank is not part of
+
+
+def die_with_parent(sig: int | None = None) -> None:
+    """Ask the kernel to send us SIGTERM (a graceful stop: checkpoint and leave) when the launcher dies, so a
+    torchrun killed by a signal it does not forward never leaves its ranks orphaned and writing. Linux only; set
+    only under torchrun (a shell's `nohup python -m pipeline.train &` must survive its shell)."""
+    import ctypes
+    import signal
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, int(sig or signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), int(sig or signal.SIGTERM))
 
 
 def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
@@ -117,14 +167,33 @@ def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
-def any_rank(flag: bool, group) -> bool:
-    """True on every rank when `flag` is true on at least one (one MAX all-reduce): decisions that gate
+def max_over_ranks(value: float, group) -> float:
+    """The largest `value` over all ranks, on every rank (one MAX all-reduce and one host read): decisions that gate
     collectives (stop decoding, stop training) must come out the same everywhere."""
     if group is None:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device())  # NCCL reduces device tensors only
+        return value
+    t = torch.tensor([float(value)], device=device())  # NCCL reduces device tensors only
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
+    return float(t.item())
+
+
+def any_rank(flag: bool, group) -> bool:
+    """True on every rank when `flag` is true on at least one."""
+    return max_over_ranks(1.0 if flag else 0.0, group) > 0
+
+
+class timeout_scope:
+    """`with timeout_scope(long, restore):` collectives inside may wait up to `long` seconds (a checkpoint or export
+    that rank 0 writes alone); `restore` afterwards."""
+
+    def __init__(self, seconds: float, restore: float):
+        self.seconds, self.restore = seconds, restore
+
+    def __enter__(self):
+        set_timeout(self.seconds)
+
+    def __exit__(self, *exc):
+        set_timeout(self.restore)
 
 
 def barrier(group) -> None:

@@ -51,22 +51,56 @@ def check_vocab(student: nn.Module, teacher: nn.Module, tokenizer) -> int:
 
 
 def check_same_tokenizer(cfg, tokenizer) -> None:
-    """A student checkpoint that ships its own tokenizer must agree with the shared one token for token."""
+    """A teacher or student checkpoint that ships its own tokenizer must agree with the shared one token for token
+    (the teacher's own is the shared one unless model.tokenizer_path points elsewhere)."""
     import os
     from transformers import AutoTokenizer
-    path = cfg.model.student_path
-    if path is None or not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        return
-    other = AutoTokenizer.from_pretrained(path)
-    if other.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"the student's tokenizer ({path}) differs from the teacher's: distillation needs one "
-                         f"shared vocabulary")
+    shared = cfg.model.tokenizer_path or cfg.model.teacher_path
+    for who in ("teacher", "student"):
+        path = getattr(cfg.model, f"{who}_path")
+        if path is None or os.path.abspath(path) == os.path.abspath(shared):
+            continue
+        if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+            continue
+        other = AutoTokenizer.from_pretrained(path)
+        if other.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"the {who}'s tokenizer ({path}) differs from the shared one ({shared}): distillation "
+                             f"needs one shared vocabulary (set model.tokenizer_path to the {who}'s, or pick models "
+                             f"of one family)")
+
+
+def preflight(cfg, tokenizer) -> None:
+    """Every model check that needs no weights, before any load: each HF config parses and builds (on the meta
+    device: no memory, no weights), both output layers cover the shared tokenizer and have no bias, the tokenizers
+    agree. A problem is a ValueError naming the field."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    m = cfg.model
+    built = {}
+    for who in ("teacher", "student"):
+        path, conf = getattr(m, f"{who}_path"), getattr(m, f"{who}_config")
+        field = f"model.{who}_path" if path is not None else f"model.{who}_config"
+        try:
+            if path is not None:
+                hf = AutoConfig.from_pretrained(path)
+            else:
+                rest = dict(conf)
+                hf = AutoConfig.for_model(rest.pop("model_type"), **rest)
+            with torch.device("meta"):
+                built[who] = AutoModelForCausalLM.from_config(hf)
+        except Exception as e:  # transformers raises ValueError, TypeError, KeyError, AssertionError, OSError...
+            raise ValueError(f"{field}: the model cannot be built from it: {type(e).__name__}: {e}") from None
+        head = built[who].get_output_embeddings()
+        if head is None:
+            raise ValueError(f"{field}: the model has no output layer (a causal LM head is needed)")
+        if getattr(head, "bias", None) is not None:
+            raise ValueError(f"{field}: output layers with a bias are not supported by the vocab-parallel loss")
+    check_vocab(built["student"], built["teacher"], tokenizer)
+    check_same_tokenizer(cfg, tokenizer)
 
 
 def build_models(cfg, tokenizer) -> tuple[nn.Module, nn.Module, int]:
     """(student in train mode, teacher in eval mode with requires_grad False, real vocab size)."""
     m = cfg.model
-    check_same_tokenizer(cfg, tokenizer)
     teacher = build_model(m.teacher_path, m.teacher_config, m.dtype, m.init_seed + 1)
     student = build_model(m.student_path, m.student_config, m.dtype, m.init_seed)
     teacher.eval().requires_grad_(False)

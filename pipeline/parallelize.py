@@ -11,7 +11,6 @@ OutputHeads divides its (already exact, never averaged) head gradients by the sa
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Protocol
@@ -31,7 +30,8 @@ class Models(Protocol):
     def teacher_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
     def set_lr(self, lr: float) -> None: ...
     def backward(self, loss: Tensor) -> None: ...
-    def step(self) -> float: ...
+    def step(self, bad: Tensor) -> tuple[Tensor, bool]: ...
+    def local_state_is_finite(self) -> Tensor: ...
     def save(self, path: str) -> None: ...
     def load(self, path: str) -> None: ...
     def full_student_state(self) -> dict | None: ...
@@ -58,27 +58,26 @@ class OutputHeads:
         self.student = nn.Parameter(student_w[self.start:self.end].float().clone().to(device))
         self.teacher = teacher_w[self.start:self.end].clone().to(device)
         self.vocab_size = vocab_size
-        self.optimizer = torch.optim.AdamW([self.student], lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
-                                           weight_decay=optim_cfg.weight_decay)
+        self.optimizer = build_adamw([self.student], optim_cfg)
 
-    def grad_norm_and_clip(self, max_norm: float) -> float:
-        """Undo the world-size loss scale, then clip by the norm over all ranks' rows (one all-reduce)."""
+    def local_grad_sq(self) -> Tensor:
+        """Undo the world-size loss scale; return this rank's squared gradient norm [1] (summed over ranks by the
+        caller, in the same all-reduce as the step's non-finite flag)."""
         g = self.student.grad
         if g is None:
-            return 0.0
+            return torch.zeros(1, device=self.student.device)
         if self.world > 1:
             g.div_(self.world)
-        sq = g.float().pow(2).sum().reshape(1)
-        if self.world > 1:
-            dist.all_reduce(sq, group=self.group)
-        norm = float(sq.sqrt())
-        if max_norm > 0 and norm > max_norm:
-            g.mul_(max_norm / (norm + 1e-6))
-        return norm
+        return g.float().pow(2).sum().reshape(1)
 
-    def step(self, max_norm: float) -> float:
-        norm = self.grad_norm_and_clip(max_norm)
-        self.optimizer.step()
+    def step(self, max_norm: float, global_sq: Tensor, skip: bool) -> Tensor:
+        """Clip by the norm over all ranks' rows and update, or drop the gradient when the step is skipped (the
+        optimizer state stays untouched). Returns the norm (a device scalar)."""
+        norm = global_sq.sqrt().reshape(())
+        if not skip and self.student.grad is not None:
+            if max_norm > 0:  # min(1, c / norm) as a tensor: no host read
+                self.student.grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -156,14 +155,19 @@ def _digest(tensors) -> str:
     return h.hexdigest()
 
 
-def _clip_local(params, max_norm: float) -> float:
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
+def build_adamw(params, o) -> torch.optim.AdamW:
+    """The one AdamW of the pipeline (body and output layer): optim.lr, betas, weight_decay."""
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def _full(t: Tensor) -> Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _finite_local(tensors) -> Tensor:
+    """A device bool: every element of these local tensors is finite (no host read)."""
+    flags = [torch.isfinite(t.detach()).all() for t in tensors if t.numel()]
+    return torch.stack(flags).all() if flags else torch.tensor(True)
 
 
 def _set_lr(optimizer, lr: float) -> None:
@@ -176,9 +180,7 @@ class LocalModels:
 
     def __init__(self, student, teacher, heads: OutputHeads, cfg):
         self.student, self.teacher, self.heads, self.cfg = student, teacher, heads, cfg
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(student.parameters(), lr=o.lr, betas=tuple(o.betas),
-                                           weight_decay=o.weight_decay)
+        self.optimizer = build_adamw(student.parameters(), cfg.optim)
 
     def student_hidden(self, input_ids, attention_mask):
         return _hidden(self.student, input_ids, attention_mask)
@@ -194,12 +196,28 @@ class LocalModels:
     def backward(self, loss):
         loss.backward()
 
-    def step(self):
-        """Clip and update the body; returns its gradient norm (the heads step on their own)."""
-        norm = _clip_local(self.student.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
+    def step(self, bad: Tensor) -> tuple[Tensor, bool]:
+        """Clip and update the body unless `bad` (the step's agreed non-finite flag, a device bool) or the body's
+        own gradient norm is non-finite; then the gradients are dropped and the optimizer state stays untouched.
+        Returns (body gradient norm, skipped). The norm is global (FSDP2 reduces it over ranks), so every rank
+        decides alike."""
+        params = [p for p in self.student.parameters() if p.grad is not None]
+        # under FSDP2 the norm is a DTensor of partial sums; its full value is the global norm
+        raw = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        norm = _full(raw)
+        # the one host read of the step: whether to update gates the optimizer (and keeps NaN out of the weights)
+        skipped = bool(bad | ~torch.isfinite(norm))
+        if not skipped and params:
+            if self.cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, raw)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return norm, skipped
+
+    def local_state_is_finite(self) -> Tensor:
+        """This rank's share of the trainable state (body shards, output-layer rows) is finite: checked before
+        every checkpoint and export, so a non-finite state is never written."""
+        return _finite_local([_local_shard(p) for p in self.student.parameters()] + [self.heads.student])
 
     def save(self, path):
         torch.save({"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict()},
@@ -277,19 +295,10 @@ class FsdpModels(LocalModels):
 
 
 def deepspeed_config(path: str, cfg, world: int, *, train: bool) -> dict:
-    """The JSON with the batch sizes, clipping and precision filled from the pipeline config. A JSON that sets one
-    of those fields itself is refused: one source of truth."""
-    with open(path) as f:
-        ds = json.load(f)
-    owned = ["train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-             "gradient_clipping", "optimizer", "scheduler"]
-    clash = [k for k in owned if k in ds and ds[k] != "auto"]
-    if clash:
-        raise ValueError(f"{path} sets {clash}: these come from the pipeline config (train.*, optim.*); "
-                         f"remove them or set them to \"auto\"")
-    stage = ds.get("zero_optimization", {}).get("stage")
-    if stage != 3:
-        raise ValueError(f"{path}: zero_optimization.stage must be 3, got {stage}")
+    """The JSON (checked by config.read_deepspeed_json) with the batch sizes, clipping and precision filled from the
+    pipeline config."""
+    from pipeline.config import read_deepspeed_json
+    ds = read_deepspeed_json(path)
     tr = cfg.train
     ds.update(train_micro_batch_size_per_gpu=tr.micro_batch_size,
               gradient_accumulation_steps=tr.grad_accum if train else 1,
@@ -310,9 +319,7 @@ class DeepSpeedModels(LocalModels):
         import deepspeed
         world = dist.get_world_size(group)
         p = cfg.parallel
-        o = cfg.optim
-        optimizer = torch.optim.AdamW(student.parameters(), lr=o.lr, betas=tuple(o.betas),
-                                      weight_decay=o.weight_decay)
+        optimizer = build_adamw(student.parameters(), cfg.optim)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=student, optimizer=optimizer, config=deepspeed_config(p.ds_student_config, cfg, world, train=True))
         self.teacher_engine, *_ = deepspeed.initialize(
@@ -330,12 +337,27 @@ class DeepSpeedModels(LocalModels):
     def backward(self, loss):
         # the token weights already divide by the count over the whole accumulation window
         self.engine.backward(loss, scale_wrt_gas=False)
-        self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # bookkeeping only; the update waits for step() at the boundary
 
-    def step(self):
-        # the body was clipped and updated inside engine.step() at the accumulation boundary
+    def step(self, bad: Tensor) -> tuple[Tensor, bool]:
+        """The boundary engine.step(): DeepSpeed clips and updates, and skips by itself when the body's gradient
+        norm is non-finite (zero_optimization stage 3 checks it for every dtype). When the step's agreed flag is
+        bad although the body is finite, the inner AdamW step is vetoed for this one call, so parameters and
+        optimizer state stay untouched either way."""
+        veto = bool(bad)  # host read: gates the update
+        inner = self.engine.optimizer.optimizer
+        if veto:
+            inner.step = lambda *args, **kwargs: None  # instance attribute shadows AdamW.step for this call only
+        try:
+            self.engine.step()
+        finally:
+            if veto:
+                del inner.step
+        skipped = veto or bool(getattr(self.engine.optimizer, "overflow", False))
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
+        norm = torch.as_tensor(float("inf") if skipped or norm is None else norm, dtype=torch.float32)
+        return norm, skipped
 
     def save(self, path):
         self.engine.save_checkpoint(os.path.join(path, "body"), tag="state", save_latest=False)

@@ -9,17 +9,57 @@ Shapes: B micro-batch, T sequence length, H hidden size, N = B (T - 1) predicted
 """
 from __future__ import annotations
 
-import argparse
-import math
-import os
-import sys
-import time
+from pipeline import signals
 
-import torch
+if __name__ == "__main__":  # before the slow imports below: a SIGUSR1 / SIGTERM during start-up is a stop request
+    signals.install()
 
-from pipeline import checkpoint, config as C, data, distributed, losses, rollout
-from pipeline.metrics import Metrics, Progress
-from pipeline.vocab_parallel import fused_linear_loss
+import argparse  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import torch  # noqa: E402
+
+from pipeline import checkpoint, config as C, data, distributed, losses, rollout, rundir  # noqa: E402
+from pipeline.metrics import Metrics, Progress  # noqa: E402
+from pipeline.vocab_parallel import fused_linear_loss  # noqa: E402
+
+EXIT_INPUT = 2      # the config, the data or the run directory needs a fix (said in the message); nothing lost
+EXIT_NONFINITE = 3  # too many consecutive non-finite steps; the last good state was checkpointed
+
+
+@dataclass
+class LoopState:
+    """The loop's own counters, checkpointed with the rest (a Stateful)."""
+    step: int = 0
+    skipped: int = 0              # steps whose update was skipped (non-finite loss or gradient), in total
+    consecutive_skips: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "skipped": self.skipped, "consecutive_skips": self.consecutive_skips}
+
+    def load_state_dict(self, s: dict) -> None:
+        # the run of consecutive skips is counted per launch: a relaunch (say with a lower optim.lr) starts afresh
+        self.step, self.skipped, self.consecutive_skips = int(s["step"]), int(s["skipped"]), 0
+
+
+class NonFiniteStop(RuntimeError):
+    pass
+
+
+def parse_fault(spec: str | None) -> tuple[int, int] | None:
+    """PIPELINE_FAULT=nan@STEP:RANK (fault-injection for the tests and for drills): rank RANK's token weights are
+    NaN in step STEP, which makes the global loss and every gradient NaN as a real overflow would."""
+    if not spec:
+        return None
+    kind, _, where = spec.partition("@")
+    step, _, rank = where.partition(":")
+    if kind != "nan" or not step.isdigit() or not rank.isdigit():
+        raise ValueError(f"PIPELINE_FAULT={spec!r}: use nan@STEP:RANK")
+    return int(step), int(rank)
 
 
 def lr_at(step: int, o: C.OptimConfig, total: int) -> float:
@@ -41,6 +81,7 @@ class Run:
         from pipeline.parallelize import parallelize
         self.cfg, self.dist = cfg, dist_ctx
         self.tokenizer = M.load_tokenizer(cfg)
+        M.preflight(cfg, self.tokenizer)  # model configs and tokenizers, before any data or weights load
         self.batches = data.make_batches(cfg, self.tokenizer, dist_ctx.rank, dist_ctx.world)
         # held-out data too is read before any model loads, so a bad file fails fast
         self.eval_data = None  # this rank's held-out blocks [n, seq_len] (text) or (prompt, response) pairs (chat)
@@ -57,7 +98,8 @@ class Run:
         t = lc.taid
         self.taid = (losses.TaidSchedule(cfg.train.steps, t.t_start, t.t_end, t.alpha, t.beta, t.adaptive)
                      if lc.method == "taid" else None)
-        self.step = 0
+        self.loop = LoopState()
+        self.fault = parse_fault(os.environ.get("PIPELINE_FAULT"))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
         r = cfg.rollout
@@ -66,6 +108,18 @@ class Run:
         self.schedule = (rollout.AdaptiveSchedule(r.adaptive_init, r.adaptive_step, r.adaptive_eps, r.replay_schedule)
                          if r.schedule == "adaptive" else None)
         self.metrics = Metrics(os.path.join(cfg.run_dir, "tb"), dist_ctx.is_main and cfg.logging.tensorboard)
+        # everything a checkpoint carries besides the model bodies: save, load and verification iterate over this
+        self.state: dict[str, checkpoint.Stateful] = {
+            "loop": self.loop, "data": self.batches, "heads": self.models.heads, "rng": checkpoint.RngState(),
+            "replay": self.replay}
+        if self.taid is not None:
+            self.state["taid"] = self.taid
+        if self.schedule is not None:
+            self.state["schedule"] = self.schedule
+
+    @property
+    def step(self) -> int:
+        return self.loop.step
 
     def method_overrides(self) -> dict:
         lc = self.cfg.loss
@@ -76,10 +130,6 @@ class Run:
             return {"lam": losses.scheduled_value(lam0, lc.lam_end, self.step, self.cfg.train.steps)}
         return {}
 
-    def extra_state(self) -> dict:
-        return {"data": self.batches.state_dict(), "taid": self.taid.state_dict() if self.taid else None,
-                "replay": self.replay.state_dict(), "schedule": self.schedule.state_dict() if self.schedule else None}
-
     def max_new_tokens(self) -> int:
         d = self.cfg.data
         return self.cfg.rollout.max_new_tokens or d.seq_len - d.max_prompt_len
@@ -89,10 +139,11 @@ def _heldout(cfg: C.Config, tokenizer, dist_ctx):
     import dataclasses
     d = cfg.data
     if d.kind == "chat":
-        examples = data.load_examples(d, tokenizer, files=d.eval_files)[: d.eval_blocks]
+        examples = data.load_examples(d, tokenizer, files=d.eval_files, what="data.eval_files")[: d.eval_blocks]
     else:
         held = dataclasses.replace(d, files=d.eval_files, streaming=False, max_documents=None)
-        examples = data.pack_blocks(data.load_documents(held), tokenizer, held.text_field, held.seq_len)
+        examples = data.pack_blocks(data.load_documents(held, "data.eval_files"), tokenizer, held.text_field,
+                                    held.seq_len)
         examples = examples[: d.eval_blocks]
     if len(examples) < dist_ctx.world:
         raise ValueError(f"data.eval_files hold {len(examples)} usable held-out sequences, fewer than the "
@@ -151,7 +202,9 @@ def train_step(run: Run) -> dict:
     distributed.all_reduce_sum(count, group)
     count.clamp_(min=1.0)
     overrides = run.method_overrides()
-    total, stats = 0.0, {"agree": 0.0, "tokens": 0.0}
+    poison = run.fault is not None and run.fault == (run.step + 1, run.dist.rank)
+    total = torch.zeros((), device=run.dist.device)  # the replicated global loss, kept on the device
+    stats = {"agree": 0.0, "tokens": 0.0}
     for mb in micro:
         inputs, targets, attn = mb.tokens[:, :-1], mb.tokens[:, 1:], mb.attention_mask[:, :-1]
         hs = run.models.student_hidden(inputs, attn)                       # [B, T-1, Hs]
@@ -159,22 +212,38 @@ def train_step(run: Run) -> dict:
         n = targets.numel()
         # ATKD's per-sequence scope
         groups = torch.arange(inputs.shape[0], device=inputs.device).repeat_interleave(inputs.shape[1])
+        weight = mb.loss_mask.reshape(n).float() / count
+        if poison:
+            weight = weight * float("nan")
         loss = fused_linear_loss(
             run.loss_fn, hs.reshape(n, -1), ht.reshape(n, -1), heads.student, heads.teacher,
-            token_weight=mb.loss_mask.reshape(n).float() / count, targets=targets.reshape(n), groups=groups,
+            token_weight=weight, targets=targets.reshape(n), groups=groups,
             group=group, vocab_start=heads.start, chunk_size=cfg.loss.chunk_size, compile=cfg.loss.compile,
             ce_weight=cfg.loss.ce_weight, stats=stats, **overrides)
         # DeepSpeed / FSDP average body gradients over ranks, but each rank already holds the gradient of the
         # global loss for its tokens: scale up here, the heads scale their (never averaged) gradient back down
         models.backward(loss * world)
-        total += float(loss.detach())
-    body_norm = models.step()
-    head_norm = heads.step(cfg.optim.grad_clip)
-    run.step += 1
-    if run.taid is not None:
-        run.taid.update(total)  # identical on every rank: `total` is the replicated global loss
+        total += loss.detach()
+    # The non-finite guard: one all-reduce carries the output layer's squared gradient norm and whether any rank
+    # saw a non-finite loss; the backend adds its body's gradient norm and decides with one host read. A bad step
+    # is skipped on every rank alike: no update, optimizer state untouched.
+    flags = torch.cat([heads.local_grad_sq(), (~torch.isfinite(total)).float().reshape(1)])
+    distributed.all_reduce_sum(flags, group)
+    bad = (flags[1] > 0) | ~torch.isfinite(flags[0])
+    body_norm, skipped = models.step(bad)
+    head_norm = heads.step(cfg.optim.grad_clip, flags[:1], skipped)
+    run.loop.step += 1
+    total = float(total)  # the step's one read of the loss, for the logs
+    if skipped:
+        run.loop.skipped += 1
+        run.loop.consecutive_skips += 1
+    else:
+        run.loop.consecutive_skips = 0
+        if run.taid is not None:
+            run.taid.update(total)  # identical on every rank: `total` is the replicated global loss
     elapsed = time.perf_counter() - t0
-    scalars = {"loss/total": total, "lr": lr, "grad_norm/body": body_norm, "grad_norm/head": head_norm,
+    scalars = {"loss/total": total, "lr": lr, "grad_norm/body": float(body_norm), "grad_norm/head": float(head_norm),
+               "train/skipped_steps": run.loop.skipped,
                "tokens_per_s": float(count) / elapsed, "agreement/top1": stats["agree"] / max(stats["tokens"], 1),
                "method/t": run.taid.t if run.taid else None, "method/lam": overrides.get("lam"),
                "memory/peak_gb": _peak_memory_gb()}
@@ -258,23 +327,6 @@ def _peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
 
 
-class Preemption:
-    """SIGUSR1 (Slurm's `--signal=USR1@secs` before the time limit, or `scancel --signal=USR1`) asks the run to
-    stop: ranks may receive it at different steps, so after every step they agree with one MAX all-reduce of a
-    flag, then all of them checkpoint at the same step and leave; rank 0 requeues the Slurm job."""
-
-    def __init__(self):
-        import signal
-        self.flag = False
-        signal.signal(signal.SIGUSR1, self._handle)
-
-    def _handle(self, signum, frame):
-        self.flag = True
-
-    def requested(self, group) -> bool:
-        return distributed.any_rank(self.flag, group)
-
-
 def requeue_slurm_job() -> None:
     import subprocess
     job = os.environ.get("SLURM_JOB_ID")
@@ -291,7 +343,24 @@ def _write_summary(run_dir, dist_ctx, step, losses_seen, digest_before, digest_a
                    "teacher_digest_after": digest_after}, f)
 
 
+def _save(run: Run, dist_ctx) -> None:
+    cfg = run.cfg
+    # rank 0 writes the manifest and renames alone; the others wait for it at a barrier
+    with distributed.timeout_scope(cfg.safety.save_timeout_s, cfg.safety.collective_timeout_s):
+        checkpoint.save(cfg.run_dir, run.step, run.models, run.state, dist_ctx, cfg.checkpoint.keep_last,
+                        C.to_dict(cfg), C.fingerprint(C.to_dict(cfg), dist_ctx.world))
+
+
+def _say(dist_ctx, msg: str) -> None:
+    prefix = f"[rank {dist_ctx.rank}] " if dist_ctx is not None and dist_ctx.world > 1 else ""
+    print(prefix + msg, file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
+    """Exit codes: 0 done (or stopped by a signal with a checkpoint written), 2 the input needs a fix (config, data,
+    run directory; the message says what, nothing on disk was lost), 3 too many consecutive non-finite steps, 1 any
+    other failure (a collective timed out, no checkpoint verifies, a crash)."""
+    signals.install()  # again, for callers that import this module instead of running it
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML config; any field can be overridden as --section.key=v")
     args, overrides = ap.parse_known_args(argv)
@@ -299,65 +368,123 @@ def main(argv=None) -> int:
         cfg = C.load_config(args.config, overrides)  # every check that needs no model or data, before either loads
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    dist_ctx = distributed.init(require_group=cfg.parallel.backend != "none")
+    try:
+        dist_ctx = distributed.init(require_group=cfg.parallel.backend != "none",
+                                    timeout_s=cfg.safety.startup_timeout_s)
+    except ValueError as e:
+        print(f"launch error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except distributed.RendezvousError as e:
+        print(f"launch error: {e}", file=sys.stderr)
+        return 1
+    lock = rundir.RunLock(cfg.run_dir)
+    try:
+        return _run(cfg, dist_ctx, lock, sys.argv[1:] if argv is None else list(argv))
+    except ValueError as e:  # config vs world size, run directory, data, model configs: the message says the fix
+        _say(dist_ctx, f"error: {e}")
+        return EXIT_INPUT
+    except NonFiniteStop as e:
+        _say(dist_ctx, f"error: {e}")
+        return EXIT_NONFINITE
+    except checkpoint.CheckpointError as e:
+        _say(dist_ctx, f"error: {e}")
+        return 1
+    except torch.distributed.DistError as e:
+        _say(dist_ctx, f"error: a collective failed or timed out (bound: safety.collective_timeout_s = "
+                       f"{cfg.safety.collective_timeout_s:.0f} s; safety.startup_timeout_s while loading): another "
+                       f"rank stopped, hung or died. {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return 1
+    finally:
+        lock.release()
+
+
+def _run(cfg: C.Config, dist_ctx: distributed.Dist, lock: rundir.RunLock, argv: list[str]) -> int:
     C.validate(cfg, world_size=dist_ctx.world)
-    torch.manual_seed(cfg.train.seed + dist_ctx.rank)
+    # one run per run directory: rank 0 holds the lock; every rank learns whether it got it
+    failure = None
     if dist_ctx.is_main:
-        C.save_resolved(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        try:
+            lock.acquire()
+        except rundir.RunDirError as e:
+            failure = str(e)
+    if distributed.any_rank(failure is not None, dist_ctx.group):
+        raise rundir.RunDirError(failure or "rank 0 could not lock the run directory (its message says why)")
+    first_choice, changes = rundir.prepare(cfg, dist_ctx.world, dist_ctx.is_main)
+    distributed.barrier(dist_ctx.group)  # rank 0 may have cleared the directory (checkpoint.overwrite)
+    torch.manual_seed(cfg.train.seed + dist_ctx.rank)
     run = Run(cfg, dist_ctx)
-    start = 0
-    resume_from = checkpoint.latest(cfg.run_dir) if cfg.checkpoint.resume else None
-    if resume_from:
-        state = checkpoint.load(resume_from, run.models, dist_ctx)
-        run.batches.load_state_dict(state["data"])
-        run.replay.load_state_dict(state.get("replay") or {"items": []})
-        if run.schedule is not None:
-            run.schedule.load_state_dict(state["schedule"])
-        if run.taid is not None:
-            run.taid.load_state_dict(state["taid"])
-        run.step = start = state["step"]
-        if dist_ctx.is_main:
-            print(f"resumed from {resume_from} at step {start}", file=sys.stderr)
+    # models are loaded: from now on a rank that stops is an error on the others within the collective bound
+    distributed.set_timeout(cfg.safety.collective_timeout_s)
+    resumed = None
+    if cfg.checkpoint.resume:
+        def check(path):  # a fallback checkpoint must be resumable too
+            if path != first_choice and (manifest := checkpoint.read_manifest(path)) is not None:
+                changes.update(rundir.check_resumable(manifest, cfg, dist_ctx.world, path))
+        resumed = checkpoint.load_newest_valid(cfg.run_dir, run.models, run.state, dist_ctx, log=checkpoint.warn,
+                                               before_load=check)
+    start = run.step
+    if dist_ctx.is_main:
+        if resumed:
+            print(f"resumed from {resumed} at step {start}", file=sys.stderr)
+        rundir.record_start(cfg, dist_ctx.world, dist_ctx.source, resumed, start, changes, argv)
     progress = Progress(cfg.train.steps, dist_ctx.is_main and cfg.logging.progress, start)
     digest_before = run.models.teacher_state_digest()
     losses_seen = []
     end = cfg.train.stop_after or cfg.train.steps
-    preemption = Preemption()
-    preempted = False
+    last_saved = start
+    stop = 0
     if run.eval_data is not None and run.step == 0:
         _log_eval(run)
     while run.step < end:
+        # every rank learns whether any rank was asked to stop (one MAX all-reduce per step)
+        stop = int(distributed.max_over_ranks(signals.local_request(), dist_ctx.group))
+        if stop:
+            break
         scalars = train_step(run)
         losses_seen.append(scalars["loss/total"])
-        if run.step % cfg.train.log_every == 0 or run.step == cfg.train.steps:
+        if run.step % cfg.train.log_every == 0 or run.step == cfg.train.steps or run.loop.consecutive_skips:
             run.metrics.log(run.step, scalars)
         progress.update(run.step, loss=scalars["loss/total"], lr=scalars["lr"],
                         tok_s=round(scalars["tokens_per_s"]))
         if dist_ctx.is_main:  # one line per step in the run's log: what the tests and the tools read back
             with open(os.path.join(cfg.run_dir, "losses.tsv"), "a") as f:
                 f.write(f"{run.step}\t{scalars['loss/total']!r}\n")
+        if run.loop.consecutive_skips:
+            if dist_ctx.is_main:
+                print(f"step {run.step}: non-finite loss or gradient norm (loss {scalars['loss/total']}): update "
+                      f"skipped ({run.loop.consecutive_skips} in a row, {run.loop.skipped} in all)", file=sys.stderr)
+            if run.loop.consecutive_skips > cfg.safety.max_consecutive_skips:
+                _save(run, dist_ctx)  # the state is the last good one (skipped steps change no weight)
+                raise NonFiniteStop(
+                    f"{run.loop.consecutive_skips} consecutive steps had a non-finite loss or gradient (limit "
+                    f"safety.max_consecutive_skips = {cfg.safety.max_consecutive_skips}); stopped at step "
+                    f"{run.step}. The last good weights are in checkpoint step_{run.step:08d}, nothing non-finite "
+                    f"was written. Lower optim.lr (or check the data and the teacher), then relaunch to resume")
         if run.eval_data is not None and run.step % cfg.train.eval_every == 0:
             _log_eval(run)
-        preempted = preemption.requested(dist_ctx.group)
         every = cfg.checkpoint.every
-        if (every and run.step % every == 0) or run.step == end or preempted:
-            checkpoint.save(cfg.run_dir, run.step, run.models, run.extra_state(), dist_ctx, cfg.checkpoint.keep_last)
-        if preempted:
-            break
+        if every and run.step % every == 0:
+            _save(run, dist_ctx)
+            last_saved = run.step
     progress.close()
-    if preempted:
+    if run.step != last_saved:
+        _save(run, dist_ctx)
+    if stop:
         if dist_ctx.is_main:
-            requeue_slurm_job()
+            print(f"stopped by a signal at step {run.step}: checkpoint written", file=sys.stderr)
+            if stop == signals.REQUEUE:
+                requeue_slurm_job()
         run.metrics.close()
         distributed.barrier(dist_ctx.group)
         return 0
     _write_summary(cfg.run_dir, dist_ctx, run.step, losses_seen, digest_before, run.models.teacher_state_digest())
     if cfg.checkpoint.export and run.step == cfg.train.steps:
-        out = checkpoint.export_student(os.path.join(cfg.run_dir, "student"), run.models, run.student_config,
-                                        run.tokenizer, dist_ctx)
+        with distributed.timeout_scope(cfg.safety.save_timeout_s, cfg.safety.collective_timeout_s):
+            out = checkpoint.export_student(os.path.join(cfg.run_dir, "student"), run.models, run.student_config,
+                                            run.tokenizer, dist_ctx)
         if out:
             print(f"exported the student to {out}", file=sys.stderr)
     run.metrics.close()

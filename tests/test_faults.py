@@ -1,0 +1,403 @@
+"""The fault suite: each case a real run (1 or 2 processes, the debug config, the real backends), ending in one of a
+clear error that names the fix (exit 2, before any model loads where the problem is knowable then), a recovery that
+is bitwise identical to an uninterrupted run, or a refusal that leaves everything on disk untouched. Never exit 0
+with a wrong result, never a lost valid checkpoint, no wait beyond the configured bound plus 30 s."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_train import DEBUG, ENV, REPO, command, losses
+
+ONPOLICY = "pipeline/configs/debug_onpolicy.yaml"
+SHORT = ["--train.steps=6", "--checkpoint.every=2", "--checkpoint.keep_last=10"]
+# the rank that poisons its token weights is rank 1 where there is one
+FAULT_RANK = {"none": 0, "deepspeed": 1, "fsdp2": 1}
+NPROC = {"none": 1, "deepspeed": 2, "fsdp2": 2}
+
+
+def run(run_dir, backend, *overrides, env=None, timeout=300, nproc=None):
+    return subprocess.run(command(run_dir, nproc or NPROC[backend], backend, *overrides), cwd=REPO,
+                          env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+def ok(p):
+    assert p.returncode == 0, p.stderr[-5000:]
+    return p
+
+
+def refused(p, *words, code=2):
+    """Exit `code` with a message holding every word, and no traceback of ours."""
+    assert p.returncode == code, (p.returncode, p.stderr[-5000:])
+    for w in words:
+        assert w in p.stderr, (w, p.stderr[-3000:])
+    assert "Traceback" not in p.stderr, p.stderr[-5000:]
+
+
+def loss_lines(run_dir) -> list[tuple[int, str]]:
+    """Every line of losses.tsv in order (a resumed run writes a step again)."""
+    return [(int(a), b) for a, b in (x.split("\t") for x in (Path(run_dir) / "losses.tsv").read_text().splitlines())]
+
+
+def snapshot(d: Path) -> dict:
+    """path -> (size, mtime, sha256) of every file under d: 'nothing on disk was touched'."""
+    out = {}
+    for p in sorted(d.rglob("*")):
+        if p.is_file() and p.name != ".lock":
+            out[str(p.relative_to(d))] = (p.stat().st_size, p.stat().st_mtime_ns,
+                                          hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def tensors(obj, prefix=""):
+    """Every tensor inside a nested checkpoint object, by path."""
+    out = {}
+    if torch.is_tensor(obj):
+        out[prefix] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(tensors(v, f"{prefix}/{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(tensors(v, f"{prefix}/{i}"))
+    return out
+
+
+def trained_state(ckpt: Path) -> dict:
+    """The trainable state of a checkpoint: model body + optimizer files and each rank's output-layer rows and
+    their AdamW state (not the data position, RNG or counters, which move on with every step)."""
+    out = {}
+    if (ckpt / "body" / ".metadata").exists():  # FSDP2: a DCP directory; read it whole through DCP's converter
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        whole = ckpt.parent.parent / f"dcp_{ckpt.name}.pt"
+        dcp_to_torch_save(ckpt / "body", whole)
+        out.update({f"body{k}": v for k, v in tensors(torch.load(whole, weights_only=False)).items()})
+    for f in sorted(ckpt.rglob("*")):
+        if f.suffix == ".pt" and f.is_file():
+            obj = torch.load(f, weights_only=False, map_location="cpu")
+            if f.name.startswith("rank"):
+                obj = obj["heads"]
+            out.update({f"{f.relative_to(ckpt)}{k}": v for k, v in tensors(obj).items()})
+    return out
+
+
+def ckpt(run_dir, step) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# non-finite steps
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["none", "deepspeed", "fsdp2"])
+def test_a_nan_step_is_skipped_on_every_rank_and_changes_nothing(tmp_path, backend):
+    p = ok(run(tmp_path, backend, *SHORT, "--checkpoint.every=1", env={
+        "PIPELINE_FAULT": f"nan@3:{FAULT_RANK[backend]}"}))
+    got = dict(loss_lines(tmp_path))
+    assert got[3] == "nan" and all(v != "nan" for s, v in got.items() if s != 3), got
+    assert "step 3: non-finite" in p.stderr
+    before, skipped, after = (trained_state(ckpt(tmp_path, s)) for s in (2, 3, 4))
+    assert before.keys() == skipped.keys() and len(before) > 4
+    for k in before:  # parameters and optimizer state bitwise untouched by the skipped step
+        assert torch.equal(before[k], skipped[k]), k
+    assert any(not torch.equal(skipped[k], after[k]) for k in before)  # and the next step trains again
+    assert (tmp_path / "student" / "model.safetensors").exists()
+
+
+def test_diverging_run_stops_with_an_error_and_writes_nothing_non_finite(tmp_path):
+    p = run(tmp_path, "none", "--optim.lr=1.0e+6", "--optim.warmup_steps=0", "--train.steps=12",
+            "--checkpoint.every=1", "--checkpoint.keep_last=1", "--safety.max_consecutive_skips=2")
+    refused(p, "consecutive steps had a non-finite loss", "optim.lr", code=3)
+    assert not (tmp_path / "student").exists()  # no export
+    ckpts = sorted((tmp_path / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "COMPLETE").exists()  # rotation kept the newest, finite one
+    assert all(torch.isfinite(t).all() for t in trained_state(ckpts[0]).values() if t.is_floating_point())
+    assert "update skipped (3 in a row" in p.stderr and f"stopped at step {int(ckpts[0].name[5:])}" in p.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# checkpoints that prove themselves
+# --------------------------------------------------------------------------------------------------------------
+def _biggest_body_file(c: Path) -> Path:
+    files = [f for f in (c / "body").rglob("*") if f.is_file()] if (c / "body").exists() else [c / "body.pt"]
+    return max(files, key=lambda f: f.stat().st_size)
+
+
+@pytest.mark.parametrize("backend", ["none", "deepspeed", "fsdp2"])
+def test_truncated_shard_falls_back_to_the_older_checkpoint_bitwise(tmp_path, backend):
+    ok(run(tmp_path, backend, *SHORT, "--train.stop_after=4"))
+    first = loss_lines(tmp_path)
+    victim = _biggest_body_file(ckpt(tmp_path, 4))
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    p = ok(run(tmp_path, backend, *SHORT))
+    assert str(victim.relative_to(ckpt(tmp_path, 4))) in p.stderr and "truncated" in p.stderr
+    assert "OLDER checkpoint" in p.stderr and "step_00000002" in p.stderr
+    again = loss_lines(tmp_path)[len(first):]
+    assert [s for s, _ in again] == [3, 4, 5, 6]
+    assert again[:2] == first[2:4]  # steps 3-4 recomputed from step 2 equal the uninterrupted ones, bitwise
+
+
+def test_flipped_bytes_are_detected_and_no_valid_checkpoint_is_an_error(tmp_path):
+    ok(run(tmp_path, "none", "--train.steps=4", "--checkpoint.every=2", "--checkpoint.export=false"))
+    for step in (2, 4):
+        f = _biggest_body_file(ckpt(tmp_path, step))
+        raw = bytearray(f.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF  # inside tensor data: the file still loads, with a wrong value
+        f.write_bytes(bytes(raw))
+    before = snapshot(tmp_path / "checkpoints")
+    p = run(tmp_path, "none", "--train.steps=6", "--checkpoint.every=2", "--checkpoint.export=false")
+    refused(p, "body.pt: contents differ", "no checkpoint in", "Nothing was loaded or deleted", code=1)
+    assert snapshot(tmp_path / "checkpoints") == before
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the run directory
+# --------------------------------------------------------------------------------------------------------------
+def _start(run_dir, *overrides, nproc=1, backend="none"):
+    return subprocess.Popen(command(run_dir, nproc, backend, *overrides), cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_steps(run_dir, n, timeout=120):
+    tsv = Path(run_dir) / "losses.tsv"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if tsv.exists() and len(tsv.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{run_dir} did not reach {n} steps")
+
+
+def test_a_second_launch_on_a_busy_run_dir_is_refused_at_once(tmp_path):
+    first = _start(tmp_path, "--train.steps=400", "--checkpoint.every=0")
+    try:
+        _wait_for_steps(tmp_path, 2)
+        t0 = time.time()
+        p = run(tmp_path, "none", "--train.steps=400")
+        refused(p, "is in use by another run", f"pid {first.pid}")
+        assert time.time() - t0 < 30
+        os.kill(first.pid, signal.SIGUSR1)  # the first run stops cleanly, with a checkpoint
+        assert first.wait(timeout=120) == 0, first.stderr.read()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    steps = [s for s, _ in loss_lines(tmp_path)]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: no interleaved lines
+    # the lock went with its holder: a new launch resumes
+    p = ok(run(tmp_path, "none", "--train.steps=400", "--train.stop_after=" + str(steps[-1] + 1)))
+    assert "resumed from" in p.stderr
+
+
+def test_resume_false_refuses_to_overwrite_unless_told(tmp_path):
+    ok(run(tmp_path, "none", "--train.steps=2"))
+    before = snapshot(tmp_path)
+    refused(run(tmp_path, "none", "--train.steps=2", "--checkpoint.resume=false"), "checkpoint.overwrite=true")
+    assert snapshot(tmp_path) == before
+    ok(run(tmp_path, "none", "--train.steps=2", "--checkpoint.resume=false", "--checkpoint.overwrite=true"))
+    assert [s for s, _ in loss_lines(tmp_path)] == [1, 2]  # started again, the old log gone
+    history = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and history[1]["overwrite"]
+
+
+def test_resume_refuses_config_drift_and_records_safe_changes(tmp_path):
+    ok(run(tmp_path, "none", "--train.steps=2"))
+    before = snapshot(tmp_path)
+    p = run(tmp_path, "none", "--train.steps=2", "--loss.method=fkl", "--loss.options={}", "--data.seq_len=16")
+    refused(p, "loss.method", "'amid' in the checkpoint, 'fkl' now", "data.seq_len", "loss.options.alpha")
+    assert snapshot(tmp_path) == before  # config.yaml included: a failed launch writes nothing
+    refused(run(tmp_path, "none", "--train.steps=2", "--train.micro_batch_size=2"), "train.micro_batch_size")
+    ok(run(tmp_path, "none", "--train.steps=3", "--train.log_every=2"))
+    last = json.loads((tmp_path / "history.jsonl").read_text().splitlines()[-1])
+    assert last["start_step"] == 2 and set(last["changed"]) == {"train.steps", "train.log_every"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# signals and launchers
+# --------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("straight")
+    ok(run(d, "deepspeed", "--train.steps=16", "--checkpoint.every=0"))
+    return dict(loss_lines(d))
+
+
+def _alive(run_dir) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"run_dir={run_dir}"], capture_output=True, text=True).stdout.split()
+    return [int(x) for x in out]
+
+
+@pytest.mark.parametrize("target,sig", [("one rank", signal.SIGUSR1), ("launcher", signal.SIGUSR1),
+                                        ("launcher", signal.SIGTERM)])
+def test_stop_signal_anywhere_checkpoints_and_resumes_bitwise(tmp_path, uninterrupted, target, sig):
+    proc = _start(tmp_path, "--train.steps=16", "--checkpoint.every=0", nproc=2, backend="deepspeed")
+    try:
+        _wait_for_steps(tmp_path, 3)
+        if target == "launcher":
+            os.kill(proc.pid, sig)
+        else:
+            ranks = [p for p in _alive(tmp_path) if p != proc.pid]
+            os.kill(max(ranks), sig)
+        proc.wait(timeout=90)
+        deadline = time.time() + 30
+        while _alive(tmp_path) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _alive(tmp_path), "processes left behind"
+    finally:
+        for p in _alive(tmp_path):
+            os.kill(p, signal.SIGKILL)
+    saved = sorted((tmp_path / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and (saved[0] / "COMPLETE").exists(), proc.stderr.read()[-3000:]
+    stopped_at = int(saved[0].name.split("_")[1])
+    assert 3 <= stopped_at < 16
+    ok(run(tmp_path, "deepspeed", "--train.steps=16", "--checkpoint.every=0"))
+    resumed = dict(loss_lines(tmp_path))
+    assert [resumed[s] for s in range(stopped_at + 1, 17)] == [uninterrupted[s] for s in range(stopped_at + 1, 17)]
+
+
+def test_signal_during_start_up_is_a_clean_stop(tmp_path):
+    proc = _start(tmp_path, "--train.steps=4")
+    time.sleep(1.0)  # still importing / loading
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 0
+    err = proc.stderr.read()
+    assert "Traceback" not in err and not (tmp_path / "checkpoints").exists(), err[-3000:]
+
+
+def test_a_stopped_rank_is_an_error_within_the_bound(tmp_path):
+    bound = 5
+    proc = _start(tmp_path, "--train.steps=400", f"--safety.collective_timeout_s={bound}", nproc=2,
+                  backend="fsdp2")
+    try:
+        _wait_for_steps(tmp_path, 2)
+        ranks = [p for p in _alive(tmp_path) if p != proc.pid]
+        t0 = time.time()
+        os.kill(max(ranks), signal.SIGSTOP)
+        proc.wait(timeout=bound + 30 + 30)
+        waited = time.time() - t0
+    finally:
+        for p in _alive(tmp_path):
+            os.kill(p, signal.SIGKILL)
+    err = proc.stderr.read()
+    assert proc.returncode != 0
+    assert "a collective failed or timed out" in err and "safety.collective_timeout_s = 5" in err, err[-3000:]
+    assert waited < bound + 30 + 10  # the bound, torchrun's 30 s grace for the stopped rank, slack
+
+
+def test_stale_slurm_variables_do_not_make_a_world(tmp_path):
+    env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "1"}
+    ok(run(tmp_path, "none", "--train.steps=1", env=env, timeout=120))
+    assert json.loads((tmp_path / "history.jsonl").read_text())["world_size_from"] == "no launcher variables"
+
+
+def test_world_size_source_is_reported():
+    from pipeline.distributed import env_ranks
+    step = {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4", "SLURM_PROCID": "3",
+            "SLURM_LOCALID": "1"}
+    assert env_ranks(step) == (3, 4, 1, "SLURM_STEP_NUM_TASKS=4")
+    assert env_ranks({"SLURM_NTASKS": "2", "SLURM_PROCID": "0"}) == (0, 1, 0, "no launcher variables")
+    assert env_ranks({"RANK": "1", "WORLD_SIZE": "2"})[3] == "WORLD_SIZE=2"
+    with pytest.raises(ValueError, match="stale"):
+        env_ranks({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# errors users can act on
+# --------------------------------------------------------------------------------------------------------------
+def _quick(*args, timeout=60, env=None):
+    return subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, env={**ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_dir: x\ntrain: {steps: 4\nloss: {method: fkl}\n")
+    t0 = time.time()
+    refused(_quick("--config", str(bad)), f"{bad}:3:", "YAML syntax error")
+    assert time.time() - t0 < 10
+
+
+def test_float_fields_accept_exponents_without_a_dot():
+    from pipeline import config as C
+    cfg = C.load_config(DEBUG, ["--optim.lr=1e-3", "--optim.min_lr=1e-5"])
+    assert cfg.optim.lr == 1e-3 and cfg.optim.min_lr == 1e-5
+
+
+@pytest.mark.parametrize("override,words", [
+    ("--train.global_batch_size=16", ["train.global_batch_size (16)", "world size"]),
+    ("--parallel.ds_student_config=BROKEN", ["parallel.ds_student_config", "not valid JSON"]),
+    ("--model.student_config={model_type: llama, vocab_size: 512, hidden_size: 50, num_attention_heads: 4}",
+     ["model.student_config", "cannot be built"]),
+    ("--model.student_config={model_type: llama, vocab_size: 100, hidden_size: 16, num_attention_heads: 2}",
+     ["student's output layer has 100 rows", "512 tokens"]),
+])
+def test_config_problems_exit_2_before_any_model_loads(tmp_path, override, words):
+    if "BROKEN" in override:
+        broken = tmp_path / "ds.json"
+        broken.write_text('{"zero_optimization": {"stage": 3},\n "bf16": }')
+        override = override.replace("BROKEN", str(broken))
+        words = words + [f"{broken}:2:"]
+    backend = "--parallel.backend=deepspeed" if "ds_" in override else "--parallel.backend=none"
+    t0 = time.time()
+    refused(_quick("--config", DEBUG, f"--run_dir={tmp_path}/run", backend, override), *words)
+    assert time.time() - t0 < 30
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_backend_none_under_a_launcher_is_an_input_error(tmp_path):
+    p = subprocess.run(command(tmp_path, 2, "none", "--train.steps=1"), cwd=REPO, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode != 0 and "parallel.backend none runs one process" in p.stderr
+    assert "exitcode  : 2" in p.stderr or "exitcode: 2" in p.stderr.replace(" ", "")
+    assert not any(line.startswith("[rank") and "Traceback" in line for line in p.stderr.splitlines())
+
+
+def _chat_run(tmp_path, train_rows: str | bytes, eval_rows: str | bytes | None = None):
+    f = tmp_path / "train.jsonl"
+    f.write_bytes(train_rows if isinstance(train_rows, bytes) else train_rows.encode())
+    extra = []
+    if eval_rows is not None:
+        e = tmp_path / "eval.jsonl"
+        e.write_bytes(eval_rows if isinstance(eval_rows, bytes) else eval_rows.encode())
+        extra = [f"--data.eval_files=[{e}]", "--train.eval_every=1"]
+    return _quick("--config", ONPOLICY, f"--run_dir={tmp_path}/run", "--parallel.backend=none",
+                  f"--data.files=[{f}]", "--rollout.student_fraction=0", "--logging.progress=false", *extra)
+
+
+GOOD = "".join(json.dumps({"prompt": f"question {i}", "response": f"answer {i}"}) + "\n" for i in range(8))
+
+
+@pytest.mark.parametrize("rows,eval_rows,words", [
+    ("", None, ["train.jsonl is empty"]),
+    (GOOD + '{"prompt": "x", "response": \n', None, ["train.jsonl:9:", "not valid JSON"]),
+    (GOOD + '{"prompt": "x", "response": null}\n' * 0 + '{"prompt": "x", "response": 7}\n', None,
+     ["row 8", "'response'", "expected text, got int"]),
+    (GOOD.encode() + b'{"prompt": "caf\xe9", "response": "y"}\n', None, ["not UTF-8", "byte offset"]),
+    ('{"prompt": "a", "response": null}\n{"prompt": "b", "response": "  "}\n', None,
+     ["none of the 2 rows has both a non-empty prompt and a non-empty response"]),
+    (GOOD, "", ["data.eval_files", "eval.jsonl is empty"]),
+])
+def test_data_errors_name_the_file_row_and_field(tmp_path, rows, eval_rows, words):
+    refused(_chat_run(tmp_path, rows, eval_rows), *words)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from pipeline import config as C, models as M
+    tok = AutoTokenizer.from_pretrained(REPO / "pipeline/configs/assets/tiny_tokenizer")
+    teacher = tmp_path / "teacher"
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(teacher)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(teacher)
+    cfg = C.load_config(DEBUG, [f"--model.teacher_path={teacher}", "--model.teacher_config=null"])
+    with pytest.raises(ValueError, match="teacher's tokenizer .* differs from the shared one"):
+        M.preflight(cfg, AutoTokenizer.from_pretrained(REPO / "pipeline/configs/assets/tiny_tokenizer"))
