@@ -131,6 +131,17 @@ class RendezvousError(RuntimeError):
     pass
 
 
+def is_comm_failure(e: BaseException) -> bool:
+    """A collective timed out or lost a peer (c10d's DistError, or the bare RuntimeError gloo and NCCL raise from
+    inside FSDP / DeepSpeed hooks)."""
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(k in text for k in (
+        "Timed out waiting", "Connection closed by peer", "Connection reset by peer", "gloo/transport", "NCCL error",
+        "ProcessGroupNCCL", "Socket Timeout"))
+
+
 def set_timeout(seconds: float) -> None:
     """Bound every later collective of every process group of this process (the world and the side groups that
     DeepSpeed / FSDP2 created) by `seconds`: a rank that stopped or died then becomes an error on the others

@@ -392,7 +392,9 @@ def main(argv=None) -> int:
     except checkpoint.CheckpointError as e:
         _say(dist_ctx, f"error: {e}")
         return 1
-    except torch.distributed.DistError as e:
+    except RuntimeError as e:  # DistError, or the plain RuntimeError gloo raises from inside a module's forward
+        if not distributed.is_comm_failure(e):
+            raise
         _say(dist_ctx, f"error: a collective failed or timed out (bound: safety.collective_timeout_s = "
                        f"{cfg.safety.collective_timeout_s:.0f} s; safety.startup_timeout_s while loading): another "
                        f"rank stopped, hung or died. {str(e).splitlines()[0] if str(e) else type(e).__name__}")

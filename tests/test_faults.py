@@ -213,7 +213,7 @@ def test_resume_refuses_config_drift_and_records_safe_changes(tmp_path):
     p = run(tmp_path, "none", "--train.steps=2", "--loss.method=fkl", "--loss.options={}", "--data.seq_len=16")
     refused(p, "loss.method", "'amid' in the checkpoint, 'fkl' now", "data.seq_len", "loss.options.alpha")
     assert snapshot(tmp_path) == before  # config.yaml included: a failed launch writes nothing
-    refused(run(tmp_path, "none", "--train.steps=2", "--train.micro_batch_size=2"), "train.micro_batch_size")
+    refused(run(tmp_path, "none", "--train.steps=2", "--train.micro_batch_size=4"), "train.micro_batch_size")
     ok(run(tmp_path, "none", "--train.steps=3", "--train.log_every=2"))
     last = json.loads((tmp_path / "history.jsonl").read_text().splitlines()[-1])
     assert last["start_step"] == 2 and set(last["changed"]) == {"train.steps", "train.log_every"}
