@@ -124,15 +124,6 @@ def _text(value, field: str, row: int) -> str:
     return value
 
 
-def _token_stream(docs, tokenizer, text_field: str):
-    eos = tokenizer.eos_token_id
-    for i, row in enumerate(docs):
-        text = _text(row[text_field], text_field, i)
-        if text:
-            yield from tokenizer(text, add_special_tokens=False)["input_ids"]
-            yield eos
-
-
 def pack_blocks(docs, tokenizer, text_field: str, seq_len: int) -> Tensor:
     """[num_blocks, seq_len] int64; the tail shorter than a block is dropped."""
     def tok(batch, indices):
@@ -146,13 +137,15 @@ def pack_blocks(docs, tokenizer, text_field: str, seq_len: int) -> Tensor:
 
 
 class PackedBatches:
-    """This rank's micro-batches from in-memory rows: blocks [n, seq_len] (a tensor: returns [B, seq_len]) or
-    instruction examples (a list: returns B of them); a seeded permutation per epoch; resumable via state_dict()."""
+    """This rank's micro-batches from indexable rows: blocks [n, seq_len] (a tensor, or a token store's StoreBlocks:
+    returns [B, seq_len]) or instruction examples (a list: returns B of them); a seeded permutation per epoch;
+    resumable via state_dict(). prefetch: read the next micro-batch in a background thread while the step runs
+    (store reads are I/O)."""
 
-    def __init__(self, blocks, micro_batch: int, rank: int, world: int, seed: int):
+    def __init__(self, blocks, micro_batch: int, rank: int, world: int, seed: int, prefetch: bool = False):
         per_global = micro_batch * world
         if len(blocks) < per_global:
-            if isinstance(blocks, Tensor):
+            if not isinstance(blocks, list):
                 raise ValueError(f"the data holds {len(blocks)} blocks of data.seq_len tokens but one global "
                                  f"micro-batch needs {per_global} (train.micro_batch_size x world size): add data or "
                                  f"shorten data.seq_len")
@@ -162,19 +155,46 @@ class PackedBatches:
         self.per_epoch = len(blocks) // per_global
         self.epoch, self.index = 0, 0
         self._perm = self._permutation(0)
+        self._pool = None
+        if prefetch:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._ahead = None  # ((epoch, index), future) of the next micro-batch being read
+        self.wait_s = 0.0   # time next() spent waiting for data (the prefetch did not hide)
 
     def _permutation(self, epoch: int) -> Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.blocks), generator=g)
 
+    def _take(self, rows: Tensor):
+        return [self.blocks[i] for i in rows.tolist()] if isinstance(self.blocks, list) else self.blocks[rows]
+
+    def _rows(self, index: int) -> Tensor:
+        start = (index * self.world + self.rank) * self.B
+        return self._perm[start:start + self.B]
+
     def next(self):
+        import time
         if self.index == self.per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
             self._perm = self._permutation(self.epoch)
-        start = (self.index * self.world + self.rank) * self.B
+        t0 = time.perf_counter()
+        if self._ahead is not None and self._ahead[0] == (self.epoch, self.index):
+            batch = self._ahead[1].result()
+        else:
+            batch = self._take(self._rows(self.index))
+        self.wait_s += time.perf_counter() - t0
         self.index += 1
-        rows = self._perm[start:start + self.B]
-        return self.blocks[rows] if isinstance(self.blocks, Tensor) else [self.blocks[i] for i in rows.tolist()]
+        self._ahead = None
+        if self._pool is not None and self.index < self.per_epoch:  # (no read-ahead across an epoch boundary)
+            self._ahead = ((self.epoch, self.index), self._pool.submit(self._take, self._rows(self.index)))
+        return batch
+
+    @property
+    def tokens_read(self) -> int | None:
+        """Tokens this process has read from a token store (None for in-memory rows)."""
+        store = getattr(self.blocks, "store", None)
+        return store.bytes_read // store.dtype.itemsize if store is not None else None
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -182,40 +202,58 @@ class PackedBatches:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self._perm = self._permutation(self.epoch)
+        self._ahead = None
 
 
 class StreamingBatches:
-    """The same layout over a streamed dataset, packed on the fly; resuming skips the consumed blocks."""
+    """Packed blocks from a streamed dataset, for corpora nobody pre-tokenises: each rank streams only its share of
+    the documents (datasets' split_dataset_by_node: whole files when the files divide evenly among the ranks, else
+    every world-th document), tokenises and packs them on the fly, and checkpoints the stream's own position plus
+    the tokens of its unfinished block, so a resume reads on instead of replaying what was consumed. Unlike the store
+    and the in-memory path, which rows a rank sees depends on the number of ranks."""
 
     def __init__(self, docs, tokenizer, text_field: str, seq_len: int, micro_batch: int, rank: int, world: int):
-        self.docs, self.tok, self.field, self.seq_len = docs, tokenizer, text_field, seq_len
+        self.base, self.tok, self.field, self.seq_len = docs, tokenizer, text_field, seq_len
         self.B, self.rank, self.world = micro_batch, rank, world
-        self.consumed = 0  # global micro-batches
+        self.epoch = 0
+        self.buffer: list[int] = []  # tokens read but not yet in a returned block
+        self.tokens_read = 0
+        self.docs = self._split()
         self._it = None
 
-    def _blocks(self):
-        buf = []
-        while True:  # epochs over the stream
-            for t in _token_stream(self.docs, self.tok, self.field):
-                buf.append(t)
-                if len(buf) == self.seq_len:
-                    yield torch.tensor(buf, dtype=torch.long)
-                    buf = []
+    def _split(self):
+        from datasets.distributed import split_dataset_by_node
+        # a fresh object per epoch: a loaded stream state applies to the first pass only
+        return split_dataset_by_node(self.base, rank=self.rank, world_size=self.world) if self.world > 1 \
+            else self.base
 
     def next(self) -> Tensor:
-        if self._it is None:
-            self._it = self._blocks()
-            for _ in range(self.consumed * self.B * self.world):
-                next(self._it)
-        rows = [next(self._it) for _ in range(self.B * self.world)]
-        self.consumed += 1
-        return torch.stack(rows[self.rank * self.B:(self.rank + 1) * self.B])
+        T, rows = self.seq_len, []
+        while len(self.buffer) < self.B * T:
+            if self._it is None:
+                self._it = iter(self.docs)
+            try:
+                row = next(self._it)
+            except StopIteration:
+                self.epoch += 1
+                self.docs, self._it = self._split(), None
+                continue
+            text = _text(row[self.field], self.field, -1)
+            if text:
+                ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+                self.buffer.extend(ids)
+                self.tokens_read += len(ids)
+        rows, self.buffer = self.buffer[: self.B * T], self.buffer[self.B * T:]
+        return torch.tensor(rows, dtype=torch.long).view(self.B, T)
 
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed}
+        return {"epoch": self.epoch, "stream": self.docs.state_dict(), "buffer": list(self.buffer)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.consumed, self._it = int(state["consumed"]), None
+        self.epoch, self.buffer = int(state["epoch"]), list(state["buffer"])
+        self.docs = self._split()
+        self.docs.load_state_dict(state["stream"])
+        self._it = None
 
 
 @dataclass
@@ -327,6 +365,12 @@ def make_batches(cfg, tokenizer, rank: int, world: int):
     if d.kind == "chat":
         per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
         return PackedBatches(load_examples(d, tokenizer), per_step, rank, world, d.shuffle_seed)
+    if d.store:
+        from pipeline.token_store import TokenStore
+        store = TokenStore(d.store)
+        store.check_tokenizer(tokenizer)
+        return PackedBatches(store.blocks(d.seq_len), cfg.train.micro_batch_size, rank, world, d.shuffle_seed,
+                             prefetch=True)
     docs = load_documents(d)
     if d.streaming:
         return StreamingBatches(docs, tokenizer, d.text_field, d.seq_len, cfg.train.micro_batch_size, rank, world)

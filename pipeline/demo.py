@@ -156,9 +156,14 @@ def main(argv=None) -> int:
     print(f"before: held-out KL {before['kl_to_teacher']:.3f}, ROUGE-L {before['rouge_l']:.1f}, "
           f"agreement {before['top1_agreement']:.3f}", file=sys.stderr)
 
-    cmd = [sys.executable, "-m", "pipeline.train", "--config", args.config, f"--run_dir={args.run_dir}",
-           f"--model.teacher_path={teacher_dir}", f"--model.student_path={student_init}",
-           f"--data.files=[{train_file}]", f"--train.steps={args.steps}", *overrides]
+    # tokenise the training text once into a token store (what a cluster run does with pipeline.prepare)
+    models = [f"--model.teacher_path={teacher_dir}", f"--model.student_path={student_init}"]
+    store = os.path.join(args.run_dir, "data", "store")
+    from pipeline import config as C, prepare as P
+    P.prepare(C.load_config(args.config, models + [f"--data.files=[{train_file}]"]), store,
+              workers=os.cpu_count() or 1, log=lambda m: print(m, file=sys.stderr))
+    cmd = [sys.executable, "-m", "pipeline.train", "--config", args.config, f"--run_dir={args.run_dir}", *models,
+           f"--data.files=[{train_file}]", f"--data.store={store}", f"--train.steps={args.steps}", *overrides]
     if subprocess.run(cmd).returncode:
         print("the distillation run failed", file=sys.stderr)
         return 1

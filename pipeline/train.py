@@ -246,7 +246,10 @@ def train_step(run: Run) -> dict:
                "train/skipped_steps": run.loop.skipped,
                "tokens_per_s": float(count) / elapsed, "agreement/top1": stats["agree"] / max(stats["tokens"], 1),
                "method/t": run.taid.t if run.taid else None, "method/lam": overrides.get("lam"),
-               "memory/peak_gb": _peak_memory_gb()}
+               "memory/peak_gb": _peak_memory_gb(),
+               # text: how long the step waited for its batches, and how much this rank has read (store / stream)
+               "data/wait_s": t_data if cfg.data.kind == "text" else None,
+               "data/tokens_read": getattr(run.batches, "tokens_read", None)}
     if info:
         _log_rollout(run, info, int(count))
         generated = "seconds" in info

@@ -19,6 +19,8 @@ export MASTER_ADDR
 export MASTER_PORT=${MASTER_PORT:-$((20000 + (SLURM_JOB_ID + 997 * ${SLURM_RESTART_COUNT:-0}) % 20000))}
 # one CPU thread pool per task unless the user says otherwise; GPUs: one task per GPU (srun binds them)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# for a torchrun-per-node launch: torchrun forwards USR1 (the time-limit warning) to its ranks instead of dying of it
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=cpu; fi
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES nodes x ${SLURM_NTASKS_PER_NODE:-1} tasks," \
      "rendezvous $MASTER_ADDR:$MASTER_PORT"

@@ -23,21 +23,23 @@ def corpus(tmp_path):
     return f
 
 
-def test_streaming_packs_like_in_memory_and_resumes_exactly(corpus):
+def test_streaming_ranks_read_only_their_documents_and_resume_without_replay(corpus):
     tok = AutoTokenizer.from_pretrained(TOK)
-    blocks = data.pack_blocks(data.load_documents(DataConfig(files=[str(corpus)], seq_len=16)), tok, "text", 16)
+    full = data.load_documents(DataConfig(files=[str(corpus)], seq_len=16))
     docs = data.load_documents(DataConfig(files=[str(corpus)], seq_len=16, streaming=True))
     stream = [data.StreamingBatches(docs, tok, "text", 16, 2, r, 2) for r in (0, 1)]
-    first = [s.next() for s in stream]
-    # global micro-batch 0 = blocks 0..3: rank 0 takes rows 0-1, rank 1 rows 2-3
-    assert torch.equal(first[0], blocks[0:2]) and torch.equal(first[1], blocks[2:4])
-    for _ in range(3):
-        stream[0].next()
+    for r in (0, 1):  # rank r packs documents r, r + 2, ...: exactly the in-memory packing of those
+        mine = data.pack_blocks(full.select(range(r, len(full), 2)), tok, "text", 16)
+        got = torch.cat([stream[r].next() for _ in range(4)])
+        assert torch.equal(got, mine[:8])
+    total = sum(len(tok(t["text"])["input_ids"]) + 1 for t in full)
+    assert stream[0].tokens_read < 0.6 * total  # its share, not the whole stream
     state = stream[0].state_dict()
-    expected = stream[0].next()
+    expected = [stream[0].next() for _ in range(30)]  # on past the end of the stream (a new epoch)
     resumed = data.StreamingBatches(docs, tok, "text", 16, 2, 0, 2)
     resumed.load_state_dict(state)
-    assert torch.equal(resumed.next(), expected)
+    assert all(torch.equal(resumed.next(), e) for e in expected)
+    assert resumed.tokens_read < 16 * 2 * 30 + 50  # what the 30 batches needed (a document at most more): no replay
 
 
 def test_in_memory_batches_resume_and_partition_ranks(corpus):

@@ -89,7 +89,8 @@ def test_tensorboard_events_read_back(two_ranks):
     assert [e.step for e in events] == list(range(1, 25))
     ref = losses(d)
     assert [e.value for e in events] == pytest.approx([float(ref[s]) for s in range(1, 25)], rel=1e-6)
-    for tag in ("lr", "grad_norm/body", "grad_norm/head", "tokens_per_s", "agreement/top1", "memory/peak_gb"):
+    for tag in ("lr", "grad_norm/body", "grad_norm/head", "tokens_per_s", "agreement/top1", "memory/peak_gb",
+                "train/skipped_steps", "data/wait_s"):
         assert tag in acc.Tags()["scalars"], tag
 
 

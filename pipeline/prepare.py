@@ -1,0 +1,133 @@
+"""Tokenise a corpus once into a token store (pipeline/token_store.py) that training then reads with data.store.
+
+    python -m pipeline.prepare --config run.yaml [--out DIR] [--workers N] [--shards N] [--task I --tasks N]
+
+The documents are data.files (or data.dataset) of the config, tokenised with its tokenizer (model.tokenizer_path,
+else the teacher's directory). --out defaults to data.store. The corpus is split into --shards contiguous ranges of
+documents (default: one per 50,000 documents, at least --workers); --workers processes tokenise one shard at a time.
+Interrupted, it redoes only the shards that were not finished; a store made with another tokenizer or from other
+data is refused. On a cluster, a Slurm array can share the shards: `--task $SLURM_ARRAY_TASK_ID --tasks N` does
+shards I, I+N, ...; whichever task finishes the last shard writes the index (slurm/prepare_array.sbatch).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from pipeline import config as C, data, token_store as S
+
+HEADER = "header.json"
+_WORK: dict = {}  # what the forked workers inherit: the documents, the tokenizer, the shard ranges
+
+
+def _tokenize_shard(i: int) -> tuple[int, int]:
+    w = _WORK
+    a, b = w["ranges"][i]
+    field, tok, eos = w["text_field"], w["tokenizer"], w["tokenizer"].eos_token_id
+    lists = []
+    for s in range(a, b, 1000):
+        texts = [data._text(t, field, s + j) for j, t in enumerate(w["docs"][s:min(s + 1000, b)][field])]
+        ids = tok(texts, add_special_tokens=False)["input_ids"]
+        lists.extend(x + [eos] for x, t in zip(ids, texts) if t)
+    meta = S.write_shard(w["out"], i, lists, w["dtype"], a)
+    return i, meta["tokens"]
+
+
+def prepare(cfg: C.Config, out: str, workers: int = 1, shards: int | None = None, task: int = 0, tasks: int = 1,
+            log=print) -> dict | None:
+    """Build (or finish) the store at `out`; returns its index, or None while other array tasks still have shards
+    to do."""
+    from pipeline.models import load_tokenizer
+    d = cfg.data
+    if d.kind != "text":
+        raise ValueError("pipeline.prepare builds stores of packed text (data.kind text)")
+    tokenizer = load_tokenizer(cfg)
+    docs = data.load_documents(dataclasses.replace(d, streaming=False, store=None))
+    n = len(docs)
+    if n == 0:
+        raise ValueError("data.files hold no documents")
+    source = {"files": [os.path.abspath(f) for f in C.resolve_files(d.files)] if d.files else None, "dataset": d.dataset,
+              "text_field": d.text_field, "max_documents": d.max_documents, "documents": n}
+    header = {"kind": "text", "tokenizer": S.tokenizer_fingerprint(tokenizer), "eos_id": tokenizer.eos_token_id,
+              "vocab_size": len(tokenizer), "dtype": S.token_dtype(len(tokenizer)).name, "source": source,
+              "shard_count": shards or max(workers, -(-n // 50_000))}
+    os.makedirs(out, exist_ok=True)
+    header_path = os.path.join(out, HEADER)
+    if os.path.exists(header_path):
+        with open(header_path) as f:
+            old = json.load(f)
+        if old["tokenizer"] != header["tokenizer"]:
+            raise S.StoreError(f"{out} holds a store made with another tokenizer: choose another --out (or delete "
+                               f"it)")
+        if old["source"] != source:
+            raise S.StoreError(f"{out} holds a store made from other data ({old['source']}): choose another --out "
+                               f"(or delete it)")
+        header["shard_count"] = old["shard_count"]  # resuming: the split it started with
+    else:
+        tmp = header_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(header, f, indent=1)
+        os.replace(tmp, header_path)
+    count = header["shard_count"]
+    ranges = [(i * n // count, (i + 1) * n // count) for i in range(count)]
+    todo = [i for i in range(count) if i % tasks == task and S.shard_done(out, i) is None]
+    log(f"prepare: {n} documents -> {count} shards in {out}; {len(todo)} to do here, {workers} worker(s)")
+    _WORK.update(docs=docs, tokenizer=tokenizer, text_field=d.text_field, dtype=S.token_dtype(len(tokenizer)),
+                 out=out, ranges=ranges)
+    t0, tokens = time.time(), 0
+    if workers > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; tokenizers' pool and fork clash
+        with mp.get_context("fork").Pool(workers) as pool:
+            results = pool.imap_unordered(_tokenize_shard, todo)
+            tokens = _progress(results, len(todo), t0, log)
+    else:
+        tokens = _progress(map(_tokenize_shard, todo), len(todo), t0, log)
+    index = S.write_index(out, header, count)
+    elapsed = time.time() - t0
+    log(f"prepare: {tokens} tokens tokenised in {elapsed:.1f} s ({tokens / max(elapsed, 1e-9):,.0f} tokens/s)"
+        + ("; store complete" if index else "; other tasks still have shards to do"))
+    return index
+
+
+def _progress(results, total: int, t0: float, log) -> int:
+    tokens = 0
+    for done, (_, n) in enumerate(results, 1):
+        tokens += n
+        rate = tokens / max(time.time() - t0, 1e-9)
+        log(f"prepare: shard {done}/{total} done, {tokens:,} tokens, {rate:,.0f} tokens/s")
+    return tokens
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", help="store directory (default: data.store of the config)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--shards", type=int, default=None)
+    ap.add_argument("--task", type=int, default=0, help="this array task's index (shards task, task + tasks, ...)")
+    ap.add_argument("--tasks", type=int, default=1, help="how many array tasks share the shards")
+    args, overrides = ap.parse_known_args(argv)
+    try:
+        cfg = C.load_config(args.config, overrides)
+        out = args.out or cfg.data.store
+        if not out:
+            raise ValueError("where to write the store: pass --out DIR or set data.store")
+        if args.workers < 1 or (args.shards is not None and args.shards < 1):
+            raise ValueError("--workers and --shards must be >= 1")
+        if not 0 <= args.task < args.tasks:
+            raise ValueError(f"--task {args.task} must be in [0, --tasks {args.tasks})")
+        prepare(cfg, out, args.workers, args.shards, args.task, args.tasks,
+                log=lambda m: print(m, file=sys.stderr, flush=True))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""A token store: a corpus tokenised once into sharded binary token files plus an index, read by every rank with
+positioned reads of only the rows it trains on (Megatron's indexed datasets, nanoGPT's .bin files).
+
+    python -m pipeline.prepare --config run.yaml [--out DIR] [--workers N]     (then data.store: DIR)
+
+Layout of DIR:
+    index.json          format, dtype (uint16 when the vocabulary fits, else uint32), the tokenizer's fingerprint,
+                        EOS id, and per shard its file, token and document counts
+    shard_00000.bin     raw tokens: every non-empty document's tokens followed by EOS, documents in corpus order
+    shard_00000.docs    int64 end offset (in tokens, within the shard) of each document: the document boundaries
+    shard_00000.json    the shard's counts, written after its .bin and .docs are fsynced: a shard is done when it
+                        exists, so an interrupted prepare redoes only the shards without one
+
+Concatenating the shards gives exactly the token stream of data.pack_blocks on the same documents, so a store-backed
+run trains on the same blocks in the same order as the in-memory path. A reader holds a few integers per shard and
+an open file; its memory does not grow with the corpus, and its position in the stream is (epoch, index).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+FORMAT = 1
+INDEX = "index.json"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of everything that decides the ids: the fast tokenizer's full JSON (normaliser, pre-tokeniser, model,
+    added tokens) when there is one, else the vocabulary; plus the EOS id."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{text}\n{tokenizer.eos_token_id}".encode()).hexdigest()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def shard_name(i: int) -> str:
+    return f"shard_{i:05d}"
+
+
+class StoreError(ValueError):
+    pass
+
+
+class TokenStore:
+    """The packed token stream of a prepared store, read with os.pread (no mapping, so resident memory stays flat
+    however much of the corpus a run reads). Counts the bytes this process read."""
+
+    def __init__(self, path: str):
+        index_path = os.path.join(path, INDEX)
+        if not os.path.isfile(index_path):
+            raise StoreError(f"data.store: {path!r} is not a finished token store (no {INDEX}); run "
+                             f"`python -m pipeline.prepare --config ...` to build or finish it")
+        with open(index_path) as f:
+            self.index = json.load(f)
+        if self.index.get("format") != FORMAT:
+            raise StoreError(f"data.store: {path} has format {self.index.get('format')}, this version reads {FORMAT}")
+        self.path = path
+        self.dtype = np.dtype(self.index["dtype"])
+        counts = [s["tokens"] for s in self.index["shards"]]
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # token offset of each shard
+        self.total = int(self.starts[-1])
+        self._fds = [os.open(os.path.join(path, s["file"]), os.O_RDONLY) for s in self.index["shards"]]
+        self.bytes_read = 0
+
+    def check_tokenizer(self, tokenizer) -> None:
+        want, have = self.index["tokenizer"], tokenizer_fingerprint(tokenizer)
+        if want != have:
+            raise StoreError(f"data.store: {self.path} was made with another tokenizer (fingerprint {want[:12]}..., "
+                             f"this run's is {have[:12]}...): prepare a store with this run's tokenizer, or point "
+                             f"model.tokenizer_path at the one the store was made with")
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) of the stream (they may span shards)."""
+        out = np.empty(length, dtype=self.dtype)
+        pos, filled = start, 0
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while filled < length:
+            local = pos - int(self.starts[shard])
+            n = min(length - filled, int(self.starts[shard + 1]) - pos)
+            raw = os.pread(self._fds[shard], n * self.dtype.itemsize, local * self.dtype.itemsize)
+            out[filled:filled + n] = np.frombuffer(raw, dtype=self.dtype)
+            self.bytes_read += len(raw)
+            filled, pos, shard = filled + n, pos + n, shard + 1
+        return out
+
+    def blocks(self, seq_len: int) -> "StoreBlocks":
+        return StoreBlocks(self, seq_len)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+class StoreBlocks:
+    """The stream cut into blocks of seq_len tokens (the tail shorter than a block dropped), indexable by a tensor
+    of block ids like the in-memory [n, seq_len] tensor it replaces."""
+
+    def __init__(self, store: TokenStore, seq_len: int):
+        self.store, self.seq_len = store, seq_len
+
+    def __len__(self) -> int:
+        return self.store.total // self.seq_len
+
+    def __getitem__(self, rows: Tensor) -> Tensor:
+        T = self.seq_len
+        out = np.stack([self.store.read(int(r) * T, T) for r in rows.tolist()])
+        return torch.from_numpy(out.astype(np.int64))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# building
+# --------------------------------------------------------------------------------------------------------------
+def write_shard(out: str, i: int, token_lists, dtype: np.dtype, first_document: int) -> dict:
+    """Write shard i from its documents' token lists (EOS already appended); durable before its .json appears."""
+    name = shard_name(i)
+    lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+    flat = np.fromiter((x for t in token_lists for x in t), dtype=dtype, count=int(lengths.sum()))
+    for suffix, arr in ((".bin", flat), (".docs", np.cumsum(lengths))):
+        tmp = os.path.join(out, name + suffix + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(arr.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(out, name + suffix))
+    meta = {"file": name + ".bin", "tokens": int(flat.size), "documents": int(lengths.size),
+            "first_document": first_document}
+    tmp = os.path.join(out, name + ".json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(out, name + ".json"))
+    return meta
+
+
+def shard_done(out: str, i: int) -> dict | None:
+    try:
+        with open(os.path.join(out, shard_name(i) + ".json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_index(out: str, header: dict, n_shards: int) -> dict | None:
+    """index.json once every shard is done (any caller may write it: the content is the same); None if not yet."""
+    shards = [shard_done(out, i) for i in range(n_shards)]
+    if any(s is None for s in shards):
+        return None
+    index = {**header, "format": FORMAT, "shards": shards, "tokens": sum(s["tokens"] for s in shards),
+             "documents": sum(s["documents"] for s in shards)}
+    tmp = os.path.join(out, INDEX + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(index, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(out, INDEX))
+    return index
