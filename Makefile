@@ -9,7 +9,7 @@ PYTHON ?= python3
 BVENV  := .venv-bench
 BPY    := $(BVENV)/bin/python
 
-.PHONY: setup demo test bench bench-rollout clean
+.PHONY: setup demo test bench bench-rollout bench-data clean
 
 # DS_BUILD_OPS=0: DeepSpeed ships as an sdist; build no ops now (they JIT-compile on first use, cached).
 $(STAMP): pyproject.toml Makefile
@@ -39,6 +39,10 @@ bench: $(BVENV)/.installed
 # generation under ZeRO-3: plain generate() vs our rollout (needs only the main environment)
 bench-rollout: setup
 	$(PY) bench/rollout_bench.py $(ARGS)
+
+# data at scale: a 100M-token store vs today's in-memory path (about 15 min here; ARGS="--tokens 5000000" is quick)
+bench-data: setup
+	$(PY) bench/data_bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(BVENV) .pytest_cache .hypothesis

@@ -105,6 +105,9 @@ class LossConfig:
     """Tokens per chunk of the fused output-layer + loss (memory is O(chunk x V / world))."""
     compile: bool = False
     """torch.compile the per-chunk loss (faster; one compile per run)."""
+    offline_teacher: str | None = None
+    """A teacher cache written by `python -m pipeline.precompute_teacher` over data.store: train against the
+    teacher's stored top-k log-probs plus one bucket for the rest of the vocabulary; no teacher model is loaded."""
     taid: TaidConfig = field(default_factory=TaidConfig)
     """TAID's t schedule (method: taid)."""
 
@@ -431,6 +434,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if not 0.0 <= lc.lam_end <= 1.0:
             raise ValueError(f"loss.lam_end must be in [0, 1], got {lc.lam_end}")
     _positive("loss.ce_weight", lc.ce_weight, allow_zero=True)
+    if lc.offline_teacher is not None:
+        if not d.store:
+            raise ValueError("loss.offline_teacher is computed over a token store: set data.store")
+        if lc.method == "atkd":
+            raise ValueError("loss.offline_teacher: atkd needs the teacher's full distribution; pick another method")
+        if lc.method == "taid" or lc.ce_weight:
+            raise ValueError("loss.offline_teacher keeps the teacher's top-k only: taid and loss.ce_weight are not "
+                             "supported with it")
+        if d.eval_files and cfg.train.eval_every:
+            raise ValueError("loss.offline_teacher loads no teacher, so there is no held-out KL to compute: unset "
+                             "data.eval_files or train.eval_every")
     _positive("loss.chunk_size", lc.chunk_size)
     t = lc.taid
     try:

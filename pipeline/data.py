@@ -130,7 +130,10 @@ def pack_blocks(docs, tokenizer, text_field: str, seq_len: int) -> Tensor:
         texts = [_text(t, text_field, i) for t, i in zip(batch[text_field], indices)]
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         return {"ids": [x + [tokenizer.eos_token_id] for x, t in zip(ids, texts) if t]}
-    tokenised = docs.map(tok, batched=True, with_indices=True, remove_columns=docs.column_names)
+    try:
+        tokenised = docs.map(tok, batched=True, with_indices=True, remove_columns=docs.column_names)
+    except ValueError as e:
+        raise ValueError(f"data.files: {e}") from None
     flat = torch.tensor([t for ids in tokenised["ids"] for t in ids], dtype=torch.long)
     n = flat.numel() // seq_len
     return flat[: n * seq_len].view(n, seq_len)
@@ -263,13 +266,21 @@ class Batch:
     tokens: Tensor
     attention_mask: Tensor
     loss_mask: Tensor
+    teacher_logprobs: Tensor | None = None  # [B, T-1, k]: the teacher's stored top-k (loss.offline_teacher)
+    teacher_ids: Tensor | None = None       # [B, T-1, k]
 
     def to(self, device) -> "Batch":
-        return Batch(self.tokens.to(device), self.attention_mask.to(device), self.loss_mask.to(device))
+        move = (lambda t: None if t is None else t.to(device))
+        return Batch(*(move(t) for t in (self.tokens, self.attention_mask, self.loss_mask, self.teacher_logprobs,
+                                         self.teacher_ids)))
 
 
-def text_batch(block: Tensor) -> Batch:
-    """A packed block: every position attends and every target counts."""
+def text_batch(block) -> Batch:
+    """A packed block [B, T] (or (block, teacher log-probs, teacher ids) from an offline-teacher store): every
+    position attends and every target counts."""
+    if isinstance(block, tuple):
+        tokens, lp, ids = block
+        return Batch(tokens, torch.ones_like(tokens), torch.ones_like(tokens[:, 1:]), lp, ids)
     return Batch(block, torch.ones_like(block), torch.ones_like(block[:, 1:]))
 
 
@@ -349,7 +360,10 @@ def load_examples(d: DataConfig, tokenizer, files: list | None = None, what: str
     import sys
     docs = load_documents(dataclasses.replace(d, files=files or d.files, streaming=False, text_field=None), what)
     layout = _chat_columns(docs, d)
-    out = [tokenize_example(row, tokenizer, d, layout, i) for i, row in enumerate(docs)]
+    try:
+        out = [tokenize_example(row, tokenizer, d, layout, i) for i, row in enumerate(docs)]
+    except ValueError as e:  # name the files too (rows count from 0 across them, in order)
+        raise ValueError(f"{what} {resolve_files(files or d.files)}: {e}") from None
     kept = [ex for ex in out if ex is not None and ex[0] and ex[1]]
     if not kept:
         raise ValueError(f"{what}: none of the {len(out)} rows has both a non-empty prompt and a non-empty "
@@ -369,8 +383,13 @@ def make_batches(cfg, tokenizer, rank: int, world: int):
         from pipeline.token_store import TokenStore
         store = TokenStore(d.store)
         store.check_tokenizer(tokenizer)
-        return PackedBatches(store.blocks(d.seq_len), cfg.train.micro_batch_size, rank, world, d.shuffle_seed,
-                             prefetch=True)
+        blocks = store.blocks(d.seq_len)
+        if cfg.loss.offline_teacher:
+            from pipeline.precompute_teacher import OfflineBlocks, TeacherTopk
+            topk = TeacherTopk(cfg.loss.offline_teacher)
+            topk.check(cfg, store)
+            blocks = OfflineBlocks(blocks, topk)
+        return PackedBatches(blocks, cfg.train.micro_batch_size, rank, world, d.shuffle_seed, prefetch=True)
     docs = load_documents(d)
     if d.streaming:
         return StreamingBatches(docs, tokenizer, d.text_field, d.seq_len, cfg.train.micro_batch_size, rank, world)

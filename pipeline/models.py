@@ -98,14 +98,17 @@ def preflight(cfg, tokenizer) -> None:
     check_same_tokenizer(cfg, tokenizer)
 
 
-def build_models(cfg, tokenizer) -> tuple[nn.Module, nn.Module, int]:
-    """(student in train mode, teacher in eval mode with requires_grad False, real vocab size)."""
+def build_models(cfg, tokenizer) -> tuple[nn.Module, nn.Module | None, int]:
+    """(student in train mode, teacher in eval mode with requires_grad False, real vocab size). With
+    loss.offline_teacher no teacher is loaded (None): its top-k comes from the cache."""
     m = cfg.model
-    teacher = build_model(m.teacher_path, m.teacher_config, m.dtype, m.init_seed + 1)
+    teacher = None
+    if not cfg.loss.offline_teacher:
+        teacher = build_model(m.teacher_path, m.teacher_config, m.dtype, m.init_seed + 1)
+        teacher.eval().requires_grad_(False)
     student = build_model(m.student_path, m.student_config, m.dtype, m.init_seed)
-    teacher.eval().requires_grad_(False)
     student.train()
-    vocab = check_vocab(student, teacher, tokenizer)
+    vocab = check_vocab(student, teacher if teacher is not None else student, tokenizer)
     return student, teacher, vocab
 
 

@@ -56,7 +56,7 @@ class OutputHeads:
         self.world = world
         self.start, self.end = shard_range(vocab_size, rank, world)
         self.student = nn.Parameter(student_w[self.start:self.end].float().clone().to(device))
-        self.teacher = teacher_w[self.start:self.end].clone().to(device)
+        self.teacher = teacher_w[self.start:self.end].clone().to(device) if teacher_w is not None else None
         self.vocab_size = vocab_size
         self.optimizer = build_adamw([self.student], optim_cfg)
 
@@ -189,6 +189,12 @@ class LocalModels:
     def teacher_hidden(self, input_ids, attention_mask):
         return _hidden(self.teacher, input_ids, attention_mask)
 
+    def teacher_state_digest(self):
+        """sha256 of this rank's share of the teacher (its shards and head rows): no gather, cheap at any size."""
+        if self.teacher is None:
+            return "no teacher loaded (loss.offline_teacher)"
+        return _digest([_local_shard(p) for p in self.teacher.parameters()] + [self.heads.teacher])
+
     def set_lr(self, lr):
         _set_lr(self.optimizer, lr)
         _set_lr(self.heads.optimizer, lr)
@@ -231,9 +237,6 @@ class LocalModels:
     def full_student_state(self):
         return {k: v.detach().clone() for k, v in self.student.state_dict().items()}
 
-    def teacher_state_digest(self):
-        """sha256 of this rank's share of the teacher (its shards and head rows): no gather, cheap at any size."""
-        return _digest([_local_shard(p) for p in self.teacher.parameters()] + [self.heads.teacher])
 
 
 def _local_shard(p: Tensor) -> Tensor:
@@ -254,7 +257,7 @@ class FsdpModels(LocalModels):
         mesh = init_device_mesh(device, (dist.get_world_size(group),))
         mp = MixedPrecisionPolicy(param_dtype=M.DTYPES[cfg.parallel.fsdp_param_dtype],
                                   reduce_dtype=M.DTYPES[cfg.parallel.fsdp_reduce_dtype])
-        for model in (student, teacher):
+        for model in (m for m in (student, teacher) if m is not None):
             blocks = set(getattr(model, "_no_split_modules", None) or [])
             for module in model.modules():
                 if type(module).__name__ in blocks:
@@ -322,10 +325,13 @@ class DeepSpeedModels(LocalModels):
         optimizer = build_adamw(student.parameters(), cfg.optim)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=student, optimizer=optimizer, config=deepspeed_config(p.ds_student_config, cfg, world, train=True))
-        self.teacher_engine, *_ = deepspeed.initialize(
-            model=teacher, config=deepspeed_config(p.ds_teacher_config, cfg, world, train=False))
-        self.teacher_engine.eval()
-        self.student, self.teacher, self.heads, self.cfg = self.engine.module, self.teacher_engine.module, heads, cfg
+        self.teacher_engine = None
+        if teacher is not None:
+            self.teacher_engine, *_ = deepspeed.initialize(
+                model=teacher, config=deepspeed_config(p.ds_teacher_config, cfg, world, train=False))
+            self.teacher_engine.eval()
+        self.student, self.heads, self.cfg = self.engine.module, heads, cfg
+        self.teacher = self.teacher_engine.module if self.teacher_engine is not None else None
 
     def student_hidden(self, input_ids, attention_mask):
         return self.engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -384,11 +390,11 @@ def parallelize(student, teacher, vocab_size: int, cfg, group) -> Models:
     """Detach both output layers into vocab-sharded heads and wrap both bodies for the configured backend."""
     from pipeline.distributed import device
     ws = M.detach_head(student)
-    wt = M.detach_head(teacher)
+    wt = M.detach_head(teacher) if teacher is not None else None
     heads = OutputHeads(ws, wt, vocab_size, group, cfg.optim, device())
     backend = cfg.parallel.backend
     if backend == "none":
-        return LocalModels(student.to(device()), teacher.to(device()), heads, cfg)
+        return LocalModels(student.to(device()), teacher.to(device()) if teacher is not None else None, heads, cfg)
     # ZeRO-3 and FSDP2 place the shards on the device themselves (never the whole model at once)
     if backend == "fsdp2":
         return FsdpModels(student, teacher, heads, cfg, group)

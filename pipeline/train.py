@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from pipeline import checkpoint, config as C, data, distributed, losses, rollout, rundir  # noqa: E402
 from pipeline.metrics import Metrics, Progress  # noqa: E402
-from pipeline.vocab_parallel import fused_linear_loss  # noqa: E402
+from pipeline.vocab_parallel import fused_linear_loss, fused_topk_loss  # noqa: E402
 
 EXIT_INPUT = 2      # the config, the data or the run directory needs a fix (said in the message); nothing lost
 EXIT_NONFINITE = 3  # too many consecutive non-finite steps; the last good state was checkpointed
@@ -208,18 +208,25 @@ def train_step(run: Run) -> dict:
     for mb in micro:
         inputs, targets, attn = mb.tokens[:, :-1], mb.tokens[:, 1:], mb.attention_mask[:, :-1]
         hs = run.models.student_hidden(inputs, attn)                       # [B, T-1, Hs]
-        ht = run.models.teacher_hidden(inputs, attn)                       # [B, T-1, Ht]
         n = targets.numel()
-        # ATKD's per-sequence scope
-        groups = torch.arange(inputs.shape[0], device=inputs.device).repeat_interleave(inputs.shape[1])
         weight = mb.loss_mask.reshape(n).float() / count
         if poison:
             weight = weight * float("nan")
-        loss = fused_linear_loss(
-            run.loss_fn, hs.reshape(n, -1), ht.reshape(n, -1), heads.student, heads.teacher,
-            token_weight=weight, targets=targets.reshape(n), groups=groups,
-            group=group, vocab_start=heads.start, chunk_size=cfg.loss.chunk_size, compile=cfg.loss.compile,
-            ce_weight=cfg.loss.ce_weight, stats=stats, **overrides)
+        if mb.teacher_logprobs is not None:  # loss.offline_teacher: the stored top-k [B, T-1, k], no teacher model
+            k = mb.teacher_logprobs.shape[-1]
+            loss = fused_topk_loss(
+                run.loss_fn, hs.reshape(n, -1), heads.student, mb.teacher_logprobs.reshape(n, k),
+                mb.teacher_ids.reshape(n, k), token_weight=weight, group=group, vocab_start=heads.start,
+                chunk_size=cfg.loss.chunk_size, **overrides)
+        else:
+            ht = run.models.teacher_hidden(inputs, attn)                   # [B, T-1, Ht]
+            # ATKD's per-sequence scope
+            groups = torch.arange(inputs.shape[0], device=inputs.device).repeat_interleave(inputs.shape[1])
+            loss = fused_linear_loss(
+                run.loss_fn, hs.reshape(n, -1), ht.reshape(n, -1), heads.student, heads.teacher,
+                token_weight=weight, targets=targets.reshape(n), groups=groups,
+                group=group, vocab_start=heads.start, chunk_size=cfg.loss.chunk_size, compile=cfg.loss.compile,
+                ce_weight=cfg.loss.ce_weight, stats=stats, **overrides)
         # DeepSpeed / FSDP average body gradients over ranks, but each rank already holds the gradient of the
         # global loss for its tokens: scale up here, the heads scale their (never averaged) gradient back down
         models.backward(loss * world)
@@ -244,7 +251,7 @@ def train_step(run: Run) -> dict:
     elapsed = time.perf_counter() - t0
     scalars = {"loss/total": total, "lr": lr, "grad_norm/body": float(body_norm), "grad_norm/head": float(head_norm),
                "train/skipped_steps": run.loop.skipped,
-               "tokens_per_s": float(count) / elapsed, "agreement/top1": stats["agree"] / max(stats["tokens"], 1),
+               "tokens_per_s": float(count) / elapsed, "agreement/top1": stats["agree"] / stats["tokens"] if stats["tokens"] else None,
                "method/t": run.taid.t if run.taid else None, "method/lam": overrides.get("lam"),
                "memory/peak_gb": _peak_memory_gb(),
                # text: how long the step waited for its batches, and how much this rank has read (store / stream)

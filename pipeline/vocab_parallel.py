@@ -347,3 +347,66 @@ def fused_linear_loss(loss_fn: Callable[..., Tensor], student_hidden: Tensor, te
     return _FusedLinearLoss.apply(student_hidden, teacher_hidden, student_weight, teacher_weight, token_weight,
                                   targets, groups, loss_fn, group, vocab_start, vocab_size, chunk_size, overrides,
                                   compile, ce_weight, stats)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The output layer + loss against a stored teacher top-k (loss.offline_teacher): no teacher model at all
+# ----------------------------------------------------------------------------------------------------------------
+class _GatherTokens(torch.autograd.Function):
+    """All ranks' rows padded to n_max ([P * n_max, ...]); backward sums every rank's gradient of the rows back to
+    the rank that owns them."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, n_max: int, group) -> Tensor:
+        ctx.n_max, ctx.group, ctx.nk = n_max, group, x.shape[0]
+        return _gather_tokens(x, n_max, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _sum_to_owners(grad.contiguous().clone(), ctx.n_max, ctx.group)[: ctx.nk], None, None
+
+
+def _topk_chunk(h: Tensor, w: Tensor, lt: Tensor, ids: Tensor, weight: Tensor, targets, loss_fn, group,
+                vocab_start: int, vocab_size, overrides: dict) -> Tensor:
+    zs = losses.upcast(h) @ losses.upcast(w).t()
+    kw = dict(overrides)
+    if targets is not None:
+        kw["targets"] = targets
+    per_tok = topk_loss(loss_fn, zs, lt, ids, group=group, vocab_start=vocab_start, vocab_size=vocab_size, **kw)
+    return (per_tok * weight).sum()
+
+
+def fused_topk_loss(loss_fn: Callable[..., Tensor], student_hidden: Tensor, student_weight: Tensor,
+                    teacher_logprobs: Tensor, teacher_ids: Tensor, *, token_weight: Tensor,
+                    targets: Tensor | None = None, group=None, vocab_start: int = 0, vocab_size: int | None = None,
+                    chunk_size: int = 1024, **overrides) -> Tensor:
+    """sum over all ranks' tokens of token_weight * loss against the teacher's stored top-k (topk_loss: k entries
+    plus one bucket for the rest of the vocabulary), from the student's hidden states and its vocab-sharded output
+    layer. student_hidden [Nk, Hs]; teacher_logprobs / teacher_ids [Nk, k]; token_weight [Nk]. The same contract as
+    fused_linear_loss (replicated value; each rank gets the gradient of the global loss for its own tokens and its
+    rows). Chunks run under activation checkpointing, so memory stays O(chunk x Vp) in N; the recomputation
+    repeats each chunk's collectives in the same order on every rank."""
+    from torch.utils.checkpoint import checkpoint
+    nk = student_hidden.shape[0]
+    if teacher_logprobs.shape[0] != nk or teacher_ids.shape != teacher_logprobs.shape or token_weight.shape != (nk,):
+        raise ValueError(f"student_hidden {tuple(student_hidden.shape)}, teacher top-k "
+                         f"{tuple(teacher_logprobs.shape)} / {tuple(teacher_ids.shape)} and token_weight "
+                         f"{tuple(token_weight.shape)} must all have this rank's {nk} tokens first")
+    n_max = nk
+    if _world(group) > 1:
+        sizes = torch.tensor([nk], dtype=torch.long, device=student_hidden.device)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
+        n_max = int(sizes.item())  # one host read per micro-batch: the padded gather needs the size
+    all_h = _GatherTokens.apply(student_hidden, n_max, group)
+    all_lt = _gather_tokens(losses.upcast(teacher_logprobs), n_max, group)  # fp16 in the cache: fp32 maths
+    all_ids = _gather_tokens(teacher_ids, n_max, group)
+    all_w = _gather_tokens(losses.upcast(token_weight.detach()), n_max, group)
+    all_tg = _gather_tokens(targets, n_max, group) if targets is not None else None
+    keep = torch.nonzero(all_w != 0).squeeze(-1)  # identical on every rank: same chunk count everywhere
+    total = losses.upcast(student_hidden.new_zeros(()))
+    for c0 in range(0, keep.numel(), chunk_size):
+        sel = keep[c0:c0 + chunk_size]
+        total = total + checkpoint(_topk_chunk, all_h[sel], student_weight, all_lt[sel], all_ids[sel], all_w[sel],
+                                   all_tg[sel] if all_tg is not None else None, loss_fn, group, vocab_start,
+                                   vocab_size, overrides, use_reentrant=False)
+    return total

@@ -1,0 +1,200 @@
+"""The teacher's top-k log-probabilities over a token store, computed once and stored, so that distilling many
+students (or many epochs) never runs the teacher again: training with `loss.offline_teacher: DIR` loads no teacher.
+
+    python -m pipeline.precompute_teacher --config run.yaml --out DIR [--k 64] [--batch 8]
+    torchrun --nproc-per-node 8 -m pipeline.precompute_teacher ...     (ranks share the chunks; no process group)
+
+For every block of data.seq_len tokens of data.store, and every position that predicts a next token (seq_len - 1 of
+them), the k largest log-probabilities of the teacher (normalised over the whole vocabulary, float16) and their token
+ids (uint16 / uint32). The leftover mass 1 - sum(exp) stays exact in the loss (vocab_parallel.topk_loss: one bucket
+for the rest of the vocabulary, for teacher and student alike). Blocks are written in chunks of --chunk blocks;
+chunk c belongs to rank c mod world; a chunk is done when its .json exists, so an interrupted run redoes only the
+rest, and whichever rank finishes last writes index.json.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline import config as C, token_store as S
+
+INDEX = "index.json"
+
+
+def _chunk(i: int) -> str:
+    return f"chunk_{i:06d}"
+
+
+def teacher_identity(cfg: C.Config) -> str:
+    """What the cache was computed from: the teacher checkpoint's config + weights file sizes, or its config dict."""
+    m = cfg.model
+    if m.teacher_path:
+        files = sorted((f, os.path.getsize(os.path.join(m.teacher_path, f))) for f in os.listdir(m.teacher_path)
+                       if f.endswith((".safetensors", ".bin", ".json")))
+        return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(m.teacher_config, sort_keys=True).encode()).hexdigest()
+
+
+class TeacherTopk:
+    """Reader of a precomputed cache: rows of blocks -> (log-probs [B, T-1, k] float32, ids [B, T-1, k] int64)."""
+
+    def __init__(self, path: str):
+        index_path = os.path.join(path, INDEX)
+        if not os.path.isfile(index_path):
+            raise S.StoreError(f"loss.offline_teacher: {path!r} is not a finished teacher cache (no {INDEX}); run "
+                               f"python -m pipeline.precompute_teacher (it resumes where it stopped)")
+        with open(index_path) as f:
+            self.index = json.load(f)
+        self.path, self.k, self.T = path, self.index["k"], self.index["seq_len"]
+        self.chunk = self.index["chunk_blocks"]
+        self.id_dtype = np.dtype(self.index["id_dtype"])
+        self._fds: dict[int, tuple[int, int]] = {}
+
+    def check(self, cfg: C.Config, store: S.TokenStore) -> None:
+        want = {"store_tokens": store.total, "store_tokenizer": store.index["tokenizer"], "seq_len": cfg.data.seq_len,
+                "teacher": teacher_identity(cfg)}
+        have = {k: self.index[k] for k in want}
+        bad = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+        if bad:
+            raise S.StoreError(f"loss.offline_teacher: {self.path} was computed for another setup: "
+                               + ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in bad.items()))
+
+    def _open(self, c: int) -> tuple[int, int]:
+        if c not in self._fds:
+            self._fds[c] = tuple(os.open(os.path.join(self.path, _chunk(c) + ext), os.O_RDONLY)
+                                 for ext in (".lp", ".ids"))
+        return self._fds[c]
+
+    def read(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        per = (self.T - 1) * self.k
+        lps, ids = [], []
+        for r in rows.tolist():
+            fd_lp, fd_ids = self._open(r // self.chunk)
+            j = r % self.chunk
+            lps.append(np.frombuffer(os.pread(fd_lp, per * 2, j * per * 2), dtype=np.float16))
+            ids.append(np.frombuffer(os.pread(fd_ids, per * self.id_dtype.itemsize, j * per * self.id_dtype.itemsize),
+                                     dtype=self.id_dtype))
+        shape = (len(lps), self.T - 1, self.k)
+        return (torch.from_numpy(np.stack(lps).astype(np.float32)).view(shape),
+                torch.from_numpy(np.stack(ids).astype(np.int64)).view(shape))
+
+
+class OfflineBlocks:
+    """Store blocks that come with the teacher's stored top-k: indexable like StoreBlocks, returning
+    (tokens [B, T], log-probs [B, T-1, k], ids [B, T-1, k])."""
+
+    def __init__(self, blocks: S.StoreBlocks, topk: TeacherTopk):
+        self.blocks, self.topk, self.store = blocks, topk, blocks.store
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, rows: Tensor):
+        return (self.blocks[rows], *self.topk.read(rows))
+
+
+@torch.no_grad()
+def teacher_topk(teacher, tokens: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k of the teacher's log-softmax (fp32) at every position but the last: ([B, T-1, k], [B, T-1, k])."""
+    from pipeline.vocab_parallel import topk_teacher
+    logits = teacher(input_ids=tokens[:, :-1], use_cache=False).logits
+    return topk_teacher(logits, k)
+
+
+def precompute(cfg: C.Config, out: str, k: int, batch: int, chunk: int, rank: int, world: int, log=print) -> dict | None:
+    from pipeline.models import build_model, load_tokenizer
+    d = cfg.data
+    if not d.store:
+        raise ValueError("pipeline.precompute_teacher reads a token store: set data.store (pipeline.prepare)")
+    store = S.TokenStore(d.store)
+    tokenizer = load_tokenizer(cfg)
+    store.check_tokenizer(tokenizer)
+    blocks = store.blocks(d.seq_len)
+    n = len(blocks)
+    vocab = len(tokenizer)
+    if not 1 <= k <= vocab:
+        raise ValueError(f"--k must be in [1, {vocab}], got {k}")
+    header = {"k": k, "seq_len": d.seq_len, "blocks": n, "chunk_blocks": chunk, "store_tokens": store.total,
+              "store_tokenizer": store.index["tokenizer"], "teacher": teacher_identity(cfg),
+              "id_dtype": S.token_dtype(vocab).name, "lp_dtype": "float16"}
+    os.makedirs(out, exist_ok=True)
+    head = os.path.join(out, "header.json")
+    if os.path.exists(head):
+        with open(head) as f:
+            old = json.load(f)
+        if old != header:
+            raise ValueError(f"{out} holds a teacher cache of another setup ({ {k_: old[k_] for k_ in old if old[k_] != header.get(k_)} }): choose another --out")
+    elif rank == 0:
+        with open(head + ".tmp", "w") as f:
+            json.dump(header, f, indent=1)
+        os.replace(head + ".tmp", head)
+    m = cfg.model
+    teacher = build_model(m.teacher_path, m.teacher_config, m.dtype, m.init_seed + 1).eval()
+    from pipeline.distributed import device
+    teacher.to(device())
+    chunks = -(-n // chunk)
+    todo = [c for c in range(chunks) if c % world == rank and not os.path.exists(os.path.join(out, _chunk(c) + ".json"))]
+    log(f"precompute_teacher: {n} blocks in {chunks} chunks; rank {rank} of {world} has {len(todo)} to do")
+    t0, done_blocks = time.time(), 0
+    for c in todo:
+        rows = torch.arange(c * chunk, min((c + 1) * chunk, n))
+        lps, idss = [], []
+        for b0 in range(0, len(rows), batch):
+            lp, ids = teacher_topk(teacher, blocks[rows[b0:b0 + batch]].to(device()), k)
+            lps.append(lp.to(torch.float16).cpu().numpy())
+            idss.append(ids.cpu().numpy().astype(S.token_dtype(vocab)))
+        for ext, arr in ((".lp", np.concatenate(lps)), (".ids", np.concatenate(idss))):
+            tmp = os.path.join(out, _chunk(c) + ext + ".tmp")
+            with open(tmp, "wb") as f:
+                f.write(arr.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(out, _chunk(c) + ext))
+        with open(os.path.join(out, _chunk(c) + ".json"), "w") as f:
+            json.dump({"blocks": len(rows)}, f)
+        done_blocks += len(rows)
+        log(f"precompute_teacher: chunk {c} done ({done_blocks * (d.seq_len - 1) / (time.time() - t0):,.0f} "
+            f"positions/s)")
+    if all(os.path.exists(os.path.join(out, _chunk(c) + ".json")) for c in range(chunks)):
+        with open(os.path.join(out, INDEX + ".tmp"), "w") as f:
+            json.dump(header, f, indent=1)
+        os.replace(os.path.join(out, INDEX + ".tmp"), os.path.join(out, INDEX))
+        return header
+    return None
+
+
+def main(argv=None) -> int:
+    from pipeline.distributed import env_ranks
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", help="cache directory (default: loss.offline_teacher of the config)")
+    ap.add_argument("--k", type=int, default=64, help="log-probs kept per position (64-256 typical)")
+    ap.add_argument("--batch", type=int, default=8, help="blocks per teacher forward")
+    ap.add_argument("--chunk", type=int, default=256, help="blocks per chunk file (the unit of resumption)")
+    args, overrides = ap.parse_known_args(argv)
+    try:
+        cfg = C.load_config(args.config, overrides)
+        out = args.out or cfg.loss.offline_teacher
+        if not out:
+            raise ValueError("where to write: pass --out DIR or set loss.offline_teacher")
+        if args.batch < 1 or args.chunk < 1:
+            raise ValueError("--batch and --chunk must be >= 1")
+        rank, world, _, _ = env_ranks()
+        precompute(cfg, out, args.k, args.batch, args.chunk, rank, world,
+                   log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
