@@ -115,7 +115,7 @@ def load_documents(d: DataConfig, what: str = "data.files"):
     return ds
 
 
-def _text(value, field: str, row: int) -> str:
+def text_cell(value, field: str, row: int | str) -> str:
     """A text cell, or a ValueError naming the row and the field (null and empty count as empty text)."""
     if value is None:
         return ""
@@ -127,7 +127,7 @@ def _text(value, field: str, row: int) -> str:
 def pack_blocks(docs, tokenizer, text_field: str, seq_len: int) -> Tensor:
     """[num_blocks, seq_len] int64; the tail shorter than a block is dropped."""
     def tok(batch, indices):
-        texts = [_text(t, text_field, i) for t, i in zip(batch[text_field], indices)]
+        texts = [text_cell(t, text_field, i) for t, i in zip(batch[text_field], indices)]
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         return {"ids": [x + [tokenizer.eos_token_id] for x, t in zip(ids, texts) if t]}
     try:
@@ -241,7 +241,7 @@ class StreamingBatches:
                 self.epoch += 1
                 self.docs, self._it = self._split(), None
                 continue
-            text = _text(row[self.field], self.field, -1)
+            text = text_cell(row[self.field], self.field, f"(rank {self.rank}'s stream, epoch {self.epoch})")
             if text:
                 ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
                 self.buffer.extend(ids)
@@ -323,13 +323,13 @@ def tokenize_example(row: dict, tokenizer, d: DataConfig, layout: str, index: in
             raise ValueError(f"data: row {index}, field {d.messages_field!r}: must be a list of {{role, content}} "
                              f"ending with an assistant turn, got {messages!r}"[:400])
         for m in messages:
-            _text(m.get("content") if isinstance(m, dict) else m, f"{d.messages_field}[].content", index)
+            text_cell(m.get("content") if isinstance(m, dict) else m, f"{d.messages_field}[].content", index)
         context, answer = messages[:-1], messages[-1]["content"] or ""
-        if not context or not any(_text(m.get("content"), "content", index).strip() for m in context):
+        if not context or not any(text_cell(m.get("content"), "content", index).strip() for m in context):
             return None
     else:
-        prompt_text = _text(row[d.prompt_field], d.prompt_field, index)
-        answer = _text(row[d.response_field], d.response_field, index)
+        prompt_text = text_cell(row[d.prompt_field], d.prompt_field, index)
+        answer = text_cell(row[d.response_field], d.response_field, index)
         if not prompt_text.strip():
             return None
         context = [{"role": "user", "content": prompt_text}]

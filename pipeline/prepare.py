@@ -30,7 +30,7 @@ def _tokenize_shard(i: int) -> tuple[int, int]:
     field, tok, eos = w["text_field"], w["tokenizer"], w["tokenizer"].eos_token_id
     lists = []
     for s in range(a, b, 1000):
-        texts = [data._text(t, field, s + j) for j, t in enumerate(w["docs"][s:min(s + 1000, b)][field])]
+        texts = [data.text_cell(t, field, s + j) for j, t in enumerate(w["docs"][s:min(s + 1000, b)][field])]
         ids = tok(texts, add_special_tokens=False)["input_ids"]
         lists.extend(x + [eos] for x, t in zip(ids, texts) if t)
     meta = S.write_shard(w["out"], i, lists, w["dtype"], a)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train import DEBUG, ENV, REPO, command, losses
+from tests.test_train import DEBUG, ENV, REPO, command
 
 ONPOLICY = "pipeline/configs/debug_onpolicy.yaml"
 SHORT = ["--train.steps=6", "--checkpoint.every=2", "--checkpoint.keep_last=10"]

@@ -4,7 +4,6 @@ a run with loss.offline_teacher loads no teacher and matches across backends; a 
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
