@@ -44,7 +44,8 @@ class DataConfig:
     """A dataset name for `datasets.load_dataset` that the cluster can reach (instead of files)."""
     store: str | None = None
     """A token store directory (`python -m pipeline.prepare` builds it from files / dataset): training then reads
-    the pre-tokenised stream from it, each rank only its own rows, instead of tokenising at start-up (text only)."""
+    the pre-tokenised packed text (kind text) or examples (kind chat) from it, each rank only its own rows, instead
+    of tokenising at start-up."""
     kind: str = "text"
     """text: documents packed into seq_len blocks (pretraining-style); chat: prompt/response examples for
     instruction tuning (loss on response tokens only; the rollout section mixes in generations)."""
@@ -394,8 +395,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if not (d.files or d.dataset or d.store):
         raise ValueError("data: give data.files or data.dataset (or data.store, a prepared token store)")
     if d.store is not None:
-        if d.kind != "text":
-            raise ValueError("data.store holds packed text: it needs data.kind text")
         if d.streaming:
             raise ValueError("data.store is read by position, not streamed: set data.streaming to false")
     if d.files:

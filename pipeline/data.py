@@ -148,7 +148,7 @@ class PackedBatches:
     def __init__(self, blocks, micro_batch: int, rank: int, world: int, seed: int, prefetch: bool = False):
         per_global = micro_batch * world
         if len(blocks) < per_global:
-            if not isinstance(blocks, list):
+            if not (isinstance(blocks, list) or hasattr(blocks, "prompt_lengths")):  # examples: a list or a store
                 raise ValueError(f"the data holds {len(blocks)} blocks of data.seq_len tokens but one global "
                                  f"micro-batch needs {per_global} (train.micro_batch_size x world size): add data or "
                                  f"shorten data.seq_len")
@@ -299,7 +299,7 @@ def collate(prompts: list, responses: list, pad_id: int) -> Batch:
     return Batch(tokens, attn, loss)
 
 
-def _chat_columns(ds, d: DataConfig) -> str:
+def chat_layout(ds, d: DataConfig) -> str:
     columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
     if d.messages_field in columns:
         return "messages"
@@ -359,7 +359,7 @@ def load_examples(d: DataConfig, tokenizer, files: list | None = None, what: str
     import dataclasses
     import sys
     docs = load_documents(dataclasses.replace(d, files=files or d.files, streaming=False, text_field=None), what)
-    layout = _chat_columns(docs, d)
+    layout = chat_layout(docs, d)
     try:
         out = [tokenize_example(row, tokenizer, d, layout, i) for i, row in enumerate(docs)]
     except ValueError as e:  # name the files too (rows count from 0 across them, in order)
@@ -378,6 +378,11 @@ def make_batches(cfg, tokenizer, rank: int, world: int):
     d = cfg.data
     if d.kind == "chat":
         per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
+        if d.store:
+            from pipeline.token_store import TokenStore
+            store = TokenStore(d.store)
+            store.check_tokenizer(tokenizer)
+            return PackedBatches(store.examples(d), per_step, rank, world, d.shuffle_seed, prefetch=True)
         return PackedBatches(load_examples(d, tokenizer), per_step, rank, world, d.shuffle_seed)
     if d.store:
         from pipeline.token_store import TokenStore

@@ -2,7 +2,9 @@
 
     python -m pipeline.prepare --config run.yaml [--out DIR] [--workers N] [--shards N] [--task I --tasks N]
 
-The documents are data.files (or data.dataset) of the config, tokenised with its tokenizer (model.tokenizer_path,
+Packed text (data.kind text) or instruction examples (data.kind chat: prompt and response tokens per example, as
+data.tokenize_example makes them, with the prompt lengths for the loss masks). The documents are data.files (or
+data.dataset) of the config, tokenised with its tokenizer (model.tokenizer_path,
 else the teacher's directory). --out defaults to data.store. The corpus is split into --shards contiguous ranges of
 documents (default: one per 50,000 documents, at least --workers); --workers processes tokenise one shard at a time.
 Interrupted, it redoes only the shards that were not finished; a store made with another tokenizer or from other
@@ -27,13 +29,22 @@ _WORK: dict = {}  # what the forked workers inherit: the documents, the tokenize
 def _tokenize_shard(i: int) -> tuple[int, int]:
     w = _WORK
     a, b = w["ranges"][i]
-    field, tok, eos = w["text_field"], w["tokenizer"], w["tokenizer"].eos_token_id
-    lists = []
-    for s in range(a, b, 1000):
-        texts = [data.text_cell(t, field, s + j) for j, t in enumerate(w["docs"][s:min(s + 1000, b)][field])]
-        ids = tok(texts, add_special_tokens=False)["input_ids"]
-        lists.extend(x + [eos] for x, t in zip(ids, texts) if t)
-    meta = S.write_shard(w["out"], i, lists, w["dtype"], a)
+    tok = w["tokenizer"]
+    lists, prompt_lens = [], None
+    if w["chat"] is None:  # packed text: each document's tokens and EOS, exactly as data.pack_blocks
+        field = w["text_field"]
+        for s in range(a, b, 1000):
+            texts = [data.text_cell(t, field, s + j) for j, t in enumerate(w["docs"][s:min(s + 1000, b)][field])]
+            ids = tok(texts, add_special_tokens=False)["input_ids"]
+            lists.extend(x + [tok.eos_token_id] for x, t in zip(ids, texts) if t)
+    else:  # instruction data: prompt + response tokens per example (data.tokenize_example), prompt lengths aside
+        d, layout, prompt_lens = w["chat"], w["layout"], []
+        for j in range(a, b):
+            ex = data.tokenize_example(w["docs"][j], tok, d, layout, j)
+            if ex is not None and ex[0] and ex[1]:
+                lists.append(ex[0] + ex[1])
+                prompt_lens.append(len(ex[0]))
+    meta = S.write_shard(w["out"], i, lists, w["dtype"], a, prompt_lens)
     return i, meta["tokens"]
 
 
@@ -43,16 +54,18 @@ def prepare(cfg: C.Config, out: str, workers: int = 1, shards: int | None = None
     to do."""
     from pipeline.models import load_tokenizer
     d = cfg.data
-    if d.kind != "text":
-        raise ValueError("pipeline.prepare builds stores of packed text (data.kind text)")
     tokenizer = load_tokenizer(cfg)
-    docs = data.load_documents(dataclasses.replace(d, streaming=False, store=None))
+    chat = d.kind == "chat"
+    docs = data.load_documents(dataclasses.replace(d, streaming=False, store=None, text_field=None if chat else
+                                                   d.text_field))
     n = len(docs)
     if n == 0:
         raise ValueError("data.files hold no documents")
     source = {"files": [os.path.abspath(f) for f in C.resolve_files(d.files)] if d.files else None, "dataset": d.dataset,
               "text_field": d.text_field, "max_documents": d.max_documents, "documents": n}
-    header = {"kind": "text", "tokenizer": S.tokenizer_fingerprint(tokenizer), "eos_id": tokenizer.eos_token_id,
+    if chat:  # what tokenize_example's output depends on: a training run with other values is refused
+        source["chat"] = {k: getattr(d, k) for k in S.CHAT_FIELDS}
+    header = {"kind": d.kind, "tokenizer": S.tokenizer_fingerprint(tokenizer), "eos_id": tokenizer.eos_token_id,
               "vocab_size": len(tokenizer), "dtype": S.token_dtype(len(tokenizer)).name, "source": source,
               "shard_count": shards or max(workers, -(-n // 50_000))}
     os.makedirs(out, exist_ok=True)
@@ -77,7 +90,8 @@ def prepare(cfg: C.Config, out: str, workers: int = 1, shards: int | None = None
     todo = [i for i in range(count) if i % tasks == task and S.shard_done(out, i) is None]
     log(f"prepare: {n} documents -> {count} shards in {out}; {len(todo)} to do here, {workers} worker(s)")
     _WORK.update(docs=docs, tokenizer=tokenizer, text_field=d.text_field, dtype=S.token_dtype(len(tokenizer)),
-                 out=out, ranges=ranges)
+                 out=out, ranges=ranges, chat=d if chat else None,
+                 layout=data.chat_layout(docs, d) if chat else None)
     t0, tokens = time.time(), 0
     if workers > 1 and len(todo) > 1:
         import multiprocessing as mp
@@ -88,6 +102,8 @@ def prepare(cfg: C.Config, out: str, workers: int = 1, shards: int | None = None
     else:
         tokens = _progress(map(_tokenize_shard, todo), len(todo), t0, log)
     index = S.write_index(out, header, count)
+    if index and chat and index["documents"] == 0:
+        raise ValueError(f"data.files: none of the {n} rows has both a non-empty prompt and a non-empty response")
     elapsed = time.time() - t0
     log(f"prepare: {tokens} tokens tokenised in {elapsed:.1f} s ({tokens / max(elapsed, 1e-9):,.0f} tokens/s)"
         + ("; store complete" if index else "; other tasks still have shards to do"))

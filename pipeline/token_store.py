@@ -27,6 +27,8 @@ from torch import Tensor
 
 FORMAT = 1
 INDEX = "index.json"
+# the data fields a chat store was tokenised with (data.tokenize_example's output depends on them)
+CHAT_FIELDS = ("seq_len", "max_prompt_len", "prompt_field", "response_field", "messages_field")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -92,7 +94,22 @@ class TokenStore:
         return out
 
     def blocks(self, seq_len: int) -> "StoreBlocks":
+        if self.index.get("kind", "text") != "text":
+            raise StoreError(f"data.store: {self.path} holds instruction examples (kind chat): set data.kind chat")
         return StoreBlocks(self, seq_len)
+
+    def examples(self, d) -> "StoreExamples":
+        """The instruction examples of a chat store, checked against this run's data settings."""
+        if self.index.get("kind") != "chat":
+            raise StoreError(f"data.store: {self.path} holds packed text: set data.kind text")
+        want = {k: getattr(d, k) for k in CHAT_FIELDS}
+        have = self.index["source"]["chat"]
+        bad = {k: (have[k], want[k]) for k in CHAT_FIELDS if have[k] != want[k]}
+        if bad:
+            raise StoreError(f"data.store: {self.path} was tokenised with other data settings: "
+                             + ", ".join(f"data.{k} {a!r} there, {b!r} here" for k, (a, b) in bad.items())
+                             + "; prepare it again or restore them")
+        return StoreExamples(self)
 
     def close(self) -> None:
         for fd in self._fds:
@@ -116,15 +133,47 @@ class StoreBlocks:
         return torch.from_numpy(out.astype(np.int64))
 
 
+class StoreExamples:
+    """The (prompt ids, response ids) examples of a chat store, indexable by a tensor of example ids; holds two
+    int64 per example (end offset, prompt length)."""
+
+    def __init__(self, store: TokenStore):
+        self.store = store
+        ends, prompts = [], []
+        for i, s in enumerate(store.index["shards"]):
+            base = os.path.join(store.path, shard_name(i))
+            ends.append(np.fromfile(base + ".docs", dtype=np.int64) + store.starts[i])
+            prompts.append(np.fromfile(base + ".prompt", dtype=np.int64))
+        self.ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
+        self.prompt_lengths = np.concatenate(prompts) if prompts else np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, rows: Tensor) -> list[tuple[list, list]]:
+        out = []
+        for r in rows.tolist():
+            start = int(self.ends[r - 1]) if r else 0
+            ids = self.store.read(start, int(self.ends[r]) - start).tolist()
+            p = int(self.prompt_lengths[r])
+            out.append((ids[:p], ids[p:]))
+        return out
+
+
 # --------------------------------------------------------------------------------------------------------------
 # building
 # --------------------------------------------------------------------------------------------------------------
-def write_shard(out: str, i: int, token_lists, dtype: np.dtype, first_document: int) -> dict:
-    """Write shard i from its documents' token lists (EOS already appended); durable before its .json appears."""
+def write_shard(out: str, i: int, token_lists, dtype: np.dtype, first_document: int,
+                prompt_lengths: list[int] | None = None) -> dict:
+    """Write shard i from its documents' token lists (EOS already appended; for chat stores prompt + response and
+    the prompt lengths); durable before its .json appears."""
     name = shard_name(i)
     lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
     flat = np.fromiter((x for t in token_lists for x in t), dtype=dtype, count=int(lengths.sum()))
-    for suffix, arr in ((".bin", flat), (".docs", np.cumsum(lengths))):
+    parts = [(".bin", flat), (".docs", np.cumsum(lengths))]
+    if prompt_lengths is not None:
+        parts.append((".prompt", np.asarray(prompt_lengths, dtype=np.int64)))
+    for suffix, arr in parts:
         tmp = os.path.join(out, name + suffix + ".tmp")
         with open(tmp, "wb") as f:
             f.write(arr.tobytes())

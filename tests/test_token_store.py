@@ -110,12 +110,41 @@ def test_an_interrupted_prepare_does_only_the_rest(tmp_path):
     assert a.total == b.total and np.array_equal(a.read(0, a.total), b.read(0, b.total))
 
 
-def test_training_on_the_store_equals_the_in_memory_run(store, tmp_path):
+def test_training_on_the_store_equals_the_in_memory_run_and_resumes_exactly(store, tmp_path):
     def losses(run_dir, *extra):
         p = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", DEBUG, f"--run_dir={run_dir}",
-                            "--parallel.backend=none", "--train.steps=5", "--logging.progress=false",
+                            "--parallel.backend=none", "--train.steps=6", "--logging.progress=false",
                             "--checkpoint.export=false", *extra], cwd=REPO, env=ENV, capture_output=True, text=True,
                            timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
         return (run_dir / "losses.tsv").read_text()
-    assert losses(tmp_path / "mem") == losses(tmp_path / "store", f"--data.store={store}")
+    straight = losses(tmp_path / "store", f"--data.store={store}")
+    assert losses(tmp_path / "mem") == straight
+    losses(tmp_path / "resumed", f"--data.store={store}", "--train.stop_after=3")  # mid-epoch
+    assert losses(tmp_path / "resumed", f"--data.store={store}") == straight
+
+
+ONPOLICY = "pipeline/configs/debug_onpolicy.yaml"
+
+
+def test_chat_store_holds_the_examples_and_trains_like_in_memory(tmp_path):
+    from transformers import AutoTokenizer
+    cfg = C.load_config(str(REPO / ONPOLICY), [])
+    out = tmp_path / "chat"
+    index = P.prepare(cfg, str(out), workers=2, shards=3, log=lambda m: None)
+    assert index["kind"] == "chat"
+    tok = AutoTokenizer.from_pretrained(REPO / "pipeline/configs/assets/tiny_tokenizer")
+    want = data.load_examples(cfg.data, tok)
+    got = S.TokenStore(str(out)).examples(cfg.data)[torch.arange(len(want))]
+    assert got == [(list(p), list(r)) for p, r in want]
+    with pytest.raises(S.StoreError, match="data.max_prompt_len 24 there, 16 here"):
+        S.TokenStore(str(out)).examples(C.load_config(str(REPO / ONPOLICY), ["--data.max_prompt_len=16"]).data)
+
+    def losses(run_dir, *extra):
+        p = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", ONPOLICY, f"--run_dir={run_dir}",
+                            "--parallel.backend=none", "--train.steps=4", "--train.eval_every=0",
+                            "--logging.progress=false", "--checkpoint.export=false", *extra], cwd=REPO, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return (run_dir / "losses.tsv").read_text()
+    assert losses(tmp_path / "mem") == losses(tmp_path / "store", f"--data.store={out}")
