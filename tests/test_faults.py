@@ -270,9 +270,22 @@ def test_stop_signal_anywhere_checkpoints_and_leaves_nothing_behind(tmp_path, un
             [uninterrupted[s] for s in range(stopped_at + 1, 13)]
 
 
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler installed for `sig` (SigCgt in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt"))
+    except (OSError, StopIteration):
+        return False
+    return bool(mask >> (sig - 1) & 1)
+
+
 def test_signal_during_start_up_is_a_clean_stop(tmp_path):
     proc = _start(tmp_path, "--train.steps=4")
-    time.sleep(1.0)  # still importing / loading
+    deadline = time.time() + 60
+    while not _catches(proc.pid, signal.SIGUSR1) and time.time() < deadline:  # handler in, torch still loading
+        time.sleep(0.01)
+    assert not (tmp_path / "losses.tsv").exists()
     os.kill(proc.pid, signal.SIGUSR1)
     assert proc.wait(timeout=120) == 0
     err = proc.stderr.read()
