@@ -30,8 +30,10 @@ setup: $(STAMP)
 demo: setup
 	$(PY) -m pipeline.demo
 
+# two workers (the machines here have 2 cores and many tests wait on subprocesses), a test file per worker at a time
+# (so module-scoped runs and the test Slurm cluster are built once)
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(BVENV)/.installed
 	$(BPY) bench/loss_bench.py
