@@ -205,3 +205,16 @@ def test_submit_queues_and_prints_where_things_go(slurm, tmp_path):
     assert wait(slurm, job)["JobState"] == "COMPLETED"
     assert wait(slurm, ev)["JobState"] == "COMPLETED"
     assert (tmp_path / "run" / "eval.json").exists()
+
+
+def test_prepare_array_members_share_the_shards_and_finish_the_store(slurm, tmp_path):
+    store = tmp_path / "store"
+    arr = sbatch(slurm, "--array=0-1", "--cpus-per-task=1", f"--output={tmp_path}/%A_%a.out",
+                 "slurm/prepare_array.sbatch", f"--out={store}", "--shards=4", config="pipeline/configs/debug_cpu.yaml")
+    for i in (0, 1):
+        info = wait(slurm, f"{arr}_{i}")
+        assert info["JobState"] == "COMPLETED", (tmp_path / f"{arr}_{i}.out").read_text()[-2000:]
+    logs = [(tmp_path / f"{arr}_{i}.out").read_text() for i in (0, 1)]
+    assert all("2 to do here" in log for log in logs)  # shards 0, 2 and 1, 3
+    from pipeline.token_store import TokenStore
+    assert len(TokenStore(str(store)).index["shards"]) == 4
