@@ -133,9 +133,7 @@ def precompute(cfg: C.Config, out: str, k: int, batch: int, chunk: int, rank: in
         if old != header:
             raise ValueError(f"{out} holds a teacher cache of another setup ({ {k_: old[k_] for k_ in old if old[k_] != header.get(k_)} }): choose another --out")
     elif rank == 0:
-        with open(head + ".tmp", "w") as f:
-            json.dump(header, f, indent=1)
-        os.replace(head + ".tmp", head)
+        S.write_atomic(head, json.dumps(header, indent=1))
     m = cfg.model
     teacher = build_model(m.teacher_path, m.teacher_config, m.dtype, m.init_seed + 1).eval()
     from pipeline.distributed import device
@@ -152,21 +150,14 @@ def precompute(cfg: C.Config, out: str, k: int, batch: int, chunk: int, rank: in
             lps.append(lp.to(torch.float16).cpu().numpy())
             idss.append(ids.cpu().numpy().astype(S.token_dtype(vocab)))
         for ext, arr in ((".lp", np.concatenate(lps)), (".ids", np.concatenate(idss))):
-            tmp = os.path.join(out, _chunk(c) + ext + ".tmp")
-            with open(tmp, "wb") as f:
-                f.write(arr.tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(out, _chunk(c) + ext))
-        with open(os.path.join(out, _chunk(c) + ".json"), "w") as f:
-            json.dump({"blocks": len(rows)}, f)
+            S.write_atomic(os.path.join(out, _chunk(c) + ext), arr.tobytes())
+        # the done marker last, durably: an interrupted run redoes exactly the chunks without one
+        S.write_atomic(os.path.join(out, _chunk(c) + ".json"), json.dumps({"blocks": len(rows)}))
         done_blocks += len(rows)
         log(f"precompute_teacher: chunk {c} done ({done_blocks * (d.seq_len - 1) / (time.time() - t0):,.0f} "
             f"positions/s)")
     if all(os.path.exists(os.path.join(out, _chunk(c) + ".json")) for c in range(chunks)):
-        with open(os.path.join(out, INDEX + ".tmp"), "w") as f:
-            json.dump(header, f, indent=1)
-        os.replace(os.path.join(out, INDEX + ".tmp"), os.path.join(out, INDEX))
+        S.write_atomic(os.path.join(out, INDEX), json.dumps(header, indent=1))
         return header
     return None
 

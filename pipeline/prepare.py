@@ -81,10 +81,7 @@ def prepare(cfg: C.Config, out: str, workers: int = 1, shards: int | None = None
                                f"(or delete it)")
         header["shard_count"] = old["shard_count"]  # resuming: the split it started with
     else:
-        tmp = header_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(header, f, indent=1)
-        os.replace(tmp, header_path)
+        S.write_atomic(header_path, json.dumps(header, indent=1))
     count = header["shard_count"]
     ranges = [(i * n // count, (i + 1) * n // count) for i in range(count)]
     todo = [i for i in range(count) if i % tasks == task and S.shard_done(out, i) is None]

@@ -163,6 +163,17 @@ class StoreExamples:
 # --------------------------------------------------------------------------------------------------------------
 # building
 # --------------------------------------------------------------------------------------------------------------
+def write_atomic(path: str, data: bytes | str) -> None:
+    """Write a whole file durably: beside it, fsynced, then renamed into place, so a reader (or a resumed prepare)
+    never sees half of it. Every file of a store and of a teacher cache is written this way."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_shard(out: str, i: int, token_lists, dtype: np.dtype, first_document: int,
                 prompt_lengths: list[int] | None = None) -> dict:
     """Write shard i from its documents' token lists (EOS already appended; for chat stores prompt + response and
@@ -174,20 +185,10 @@ def write_shard(out: str, i: int, token_lists, dtype: np.dtype, first_document: 
     if prompt_lengths is not None:
         parts.append((".prompt", np.asarray(prompt_lengths, dtype=np.int64)))
     for suffix, arr in parts:
-        tmp = os.path.join(out, name + suffix + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(arr.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(out, name + suffix))
+        write_atomic(os.path.join(out, name + suffix), arr.tobytes())
     meta = {"file": name + ".bin", "tokens": int(flat.size), "documents": int(lengths.size),
             "first_document": first_document}
-    tmp = os.path.join(out, name + ".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(out, name + ".json"))
+    write_atomic(os.path.join(out, name + ".json"), json.dumps(meta))
     return meta
 
 
@@ -206,10 +207,5 @@ def write_index(out: str, header: dict, n_shards: int) -> dict | None:
         return None
     index = {**header, "format": FORMAT, "shards": shards, "tokens": sum(s["tokens"] for s in shards),
              "documents": sum(s["documents"] for s in shards)}
-    tmp = os.path.join(out, INDEX + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(index, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(out, INDEX))
+    write_atomic(os.path.join(out, INDEX), json.dumps(index, indent=1))
     return index
