@@ -102,8 +102,15 @@ class LossConfig:
     """AMiD only: schedule lam linearly from options.lam to lam_end over training (None: fixed lam)."""
     ce_weight: float = 0.0
     """Weight of an extra next-token cross-entropy on the labels (0 = pure distillation)."""
-    chunk_size: int = 1024
-    """Tokens per chunk of the fused output-layer + loss (memory is O(chunk x V / world))."""
+    chunk_size: int | None = None
+    """Tokens per chunk of the fused output-layer + loss (memory is O(chunk x V / shard group)); None: the most
+    that keep the chunk's working set (about 8 fp32 copies of [chunk, V / shard group]) within chunk_memory_mb."""
+    chunk_memory_mb: float = 256.0
+    """Memory budget of one loss chunk when chunk_size is None."""
+    matmul_precision: str = "highest"
+    """The loss's output-layer matmuls: highest (fp32), high (TF32 on GPUs; fp32 on CPUs, which have no TF32) or
+    bf16 (bf16 operands, fp32 accumulation and output). Softmax, divergences and gradients stay fp32 in all three;
+    the README lists each setting's measured error against float64."""
     compile: bool = False
     """torch.compile the per-chunk loss (faster; one compile per run)."""
     offline_teacher: str | None = None
@@ -150,6 +157,9 @@ class TrainConfig:
     stop_after: int | None = None
     """End this invocation after reaching this step (a checkpoint is written); the schedule still spans `steps`.
     For time-limited allocations: resubmit and the run resumes."""
+    activation_checkpointing: bool = False
+    """Recompute the student's decoder blocks in backward instead of keeping their activations (about a third more
+    student compute; saved activations drop from ~35 H bytes per token per layer to ~2 H). Same gradients."""
 
 
 @dataclass
@@ -164,6 +174,22 @@ class ParallelConfig:
     """FSDP2 mixed precision: dtype of gathered parameters for compute (float32 or bfloat16)."""
     fsdp_reduce_dtype: str = "float32"
     """FSDP2 mixed precision: dtype of gradient reduction."""
+    shard_group_size: int | None = None
+    """Ranks per shard group (the 2-D layout replicas x shard): parameters are sharded, and the loss is
+    vocab-parallel, inside a group; groups are replicas that only all-reduce gradients. None: the ranks of one node
+    (the launcher's LOCAL_WORLD_SIZE / SLURM_NTASKS_PER_NODE), so the loss's token and gradient traffic never
+    leaves the node. Must divide the world size. Equal to the world size: one group (shard everything everywhere);
+    1: every rank holds full output layers and a chunked loss of its own tokens. DeepSpeed keeps its optimizer
+    state sharded over the world and uses the group for ZeRO++ hpZ (the secondary weight partition); FSDP2 runs
+    HSDP on a (replicas, shard) device mesh."""
+    teacher: str = "auto"
+    """Where the frozen teacher's body lives: shard (over all ranks: smallest memory, every forward gathers across
+    nodes), shard_group (sharded inside the shard group, replicated across groups: gathers stay in the node),
+    replicate (a full copy per rank: no gather at all) or auto (replicate when the copy takes at most
+    teacher_replicate_fraction of a rank's memory, else shard_group; the choice is logged)."""
+    teacher_replicate_fraction: float = 0.25
+    """auto: the largest share of a rank's device memory (host memory per local rank on CPUs) a full teacher copy
+    may take."""
 
 
 @dataclass
@@ -444,7 +470,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if d.eval_files and cfg.train.eval_every:
             raise ValueError("loss.offline_teacher loads no teacher, so there is no held-out KL to compute: unset "
                              "data.eval_files or train.eval_every")
-    _positive("loss.chunk_size", lc.chunk_size)
+    if lc.chunk_size is not None:
+        _positive("loss.chunk_size", lc.chunk_size)
+    _positive("loss.chunk_memory_mb", lc.chunk_memory_mb)
+    if lc.matmul_precision not in ("highest", "high", "bf16"):
+        raise ValueError(f"loss.matmul_precision must be highest, high or bf16, got {lc.matmul_precision!r}")
     t = lc.taid
     try:
         losses.TaidSchedule(total_steps=max(cfg.train.steps, 1), t_start=t.t_start, t_end=t.t_end, alpha=t.alpha,
@@ -495,6 +525,15 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             raise ValueError(f"parallel.{name} must be float32 or bfloat16, got {getattr(p, name)!r}")
     if world_size is not None and world_size > 1 and p.backend == "none":
         raise ValueError("parallel.backend none runs one process; use deepspeed or fsdp2 for several")
+    if p.shard_group_size is not None:
+        _positive("parallel.shard_group_size", p.shard_group_size)
+        if world_size is not None and world_size % p.shard_group_size:
+            raise ValueError(f"parallel.shard_group_size ({p.shard_group_size}) must divide the world size "
+                             f"({world_size}): use a divisor such as the ranks per node")
+    if p.teacher not in ("auto", "shard", "shard_group", "replicate"):
+        raise ValueError(f"parallel.teacher must be auto, shard, shard_group or replicate, got {p.teacher!r}")
+    if not 0.0 < p.teacher_replicate_fraction <= 1.0:
+        raise ValueError(f"parallel.teacher_replicate_fraction must be in (0, 1], got {p.teacher_replicate_fraction}")
 
     r = cfg.rollout
     for name in ("student_fraction", "teacher_fraction", "replay_ratio"):
@@ -601,7 +640,8 @@ def read_deepspeed_json(path: str, field_name: str = "parallel.ds_*_config") -> 
 SAFE_TO_CHANGE = (
     "run_dir", "logging.", "safety.", "checkpoint.", "train.log_every", "train.eval_every", "train.stop_after",
     "train.steps", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.schedule", "optim.grad_clip",
-    "data.eval_files", "data.eval_blocks", "loss.chunk_size", "loss.compile", "rollout.gather",
+    "data.eval_files", "data.eval_blocks", "loss.chunk_size", "loss.chunk_memory_mb", "loss.compile",
+    "parallel.teacher", "parallel.teacher_replicate_fraction", "train.activation_checkpointing", "rollout.gather",
     "rollout.gather_memory_fraction",
 )
 

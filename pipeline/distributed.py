@@ -210,3 +210,62 @@ class timeout_scope:
 def barrier(group) -> None:
     if group is not None:
         dist.barrier(group=group)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The 2-D layout: replicas x shard groups
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """Ranks arranged as (replicas, shard): rank = replica_rank * shard_size + shard_rank, so a shard group is a run
+    of consecutive ranks (one node under every launcher here). Parameters are sharded and the loss is vocab-parallel
+    inside `shard_group`; `replica_group` joins the ranks holding the same shard in different groups (gradients are
+    all-reduced there and nothing else). Groups are None for one process."""
+    world: int
+    shard_size: int
+    shard_rank: int
+    replica_rank: int
+    shard_group: object = None
+    replica_group: object = None
+    mesh: object = None  # the (replicate, shard) DeviceMesh the groups come from (FSDP2's HSDP mesh)
+
+    @property
+    def replicas(self) -> int:
+        return self.world // self.shard_size
+
+
+def ranks_per_node(environ=os.environ) -> tuple[int | None, str]:
+    """(ranks on this node, the variable it came from) from the launcher, or (None, why not)."""
+    for name in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        if environ.get(name, "").isdigit():
+            return int(environ[name]), name
+    if "SLURM_STEP_ID" in environ:
+        for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+            head = environ.get(name, "").split("(")[0].split(",")[0]  # "2(x2)" or "4,3": the first node's count
+            if head.isdigit():
+                return int(head), name
+    return None, "no launcher variable gives the ranks per node"
+
+
+def shard_size_for(world: int, requested: int | None, environ=os.environ) -> tuple[int, str]:
+    """The shard group size and why: parallel.shard_group_size if set, else the ranks of one node when that divides
+    the world (uneven nodes fall back to one group of all ranks)."""
+    if requested is not None:
+        if world % requested:
+            raise ValueError(f"parallel.shard_group_size ({requested}) must divide the world size ({world})")
+        return requested, "parallel.shard_group_size"
+    per_node, source = ranks_per_node(environ)
+    if per_node and world % per_node == 0:
+        return per_node, f"ranks per node ({source}={per_node})"
+    return world, f"one group of all ranks ({source if not per_node else f'{source}={per_node} does not divide {world}'})"
+
+
+def make_layout(dist_ctx: Dist, shard_size: int) -> Layout:
+    """Build the (replicas, shard) groups. Collective: every rank calls it with the same shard_size."""
+    if dist_ctx.group is None:
+        return Layout(1, 1, 0, 0)
+    from torch.distributed.device_mesh import init_device_mesh
+    world = dist_ctx.world
+    mesh = init_device_mesh(device().type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+    return Layout(world, shard_size, dist_ctx.rank % shard_size, dist_ctx.rank // shard_size,
+                  mesh.get_group("shard"), mesh.get_group("replicate"), mesh)

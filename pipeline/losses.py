@@ -16,9 +16,11 @@ Numerics (see shared/research/amid.md §1.4-1.5 and taid_atkd.md §4):
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -69,13 +71,37 @@ def _both_dead(la: Tensor, lb: Tensor) -> Tensor:
     return (la == NEG_INF) & (lb == NEG_INF)
 
 
+# None: look for -inf (a host read); False: the caller guarantees none; True: there are some, always sanitise
+_NEG_INF = contextvars.ContextVar("neg_inf", default=None)
+
+
+@contextlib.contextmanager
+def _neg_inf_known(present: bool | None):
+    token = _NEG_INF.set(present)
+    try:
+        yield
+    finally:
+        _NEG_INF.reset(token)
+
+
+def finite_logits():
+    """Inside: the caller guarantees no -inf in the logits (the fused path: matmul outputs with no masked columns),
+    so the -inf checks below are skipped. Each check is a host synchronisation (a device-to-host read); the fused
+    loss would otherwise pay several per chunk. Functions that mask columns themselves (ATKD's decomposition) say
+    so with _neg_inf_known(True)."""
+    return _neg_inf_known(False)
+
+
 def _has_neg_inf(*xs: Tensor) -> bool:
     """One cheap pass that lets the common case (no -inf anywhere) skip every sanitising `where`; the slow path
     issues the same collectives, so ranks taking different branches stay in lockstep. Under torch.compile the
     sanitising path is always taken: fused `where`s cost nothing there, and a data-dependent branch would split
-    the graph."""
+    the graph. Under finite_logits() the check is skipped (no host read)."""
     if torch.compiler.is_compiling():
         return True
+    known = _NEG_INF.get()
+    if known is not None:
+        return known
     return any(bool(torch.isneginf(x).any()) for x in xs)
 
 
@@ -328,15 +354,17 @@ def target_decomposition(la: Tensor, lb: Tensor, targets: Tensor, ops=LOCAL) -> 
     # binary KL with 0 log 0 = 0 on either side (a one-hot teacher has 1 - a_g = 0)
     la_bin = torch.stack([la_g, la_ng], -1)
     lb_bin = torch.stack([lb_g, lb_ng], -1)
-    tkd = kl(la_bin, lb_bin)  # a 2-column local row, never sharded
     dead = la_ng == NEG_INF  # no non-target mass in a: DKD has weight 0, define it as 0
     la_hat = la_rest - torch.where(dead, torch.zeros_like(la_ng), la_ng).unsqueeze(-1)
     lb_hat = lb_rest - torch.where(lb_ng == NEG_INF, torch.zeros_like(lb_ng), lb_ng).unsqueeze(-1)
-    dkd = torch.where(dead, torch.zeros_like(tkd), kl(la_hat, lb_hat, ops))
+    with _neg_inf_known(True):  # the masked target column is -inf by construction: sanitise, never look
+        tkd = kl(la_bin, lb_bin)  # a 2-column local row, never sharded
+        dkd = torch.where(dead, torch.zeros_like(tkd), kl(la_hat, lb_hat, ops))
     return tkd, dkd, torch.exp(la_ng)
 
 
-def hard_token_mask(unc: Tensor, valid: Tensor, groups: Tensor, hard_fraction: float) -> Tensor:
+def hard_token_mask(unc: Tensor, valid: Tensor, groups: Tensor, hard_fraction: float,
+                    n_groups: int | None = None) -> Tensor:
     """Top ceil(hard_fraction * n) valid tokens by uncertainty within each group (ties broken by position).
     unc, valid, groups: [N]. Invalid tokens are never hard and never counted."""
     n = unc.numel()
@@ -345,7 +373,8 @@ def hard_token_mask(unc: Tensor, valid: Tensor, groups: Tensor, hard_fraction: f
     key = torch.where(valid, unc.detach().double(), torch.full((n,), NEG_INF, dtype=torch.float64, device=unc.device))
     by_unc = torch.argsort(key, descending=True, stable=True)
     order = by_unc[torch.argsort(groups[by_unc], stable=True)]  # grouped, most uncertain first within a group
-    n_groups = int(groups.max().item()) + 1
+    if n_groups is None:
+        n_groups = int(groups.max().item()) + 1
     counts = torch.bincount(groups, minlength=n_groups)
     rank = torch.arange(n, device=unc.device) - (torch.cumsum(counts, 0) - counts)[groups[order]]
     n_valid = torch.bincount(groups, weights=valid.double(), minlength=n_groups)
@@ -364,18 +393,19 @@ def sequence_groups(shape: torch.Size, scope: str, device: torch.device) -> Tens
 
 
 def atkd_token_weights(unc: Tensor, valid: Tensor, groups: Tensor, *, lam: float, hard_fraction: float,
-                       normalize: str) -> tuple[Tensor, Tensor]:
+                       normalize: str, n_groups: int | None = None) -> tuple[Tensor, Tensor]:
     """Per-token weights (w_tkd, w_dkd) [N] so that sum(w_tkd TKD + w_dkd DKD) / n_valid is ATKD's loss.
     Hard tokens get (1-lam) on TKD + DKD, easy ones lam on DKD only; 'group_mean' rescales each group's tokens by
     n_valid / n_group within its scope (an empty group contributes 0). Needs every token of a scope at once, so the
     chunked path computes it in a separate pass over the teacher."""
-    hard = hard_token_mask(unc, valid, groups, hard_fraction)
+    if n_groups is None:
+        n_groups = int(groups.max().item()) + 1 if groups.numel() else 1
+    hard = hard_token_mask(unc, valid, groups, hard_fraction, n_groups)
     easy = valid & ~hard
     dtype = unc.dtype if unc.is_floating_point() else torch.float32
     w_hard = torch.full(unc.shape, 1.0 - lam, dtype=dtype, device=unc.device)
     w_easy = torch.full(unc.shape, lam, dtype=dtype, device=unc.device)
     if normalize == "group_mean":
-        n_groups = int(groups.max().item()) + 1 if groups.numel() else 1
         def count(m):
             return torch.zeros(n_groups, dtype=dtype, device=unc.device).index_add_(0, groups, m.to(dtype))
         n_valid, n_hard, n_easy = count(valid), count(hard), count(easy)
@@ -496,6 +526,25 @@ class Method:
     validate: Callable[[dict], None]
     needs_targets: bool = False
     doc: str = ""
+    pre_pass: Callable[[dict], "TeacherPrePass"] | None = None
+    """For methods whose per-token weights need a whole scope (ATKD): options -> the chunked path's hook."""
+
+
+class TeacherPrePass(NamedTuple):
+    """A teacher-only pass the chunked loss runs over all tokens before the loss chunks: `token_stat(teacher
+    log-probs [c, V'], targets [c], ops) -> [c]` per chunk, then `overrides(stats [N], valid [N], groups [N],
+    n_groups) -> {name: tuple of [N] tensors}`, sliced per chunk and passed to the loss as keyword arguments."""
+    token_stat: Callable[..., Tensor]
+    overrides: Callable[..., dict]
+
+
+def _atkd_pre_pass(o: dict) -> TeacherPrePass:
+    def overrides(unc, valid, groups, n_groups):
+        if o["scope"] == "batch":
+            groups, n_groups = torch.zeros_like(groups), 1
+        return {"token_weights": atkd_token_weights(unc, valid, groups, lam=o["lam"], hard_fraction=o["hard_fraction"],
+                                                    normalize=o["normalize"], n_groups=n_groups)}
+    return TeacherPrePass(atkd_uncertainty, overrides)
 
 
 METHODS: dict[str, Method] = {
@@ -521,7 +570,7 @@ METHODS: dict[str, Method] = {
                    lambda o: (_check_unit("t", o["t"]), _check_choice("form", o["form"], {"kl", "ce"})),
                    doc="KL(p_t || q), p_t = softmax((1-t) sg(z_s) + t z_t)"),
     "atkd": Method(atkd, {"lam": 0.2, "hard_fraction": 0.5, "scope": "sequence", "normalize": "group_mean",
-                          "keep_unc": False, "reverse": False}, _validate_atkd, needs_targets=True,
+                          "keep_unc": False, "reverse": False}, _validate_atkd, needs_targets=True, pre_pass=_atkd_pre_pass,
                    doc="lam DKD(easy) + (1-lam) (TKD + DKD)(hard)"),
 }
 
@@ -562,10 +611,11 @@ def make_loss(method: str, **options) -> Callable[..., Tensor]:
             raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                              f"{tuple(teacher_logits.shape)} differ: the models must share a vocabulary "
                              f"(mask padded rows to -inf rather than slicing)")
+        zs, zt = upcast(student_logits), upcast(teacher_logits)
+        masked = mask is not None  # no mask (the fused path): every row counts, and no host read to find out
         if mask is None:
             mask = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
-        zs, zt = upcast(student_logits), upcast(teacher_logits)
-        if torch.compiler.is_compiling() or not bool(mask.all()):  # masked rows may hold garbage: zero them so nothing non-finite enters the graph
+        elif torch.compiler.is_compiling() or not bool(mask.all()):  # masked rows may hold garbage: zero them so nothing non-finite enters the graph
             keep = mask.unsqueeze(-1)
             zs, zt = torch.where(keep, zs, 0.0), torch.where(keep, zt, 0.0)
         if temperature != 1.0:
@@ -579,10 +629,11 @@ def make_loss(method: str, **options) -> Callable[..., Tensor]:
                             **o)
         else:
             value = spec.fn(lp, lq, ops, **o)
-        return torch.where(mask, value, torch.zeros_like(value))
+        return torch.where(mask, value, torch.zeros_like(value)) if masked else value
 
     loss.method = method
     loss.options = resolved
+    loss.teacher_pre_pass = spec.pre_pass(resolved) if spec.pre_pass else None
     return loss
 
 

@@ -12,8 +12,10 @@ detached MAX all-reduces (constants for the gradient). The formulas themselves l
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -191,88 +193,174 @@ def _sum_to_owners(x: Tensor, n_max: int, group) -> Tensor:
     return x[r * n_max:(r + 1) * n_max]
 
 
+@dataclass(frozen=True)
+class LossSpec:
+    """Everything about one fused-loss call that is not a tensor."""
+    loss_fn: Callable[..., Tensor]
+    group: object = None             # the vocab-parallel group (a shard group); None: one rank, no collectives
+    vocab_start: int = 0             # first vocabulary row of this rank's output-layer shards
+    vocab_size: int | None = None    # real vocabulary: columns at or beyond it are masked to -inf
+    chunk_size: int = 1024
+    compile: bool = False
+    ce_weight: float = 0.0
+    precision: str = "highest"       # loss.matmul_precision
+    overrides: tuple = ()            # per-step method values as (name, value) pairs, e.g. TAID's t
+
+    @property
+    def world(self) -> int:
+        return _world(self.group)
+
+
+def chunk_rows(memory_mb: float, vocab_shard: int, copies: int = 8) -> int:
+    """Rows per loss chunk so that `copies` fp32 [rows, vocab_shard] buffers (both models' logits, log-probs, the
+    method's intermediates and the logits' gradient) fit in memory_mb; a multiple of 64, at least 64."""
+    rows = int(memory_mb * 2**20 / (4 * copies * max(vocab_shard, 1)))
+    return max(64, rows // 64 * 64)
+
+
+class _Matmul:
+    """The loss's output-layer matmuls at loss.matmul_precision. highest: fp32. high: TF32 on CUDA (CPUs have no
+    TF32: fp32). bf16: operands rounded to bf16, products accumulated and returned in fp32; on CUDA the bf16 GEMM
+    with an fp32 output, on CPUs an fp32 GEMM of the rounded operands (the same numbers: a product of two bf16
+    values is exact in fp32)."""
+
+    def __init__(self, precision: str, device: torch.device):
+        self.precision, self.cuda = precision, device.type == "cuda"
+
+    def operand(self, x: Tensor) -> Tensor:
+        x = losses.upcast(x)
+        if self.precision != "bf16":
+            return x
+        return x.bfloat16() if self.cuda else x.bfloat16().float()
+
+    def __call__(self, a: Tensor, b: Tensor) -> Tensor:
+        if not self.cuda or self.precision == "highest":
+            return a @ b
+        if self.precision == "high":
+            old = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                return a @ b
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = old
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without the bf16 -> fp32 GEMM
+            return (a @ b).float()
+
+    def add_to(self, out: Tensor, a: Tensor, b: Tensor) -> None:
+        """out += a @ b, in place when the operands are fp32 (no [Vp, H] temporary per chunk)."""
+        if a.dtype == torch.float32 and (not self.cuda or self.precision == "highest"):
+            out.addmm_(a, b)
+        else:
+            out.add_(self(a, b))
+
+
+def _rows(x: Tensor, c0: int, c1: int, n: int) -> Tensor:
+    """Rows [c0, c1) of x, zero-padded to n rows (compile's one static chunk shape)."""
+    part = x[c0:c1]
+    if part.shape[0] == n:
+        return part
+    return torch.cat([part, part.new_zeros((n - part.shape[0],) + tuple(part.shape[1:]))])
+
+
+def group_max_rows(nk: int, group, device) -> int:
+    """The most rows any rank of `group` holds (one MAX all-reduce and one host read). The training step avoids
+    this call: it learns every micro-batch's sizes with its one per-step exchange and passes n_max."""
+    if _world(group) == 1:
+        return nk
+    sizes = torch.tensor([nk], dtype=torch.long, device=device)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
+    return int(sizes.item())
+
+
+def _gather_rows(spec: LossSpec, n_max: int, *xs: Tensor) -> list[Tensor]:
+    """Step 1, gather tokens: every rank of the group gets every rank's rows (padded to n_max, zero weight), which
+    is what makes the vocabulary split a pure loss-side split."""
+    return [_gather_tokens(x, n_max, spec.group) for x in xs]
+
+
+def _plan_chunks(spec: LossSpec, rows: int) -> list[tuple[int, int]]:
+    """Step 2, plan chunks: [c0, c1) over the gathered rows. Sizes are known on the host (no data-dependent
+    count), so every rank runs the same chunks and the same collectives."""
+    return [(c0, min(c0 + spec.chunk_size, rows)) for c0 in range(0, rows, spec.chunk_size)]
+
+
+def _pre_pass(spec: LossSpec, mm: _Matmul, ht: Tensor, wt_op: Tensor, tg: Tensor, valid: Tensor, groups: Tensor,
+              n_groups: int, chunks) -> dict:
+    """A method's teacher-only pass over all tokens (ATKD's hard/easy split needs whole scopes)."""
+    pre = spec.loss_fn.teacher_pre_pass
+    ops = ShardedVocab(spec.group, spec.vocab_start)
+    stat = torch.zeros(ht.shape[0], device=ht.device)
+    with torch.no_grad():
+        for c0, c1 in chunks:
+            z = mask_padded_columns(mm(mm.operand(ht[c0:c1]), wt_op), spec.vocab_start, spec.vocab_size)
+            (lp,) = losses.log_normalize(z, ops=ops)
+            stat[c0:c1] = pre.token_stat(lp, tg[c0:c1], ops)
+    return pre.overrides(stat, valid, groups, n_groups)
+
+
+def _chunk_gradient(spec: LossSpec, mm: _Matmul, h_c: Tensor, ws_op: Tensor, zt: Tensor, w_c: Tensor,
+                    tg_c: Tensor, kw: dict, needs_grad: bool, chunk_fn):
+    """Step 3, one chunk: the student's logits, the weighted loss sum and its gradient with respect to the logits
+    (each rank backpropagates 1/P of the replicated value)."""
+    ops = ShardedVocab(spec.group, spec.vocab_start)
+    with torch.enable_grad():
+        zs = mm(h_c, ws_op).requires_grad_(needs_grad)
+        value = chunk_fn(zs, zt, w_c, tg_c, ops, spec.vocab_start, spec.vocab_size, spec.ce_weight, kw)
+        g_z = torch.autograd.grad(value / spec.world, zs)[0] if needs_grad else None
+    return value.detach(), zs.detach(), g_z
+
+
 class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs: Tensor, ht: Tensor, ws: Tensor, wt: Tensor, weight: Tensor, targets: Tensor,
-                groups: Tensor, loss_fn, group, vocab_start: int, vocab_size, chunk_size: int, overrides: dict,
-                compile: bool, ce_weight: float, stats: dict | None):
+                groups: Tensor, spec: LossSpec, n_max: int, n_groups: int, stats: Tensor | None):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
-        world = _world(group)
-        nk = hs.shape[0]
-        if world > 1:
-            sizes = torch.tensor([nk], dtype=torch.long, device=hs.device)
-            dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
-            n_max = int(sizes.item())
-        else:
-            n_max = nk
-        # every rank sees every token (this is what makes the vocab split a pure loss-side split over the
-        # data-parallel group); masked positions (weight 0) are dropped before the output layer.
-        all_hs = _gather_tokens(hs.detach(), n_max, group)
-        all_ht = _gather_tokens(ht.detach(), n_max, group)
-        all_w = _gather_tokens(weight.detach().float(), n_max, group)
-        all_tg = _gather_tokens(targets, n_max, group)
-        all_gr = _gather_tokens(groups, n_max, group)
-        # ATKD scope ids are per rank: make them distinct across ranks (ids of rank r live above rank r-1's)
-        owner = torch.arange(all_gr.numel(), device=all_gr.device) // max(n_max, 1)
-        all_gr = all_gr + owner * (int(all_gr.max().item()) + 1 if all_gr.numel() else 0)
-        keep = torch.nonzero(all_w != 0).squeeze(-1)  # identical on every rank: same chunk count everywhere
-        n_keep = keep.numel()
-        chunk_fn = _compiled_chunk(loss_fn) if compile else functools.partial(_chunk_loss, loss_fn)
-        ops = ShardedVocab(group, vocab_start)
-        is_atkd = loss_fn.method == "atkd"
-
-        def logits(h, w, idx):
-            z = losses.upcast(h[idx]) @ losses.upcast(w).t()
-            return mask_padded_columns(z, vocab_start, vocab_size)
-
-        token_weights = None
-        if is_atkd:  # the hard/easy split needs the whole scope: one teacher-only pass for 1 - p_g first
-            unc = torch.zeros(keep.numel(), device=hs.device)
-            with torch.no_grad():
-                for c0 in range(0, keep.numel(), chunk_size):
-                    sel = keep[c0:c0 + chunk_size]
-                    (lp,) = losses.log_normalize(logits(all_ht, wt, sel), ops=ops)
-                    unc[c0:c0 + chunk_size] = losses.atkd_uncertainty(lp, all_tg[sel], ops)
-            o = loss_fn.options
-            token_weights = losses.atkd_token_weights(
-                unc, torch.ones_like(unc, dtype=torch.bool), all_gr[keep], lam=o["lam"],
-                hard_fraction=o["hard_fraction"], normalize=o["normalize"])
-
-        if compile and n_keep % chunk_size:
-            # one static shape for the compiled chunk: pad the last chunk with zero-weight copies of a real row
-            keep = torch.cat([keep, keep[:1].expand(chunk_size - n_keep % chunk_size)])
-        total = torch.zeros((), dtype=torch.float64, device=hs.device)
-        grad_all_h = torch.zeros(all_hs.shape, dtype=torch.float32, device=hs.device) if needs_grad else None
-        grad_ws = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device) if needs_grad else None
-        for c0 in range(0, keep.numel(), chunk_size):
-            sel = keep[c0:c0 + chunk_size]
-            w_c = all_w[sel]
-            if c0 + chunk_size > n_keep:  # the padded tail (compile only) carries no weight
-                w_c = torch.where(torch.arange(sel.numel(), device=w_c.device) < n_keep - c0, w_c, 0.0)
-            with torch.no_grad():
-                zt = logits(all_ht, wt, sel)
-            h_c = losses.upcast(all_hs[sel])
-            with torch.enable_grad():
-                zs = (h_c @ losses.upcast(ws).t()).requires_grad_(needs_grad)
-                kw = dict(overrides)
-                if is_atkd:
-                    kw["token_weights"] = tuple(_pad_to(w[c0:c0 + chunk_size], sel.numel()) for w in token_weights)
-                chunk_loss = chunk_fn(zs, zt, w_c, all_tg[sel], ops, vocab_start, vocab_size, ce_weight, kw)
+        nk, dev = hs.shape[0], hs.device
+        all_hs, all_ht, all_w, all_tg, all_gr = _gather_rows(
+            spec, n_max, hs.detach(), ht.detach(), weight.detach().float(), targets, groups)
+        rows = all_hs.shape[0]
+        # scope ids are per rank: rank r's ids live above rank r-1's (n_groups bounds every rank's ids)
+        all_gr = all_gr + torch.arange(rows, device=dev) // max(n_max, 1) * n_groups
+        chunks = _plan_chunks(spec, rows)
+        mm = _Matmul(spec.precision, dev)
+        ws_op, wt_op = mm.operand(ws.detach()).t(), mm.operand(wt).t()  # once per call, not per chunk
+        chunk_fn = _compiled_chunk(spec.loss_fn) if spec.compile else functools.partial(_chunk_loss, spec.loss_fn)
+        ops = ShardedVocab(spec.group, spec.vocab_start)
+        # matmul outputs are finite unless padded columns are masked: then -inf checks are not needed (no host sync)
+        finite = spec.vocab_size is None or spec.vocab_start + ws.shape[0] <= spec.vocab_size
+        with losses.finite_logits() if finite else contextlib.nullcontext():
+            per_token = {}
+            if spec.loss_fn.teacher_pre_pass is not None:
+                per_token = _pre_pass(spec, mm, all_ht, wt_op, all_tg, all_w != 0, all_gr,
+                                      n_groups * spec.world, chunks)
+            total = torch.zeros((), dtype=torch.float64, device=dev)
+            grad_all_h = torch.zeros(all_hs.shape, dtype=torch.float32, device=dev) if needs_grad else None
+            grad_ws = torch.zeros(ws.shape, dtype=torch.float32, device=dev) if needs_grad else None
+            for c0, c1 in chunks:
+                n = spec.chunk_size if spec.compile else c1 - c0  # compile: one static shape, zero-weight padding
+                with torch.no_grad():
+                    zt = mask_padded_columns(mm(mm.operand(_rows(all_ht, c0, c1, n)), wt_op), spec.vocab_start,
+                                             spec.vocab_size)
+                h_c = mm.operand(_rows(all_hs, c0, c1, n))
+                w_c = _rows(all_w, c0, c1, n)
+                kw = dict(spec.overrides)
+                kw.update({k: tuple(_rows(t, c0, c1, n) for t in v) for k, v in per_token.items()})
+                value, zs, g_z = _chunk_gradient(spec, mm, h_c, ws_op, zt, w_c, _rows(all_tg, c0, c1, n), kw,
+                                                 needs_grad, chunk_fn)
+                total += value.double()
+                if stats is not None:  # on the device: no host read per chunk
+                    real = (w_c != 0).float()
+                    agree = losses.top1_agreement(mask_padded_columns(zs, spec.vocab_start, spec.vocab_size), zt, ops)
+                    stats.add_(torch.stack([(agree * real).sum(), real.sum()]))
                 if needs_grad:
-                    # the replicated-loss rule: each rank backpropagates 1/P of the same value
-                    (g_z,) = torch.autograd.grad(chunk_loss / world, zs)
-            total += chunk_loss.detach().double()
-            if stats is not None:
-                real = w_c != 0
-                agree = losses.top1_agreement(mask_padded_columns(zs.detach(), vocab_start, vocab_size), zt, ops)
-                stats["agree"] = stats.get("agree", 0.0) + float(agree[real].sum())
-                stats["tokens"] = stats.get("tokens", 0.0) + float(real.sum())
-            if needs_grad:
-                grad_all_h.index_add_(0, sel, g_z @ losses.upcast(ws))
-                grad_ws.addmm_(g_z.t(), h_c)  # in place: no [Vp, H] temporary per chunk
-            del zs, zt
+                    g_op = mm.operand(g_z)
+                    grad_all_h[c0:c1] = mm(g_op, ws_op.t())[: c1 - c0]
+                    mm.add_to(grad_ws, g_op.t(), h_c)
+                del zs, zt, g_z
         if needs_grad:
-            ctx.save_for_backward(_sum_to_owners(grad_all_h, n_max, group)[:nk], grad_ws)
+            ctx.save_for_backward(_sum_to_owners(grad_all_h, n_max, spec.group)[:nk], grad_ws)
         ctx.dtypes = (hs.dtype, ws.dtype)
         return total.to(torch.float32)
 
@@ -283,11 +371,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         # the same on every rank.
         gh = (grad_h * grad_out).to(ctx.dtypes[0])
         gw = (grad_w * grad_out).to(ctx.dtypes[1])
-        return (gh, None, gw) + (None,) * 13
-
-
-def _pad_to(x: Tensor, n: int) -> Tensor:
-    return x if x.numel() == n else torch.cat([x, x.new_zeros(n - x.numel())])
+        return (gh, None, gw) + (None,) * 8
 
 
 def _chunk_loss(loss_fn, zs: Tensor, zt: Tensor, w: Tensor, targets: Tensor, ops, vocab_start: int, vocab_size,
@@ -310,24 +394,27 @@ def _compiled_chunk(loss_fn):
 
 def fused_linear_loss(loss_fn: Callable[..., Tensor], student_hidden: Tensor, teacher_hidden: Tensor,
                       student_weight: Tensor, teacher_weight: Tensor, *, token_weight: Tensor,
-                      targets: Tensor | None = None, groups: Tensor | None = None, group=None, vocab_start: int = 0,
-                      vocab_size: int | None = None, chunk_size: int = 1024, compile: bool = False,
-                      ce_weight: float = 0.0, stats: dict | None = None, **overrides) -> Tensor:
+                      targets: Tensor | None = None, groups: Tensor | None = None, n_groups: int | None = None,
+                      group=None, vocab_start: int = 0, vocab_size: int | None = None, chunk_size: int = 1024,
+                      compile: bool = False, ce_weight: float = 0.0, precision: str = "highest",
+                      n_max: int | None = None, stats: Tensor | None = None, **overrides) -> Tensor:
     """sum over all ranks' tokens of token_weight * loss, from hidden states and vocab-sharded output layers.
 
     student_hidden [Nk, Hs], teacher_hidden [Nk, Ht]: this rank's own tokens (Nk may differ between ranks).
     student_weight [Vp, Hs], teacher_weight [Vp, Ht]: this rank's rows [vocab_start, vocab_start + Vp).
-    token_weight [Nk]: e.g. 1 / (global valid-token count) on valid tokens, 0 on prompt / padding (dropped before
-    the output layer). targets [Nk] (ATKD), groups [Nk] (ATKD's scope ids; default one group).
+    token_weight [Nk]: e.g. 1 / (global valid-token count) on valid tokens, 0 on prompt / padding. Every row is
+    computed, so callers drop rows they do not need (the training step keeps loss tokens only, found on the host).
+    targets [Nk] (ATKD, ce_weight), groups [Nk] (ATKD's scope ids, below n_groups; default one group).
+    n_max: the most rows any rank of `group` passes (None: found with one collective and a host read).
 
     Returns the replicated scalar. Its backward gives this rank the exact gradient for its own hidden states and
     for its weight rows (teacher inputs get none). Logits exist one chunk at a time ([chunk, Vp] fp32, a few
     copies), so extra memory is O(chunk x Vp + N x H), flat in N: the gradients are computed in the forward pass
     (Liger-style), which also spares the recompute. compile=True runs each chunk's loss through torch.compile
     (one static shape: the last chunk is padded with zero-weight rows). ce_weight adds that multiple of the label
-    cross-entropy (targets) per token. `stats`, if given, accumulates 'agree' (teacher-student top-1 matches) and
-    'tokens'. Under data parallelism the caller must account for the
-    data-parallel gradient average (each rank already holds the gradient of the *global* loss)."""
+    cross-entropy (targets) per token. precision: loss.matmul_precision. `stats`, a device tensor [2], accumulates
+    (teacher-student top-1 matches, tokens) without a host read. Under data parallelism the caller must account
+    for the data-parallel gradient average (each rank already holds the gradient of the *global* loss)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     nk = student_hidden.shape[0]
@@ -340,13 +427,19 @@ def fused_linear_loss(loss_fn: Callable[..., Tensor], student_hidden: Tensor, te
                          f"{teacher_weight.shape[0]} rows: both must hold the same vocabulary rows")
     if loss_fn.method == "atkd" and targets is None:
         raise ValueError("atkd needs the target token ids (targets=...)")
+    dev = student_hidden.device
     if targets is None:
-        targets = torch.zeros(nk, dtype=torch.long, device=student_hidden.device)
+        targets = torch.zeros(nk, dtype=torch.long, device=dev)
     if groups is None:
-        groups = torch.zeros(nk, dtype=torch.long, device=student_hidden.device)
+        groups, n_groups = torch.zeros(nk, dtype=torch.long, device=dev), 1
+    elif n_groups is None:
+        n_groups = int(groups.max().item()) + 1 if groups.numel() else 1
+    if n_max is None:
+        n_max = group_max_rows(nk, group, dev)
+    spec = LossSpec(loss_fn, group, vocab_start, vocab_size, chunk_size, compile, ce_weight, precision,
+                    tuple(overrides.items()))
     return _FusedLinearLoss.apply(student_hidden, teacher_hidden, student_weight, teacher_weight, token_weight,
-                                  targets, groups, loss_fn, group, vocab_start, vocab_size, chunk_size, overrides,
-                                  compile, ce_weight, stats)
+                                  targets, groups, spec, n_max, n_groups, stats)
 
 
 # ----------------------------------------------------------------------------------------------------------------
