@@ -1,6 +1,8 @@
 """Process group from the launcher's environment (torchrun, srun, mpirun); rank helpers. No model or loss maths."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime
 import os
 from dataclasses import dataclass
@@ -260,12 +262,42 @@ def shard_size_for(world: int, requested: int | None, environ=os.environ) -> tup
     return world, f"one group of all ranks ({source if not per_node else f'{source}={per_node} does not divide {world}'})"
 
 
-def make_layout(dist_ctx: Dist, shard_size: int) -> Layout:
-    """Build the (replicas, shard) groups. Collective: every rank calls it with the same shard_size."""
-    if dist_ctx.group is None:
+def make_layout(shard_size: int | None = None) -> Layout:
+    """Build the (replicas, shard) groups of the initialised world (shard_size None: all ranks in one group); one
+    process without a group gets the trivial layout. Collective: every rank calls it with the same shard_size."""
+    if not dist.is_initialized():
         return Layout(1, 1, 0, 0)
     from torch.distributed.device_mesh import init_device_mesh
-    world = dist_ctx.world
+    world, rank = dist.get_world_size(), dist.get_rank()
+    shard_size = shard_size or world
     mesh = init_device_mesh(device().type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
-    return Layout(world, shard_size, dist_ctx.rank % shard_size, dist_ctx.rank // shard_size,
-                  mesh.get_group("shard"), mesh.get_group("replicate"), mesh)
+    return Layout(world, shard_size, rank % shard_size, rank // shard_size, mesh.get_group("shard"),
+                  mesh.get_group("replicate"), mesh)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host reads: the hot path's device-to-host synchronisations, made explicit and counted
+# ----------------------------------------------------------------------------------------------------------------
+HOST_READS = [0]  # explicit reads so far (bench/scale_bench.py reads the count; it also counts any implicit ones)
+_HOST_DATA = contextvars.ContextVar("host_data", default=False)
+
+
+def host_read(t: torch.Tensor) -> list:
+    """The tensor's values on the host: a synchronisation with the device. The training step makes two per step."""
+    HOST_READS[0] += 1
+    return t.tolist()
+
+
+@contextlib.contextmanager
+def host_data():
+    """Marks work on host-side data (batches before they move to the device): reads of it are not device syncs,
+    and the sync counter of bench/scale_bench.py leaves them out."""
+    token = _HOST_DATA.set(True)
+    try:
+        yield
+    finally:
+        _HOST_DATA.reset(token)
+
+
+def in_host_data() -> bool:
+    return _HOST_DATA.get()

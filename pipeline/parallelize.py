@@ -1,13 +1,17 @@
 """The one place parallelism touches the models: DeepSpeed ZeRO-3, PyTorch FSDP2, or none (one process).
 
 Both models lose their output layer first (models.detach_head): the bodies return hidden states and are sharded by
-the backend; the output layers are split by vocabulary rows across the data-parallel group (OutputHeads), which is
-what the vocab-parallel loss consumes. So no backend ever gathers a full output-layer weight, and no rank holds
-full-vocab logits. The three backends look alike through the small `Models` protocol that train.py uses.
+the backend; the output layers are split by vocabulary rows inside the shard group (OutputHeads) and replicated
+across groups, which is what the vocab-parallel loss consumes. So no backend ever gathers a full output-layer
+weight, and no rank holds full-vocab logits. The 2-D layout (distributed.Layout): the student is sharded inside the
+shard group (FSDP2: HSDP on the (replicate, shard) mesh; DeepSpeed: ZeRO-3 with the hpZ secondary partition in the
+group); the teacher is placed by parallel.teacher. The three backends look alike through the small `Models`
+protocol that train.py uses.
 
-Gradient scale: the fused loss gives every rank the gradient of the *global* loss for its own tokens and its own
-head rows. DeepSpeed and FSDP average body gradients over ranks, so train.py backpropagates loss x world size and
-OutputHeads divides its (already exact, never averaged) head gradients by the same factor.
+Gradient scale: the fused loss gives every rank the gradient of its shard group's share of the *global* loss for
+its own tokens (exact: no other group sees them) and for its own head rows (a partial sum: the replicas of those rows
+saw other tokens). DeepSpeed and FSDP average body gradients over all ranks, so train.py backpropagates loss x world
+size; OutputHeads sums its rows' gradients over the replicas and divides by the same factor.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pipeline import models as M
+from pipeline.distributed import Layout
 from pipeline.vocab_parallel import shard_range
 
 
@@ -30,7 +35,8 @@ class Models(Protocol):
     def teacher_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
     def set_lr(self, lr: float) -> None: ...
     def backward(self, loss: Tensor) -> None: ...
-    def step(self, bad: Tensor) -> tuple[Tensor, bool]: ...
+    def grad_norm(self) -> Tensor | None: ...
+    def step(self, skip: bool) -> tuple[float | None, bool]: ...
     def local_state_is_finite(self) -> Tensor: ...
     def save(self, path: str) -> None: ...
     def load(self, path: str) -> None: ...
@@ -38,37 +44,36 @@ class Models(Protocol):
     def teacher_state_digest(self) -> str: ...
 
 
-def _group_world(group) -> tuple[int, int]:
-    if group is None:
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
 class OutputHeads:
-    """This rank's rows [start, end) of both output layers, over the real vocabulary only: padded rows beyond the
-    tokenizer's size are dropped rather than masked (they are never a target and never predicted). The student's
-    rows are an fp32 master parameter with their own AdamW (the same hyper-parameters and schedule as the body)."""
+    """This rank's rows [start, end) of both output layers, split inside the shard group and replicated across
+    groups, over the real vocabulary only: padded rows beyond the tokenizer's size are dropped rather than masked
+    (they are never a target and never predicted). The student's rows are an fp32 master parameter with their own
+    AdamW (the same hyper-parameters and schedule as the body); replicas stay identical because they apply the same
+    all-reduced gradient."""
 
-    def __init__(self, student_w: Tensor, teacher_w: Tensor, vocab_size: int, group, optim_cfg,
+    def __init__(self, student_w: Tensor, teacher_w: Tensor, vocab_size: int, layout: Layout, optim_cfg,
                  device: torch.device | str = "cpu"):
-        self.group = group
-        rank, world = _group_world(group)
-        self.world = world
-        self.start, self.end = shard_range(vocab_size, rank, world)
+        self.group, self.replica_group = layout.shard_group, layout.replica_group
+        self.world, self.replicas = layout.world, layout.replicas  # the loss scale; copies of each row
+        self.shard_size = layout.shard_size
+        self.start, self.end = shard_range(vocab_size, layout.shard_rank, layout.shard_size)
         self.student = nn.Parameter(student_w[self.start:self.end].float().clone().to(device))
         self.teacher = teacher_w[self.start:self.end].clone().to(device) if teacher_w is not None else None
         self.vocab_size = vocab_size
         self.optimizer = build_adamw([self.student], optim_cfg)
 
     def local_grad_sq(self) -> Tensor:
-        """Undo the world-size loss scale; return this rank's squared gradient norm [1] (summed over ranks by the
-        caller, in the same all-reduce as the step's non-finite flag)."""
+        """Sum the rows' gradient over the replicas (one all-reduce in the replica group), undo the world-size loss
+        scale; return this rank's share of the squared gradient norm [1]: its rows' squared norm over the number
+        of replicas holding them, so the caller's SUM over all ranks (the step's one all-reduce) is the norm."""
         g = self.student.grad
         if g is None:
             return torch.zeros(1, device=self.student.device)
+        if self.replicas > 1:
+            dist.all_reduce(g, group=self.replica_group)
         if self.world > 1:
             g.div_(self.world)
-        return g.float().pow(2).sum().reshape(1)
+        return (g.float().pow(2).sum() / self.replicas).reshape(1)
 
     def step(self, max_norm: float, global_sq: Tensor, skip: bool) -> Tensor:
         """Clip by the norm over all ranks' rows and update, or drop the gradient when the step is skipped (the
@@ -98,13 +103,14 @@ class OutputHeads:
         return self.full_weight(self.student)
 
     def full_weight(self, shard: Tensor) -> Tensor:
-        """[V, H] from every rank's rows of `shard` (self.student or self.teacher): one all-gather."""
-        if self.world == 1:
+        """[V, H] from every rank's rows of `shard` (self.student or self.teacher): one all-gather in the shard
+        group."""
+        if self.shard_size == 1:
             return shard.detach().clone()
-        per = math.ceil(self.vocab_size / self.world)
+        per = math.ceil(self.vocab_size / self.shard_size)
         local = torch.zeros(per, shard.shape[1], dtype=shard.dtype, device=shard.device)
         local[: self.end - self.start] = shard.detach()
-        out = [torch.empty_like(local) for _ in range(self.world)]
+        out = [torch.empty_like(local) for _ in range(self.shard_size)]
         dist.all_gather(out, local, group=self.group)
         return torch.cat(out)[: self.vocab_size]
 
@@ -175,19 +181,34 @@ def _set_lr(optimizer, lr: float) -> None:
         gr["lr"] = lr
 
 
+def _local_shard(p: Tensor) -> Tensor:
+    if hasattr(p, "ds_tensor"):  # ZeRO-3 partition
+        return p.ds_tensor
+    if hasattr(p, "to_local"):   # FSDP2 DTensor
+        return p.to_local()
+    return p
+
+
 class LocalModels:
-    """One process, no sharding: the reference every backend is tested against."""
+    """One process, no sharding: the reference every backend is tested against. Also the base of the two sharded
+    backends' shared behaviour (the hidden-state calls, the teacher digest, learning rate)."""
 
     def __init__(self, student, teacher, heads: OutputHeads, cfg):
         self.student, self.teacher, self.heads, self.cfg = student, teacher, heads, cfg
         self.optimizer = build_adamw(student.parameters(), cfg.optim)
+        self._raw_norm = None
 
     def student_hidden(self, input_ids, attention_mask):
         return _hidden(self.student, input_ids, attention_mask)
 
     @torch.no_grad()
     def teacher_hidden(self, input_ids, attention_mask):
-        return _hidden(self.teacher, input_ids, attention_mask)
+        h = _hidden(self.teacher, input_ids, attention_mask)
+        if hasattr(self.teacher, "reshard"):
+            # FSDP2 keeps the root's parameters gathered after forward, expecting a backward; the frozen teacher
+            # has none, so free them now (also makes the local shards what teacher_state_digest reads)
+            self.teacher.reshard()
+        return h
 
     def teacher_state_digest(self):
         """sha256 of this rank's share of the teacher (its shards and head rows): no gather, cheap at any size."""
@@ -202,23 +223,27 @@ class LocalModels:
     def backward(self, loss):
         loss.backward()
 
-    def step(self, bad: Tensor) -> tuple[Tensor, bool]:
-        """Clip and update the body unless `bad` (the step's agreed non-finite flag, a device bool) or the body's
-        own gradient norm is non-finite; then the gradients are dropped and the optimizer state stays untouched.
-        Returns (body gradient norm, skipped). The norm is global (FSDP2 reduces it over ranks), so every rank
-        decides alike."""
+    def grad_norm(self) -> Tensor:
+        """The body's global gradient norm, a device scalar (no host read; FSDP2 reduces its partial sums over the
+        ranks here, so every rank gets the same value)."""
         params = [p for p in self.student.parameters() if p.grad is not None]
-        # under FSDP2 the norm is a DTensor of partial sums; its full value is the global norm
-        raw = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        norm = _full(raw)
-        # the one host read of the step: whether to update gates the optimizer (and keeps NaN out of the weights)
-        skipped = bool(bad | ~torch.isfinite(norm))
-        if not skipped and params:
+        self._raw_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        return _full(self._raw_norm)
+
+    def step(self, skip: bool) -> tuple[Tensor, bool]:
+        """Clip and update the body unless `skip` (decided by the caller from the step's one host read: a
+        non-finite loss, output-layer or body gradient norm on any rank); then the gradients are dropped and the
+        optimizer state stays untouched. Returns (None: the norm is grad_norm()'s, skipped)."""
+        if self._raw_norm is None:
+            self.grad_norm()
+        raw, self._raw_norm = self._raw_norm, None
+        params = [p for p in self.student.parameters() if p.grad is not None]
+        if not skip and params:
             if self.cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, raw)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm, skipped
+        return None, skip
 
     def local_state_is_finite(self) -> Tensor:
         """This rank's share of the trainable state (body shards, output-layer rows) is finite: checked before
@@ -230,7 +255,7 @@ class LocalModels:
                    os.path.join(path, "body.pt"))
 
     def load(self, path):
-        state = torch.load(os.path.join(path, "body.pt"), weights_only=False)
+        state = torch.load(os.path.join(path, "body.pt"), weights_only=False, map_location=_map_location())
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
 
@@ -238,40 +263,41 @@ class LocalModels:
         return {k: v.detach().clone() for k, v in self.student.state_dict().items()}
 
 
+def _map_location():
+    from pipeline.distributed import device
+    return device()
 
-def _local_shard(p: Tensor) -> Tensor:
-    if hasattr(p, "ds_tensor"):  # ZeRO-3 partition
-        return p.ds_tensor
-    if hasattr(p, "to_local"):   # FSDP2 DTensor
-        return p.to_local()
-    return p
+
+def apply_fsdp(model: nn.Module, mesh, mp) -> None:
+    """fully_shard every decoder block, then the root (a 1-D mesh: FSDP; a 2-D (replicate, shard) mesh: HSDP)."""
+    from torch.distributed.fsdp import fully_shard
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
 class FsdpModels(LocalModels):
-    """FSDP2 (`fully_shard`) on every decoder block and the root of both models; the teacher has no optimizer."""
+    """FSDP2: the student as HSDP on the layout's (replicate, shard) mesh (plain FSDP when there is one group); the
+    teacher (no optimizer) placed by parallel.teacher."""
 
-    def __init__(self, student, teacher, heads, cfg, group):
+    def __init__(self, student, teacher, heads, cfg, layout: Layout, placement: str):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        mesh = init_device_mesh(device, (dist.get_world_size(group),))
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        from pipeline.distributed import device
         mp = MixedPrecisionPolicy(param_dtype=M.DTYPES[cfg.parallel.fsdp_param_dtype],
                                   reduce_dtype=M.DTYPES[cfg.parallel.fsdp_reduce_dtype])
-        for model in (m for m in (student, teacher) if m is not None):
-            blocks = set(getattr(model, "_no_split_modules", None) or [])
-            for module in model.modules():
-                if type(module).__name__ in blocks:
-                    fully_shard(module, mesh=mesh, mp_policy=mp)
-            fully_shard(model, mesh=mesh, mp_policy=mp)
+        mesh = layout.mesh if layout.replicas > 1 else layout.mesh["shard"]
+        apply_fsdp(student, mesh, mp)
+        if teacher is not None:
+            if placement == "replicate":
+                teacher.to(device())
+            elif placement == "shard_group" or layout.replicas == 1:
+                apply_fsdp(teacher, layout.mesh["shard"], mp)
+            else:  # shard over every rank: a 1-D mesh of the world
+                apply_fsdp(teacher, init_device_mesh(device().type, (layout.world,)), mp)
         super().__init__(student, teacher, heads, cfg)
-
-    @torch.no_grad()
-    def teacher_hidden(self, input_ids, attention_mask):
-        h = _hidden(self.teacher, input_ids, attention_mask)
-        # FSDP2 keeps the root's parameters gathered after forward, expecting a backward; the frozen teacher has
-        # none, so free them now (also makes the local shards what teacher_state_digest reads)
-        self.teacher.reshard()
-        return h
 
     def _state(self):
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -296,10 +322,10 @@ class FsdpModels(LocalModels):
         return sd if dist.get_rank() == 0 else None
 
 
-
-def deepspeed_config(path: str, cfg, world: int, *, train: bool) -> dict:
+def deepspeed_config(path: str, cfg, world: int, *, train: bool, hpz: int = 1) -> dict:
     """The JSON (checked by config.read_deepspeed_json) with the batch sizes, clipping and precision filled from the
-    pipeline config."""
+    pipeline config; hpz > 1 keeps a secondary weight partition inside groups of that many ranks (ZeRO++ hpZ), so
+    the backward's gathers (and every forward of a frozen model after its first) stay inside the group."""
     from pipeline.config import read_deepspeed_json
     ds = read_deepspeed_json(path)
     tr = cfg.train
@@ -309,6 +335,11 @@ def deepspeed_config(path: str, cfg, world: int, *, train: bool) -> dict:
     if train:
         ds["gradient_clipping"] = cfg.optim.grad_clip
         ds["zero_allow_untested_optimizer"] = True
+        # ZeRO-3 reduces gradients in the model's dtype unless told otherwise: bf16 sums over hundreds of ranks
+        # lose the small contributions. fp32 unless the JSON chose.
+        ds.setdefault("communication_data_type", "fp32")
+    if hpz > 1:
+        ds.setdefault("zero_optimization", {})["zero_hpz_partition_size"] = hpz
     for k in ("optimizer", "scheduler"):
         ds.pop(k, None)
     ds["bf16"] = {"enabled": cfg.model.dtype == "bfloat16"}
@@ -316,28 +347,37 @@ def deepspeed_config(path: str, cfg, world: int, *, train: bool) -> dict:
 
 
 class DeepSpeedModels(LocalModels):
-    """ZeRO-3 student engine (torch AdamW inside) and a ZeRO-3 inference engine for the teacher (no optimizer)."""
+    """ZeRO-3 student engine (torch AdamW inside; hpZ inside the shard group) and the teacher placed by
+    parallel.teacher: a ZeRO-3 inference engine (no optimizer) over every rank or with hpZ, or a plain replica."""
 
-    def __init__(self, student, teacher, heads, cfg, group):
+    def __init__(self, student, teacher, heads, cfg, layout: Layout, placement: str):
         import deepspeed
-        world = dist.get_world_size(group)
-        p = cfg.parallel
+        from pipeline.distributed import device
+        world, p = layout.world, cfg.parallel
+        hpz = layout.shard_size if 1 < layout.shard_size < world else 1
         optimizer = build_adamw(student.parameters(), cfg.optim)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=student, optimizer=optimizer, config=deepspeed_config(p.ds_student_config, cfg, world, train=True))
+            model=student, optimizer=optimizer,
+            config=deepspeed_config(p.ds_student_config, cfg, world, train=True, hpz=hpz))
         self.teacher_engine = None
-        if teacher is not None:
+        if teacher is not None and placement == "replicate":
+            teacher.to(device())
+        elif teacher is not None:
             self.teacher_engine, *_ = deepspeed.initialize(
-                model=teacher, config=deepspeed_config(p.ds_teacher_config, cfg, world, train=False))
+                model=teacher, config=deepspeed_config(p.ds_teacher_config, cfg, world, train=False,
+                                                       hpz=hpz if placement == "shard_group" else 1))
             self.teacher_engine.eval()
-        self.student, self.heads, self.cfg = self.engine.module, heads, cfg
-        self.teacher = self.teacher_engine.module if self.teacher_engine is not None else None
+            teacher = self.teacher_engine.module
+        self.student, self.teacher, self.heads, self.cfg = self.engine.module, teacher, heads, cfg
+        self._raw_norm = None
 
     def student_hidden(self, input_ids, attention_mask):
         return self.engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     @torch.no_grad()
     def teacher_hidden(self, input_ids, attention_mask):
+        if self.teacher_engine is None:
+            return _hidden(self.teacher, input_ids, attention_mask)
         return self.teacher_engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def backward(self, loss):
@@ -346,24 +386,25 @@ class DeepSpeedModels(LocalModels):
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # bookkeeping only; the update waits for step() at the boundary
 
-    def step(self, bad: Tensor) -> tuple[Tensor, bool]:
+    def grad_norm(self) -> None:
+        return None  # DeepSpeed computes (and checks) the body's norm inside its own step
+
+    def step(self, skip: bool) -> tuple[float, bool]:
         """The boundary engine.step(): DeepSpeed clips and updates, and skips by itself when the body's gradient
-        norm is non-finite (zero_optimization stage 3 checks it for every dtype). When the step's agreed flag is
-        bad although the body is finite, the inner AdamW step is vetoed for this one call, so parameters and
+        norm is non-finite (zero_optimization stage 3 checks it for every dtype). When the caller's decision is to
+        skip although the body is finite, the inner AdamW step is vetoed for this one call, so parameters and
         optimizer state stay untouched either way."""
-        veto = bool(bad)  # host read: gates the update
         inner = self.engine.optimizer.optimizer
-        if veto:
+        if skip:
             inner.step = lambda *args, **kwargs: None  # instance attribute shadows AdamW.step for this call only
         try:
             self.engine.step()
         finally:
-            if veto:
+            if skip:
                 del inner.step
-        skipped = veto or bool(getattr(self.engine.optimizer, "overflow", False))
-        norm = self.engine.get_global_grad_norm()
-        norm = torch.as_tensor(float("inf") if skipped or norm is None else norm, dtype=torch.float32)
-        return norm, skipped
+        skipped = skip or bool(getattr(self.engine.optimizer, "overflow", False))
+        norm = self.engine.get_global_grad_norm()  # DeepSpeed's own value (it read it to check for overflow)
+        return (float("inf") if skipped or norm is None else float(norm)), skipped
 
     def save(self, path):
         self.engine.save_checkpoint(os.path.join(path, "body"), tag="state", save_latest=False)
@@ -386,16 +427,50 @@ class DeepSpeedModels(LocalModels):
         return sd if rank == 0 else None
 
 
-def parallelize(student, teacher, vocab_size: int, cfg, group) -> Models:
-    """Detach both output layers into vocab-sharded heads and wrap both bodies for the configured backend."""
+def rank_memory_bytes() -> int:
+    """Memory one rank may count on: its GPU's, or on CPUs the host's divided by the ranks on this node."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    from pipeline.distributed import ranks_per_node
+    per_node, _ = ranks_per_node()
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(per_node or 1, 1)
+
+
+def teacher_placement(requested: str, teacher_bytes: int, layout: Layout, fraction: float,
+                      memory: int | None = None) -> tuple[str, str]:
+    """(placement, why) for parallel.teacher; auto replicates a teacher whose full copy takes at most `fraction` of
+    a rank's memory, else shards it inside the shard group."""
+    if layout.world == 1:
+        return "replicate", "one rank"
+    if requested != "auto":
+        return requested, "parallel.teacher"
+    memory = rank_memory_bytes() if memory is None else memory
+    share = teacher_bytes / max(memory, 1)
+    why = (f"auto: a full teacher copy is {teacher_bytes / 2**30:.2f} GiB, {share:.1%} of a rank's "
+           f"{memory / 2**30:.0f} GiB (parallel.teacher_replicate_fraction = {fraction})")
+    return ("replicate" if share <= fraction else "shard_group"), why
+
+
+def parallelize(student, teacher, vocab_size: int, cfg, layout: Layout, log=None) -> Models:
+    """Detach both output layers into vocab-sharded heads, place the teacher (parallel.teacher) and wrap both bodies
+    for the configured backend on the layout. Activation checkpointing (train.activation_checkpointing) is switched
+    on in the student before any wrapping, so the backends shard the checkpointed blocks."""
     from pipeline.distributed import device
     ws = M.detach_head(student)
     wt = M.detach_head(teacher) if teacher is not None else None
-    heads = OutputHeads(ws, wt, vocab_size, group, cfg.optim, device())
+    heads = OutputHeads(ws, wt, vocab_size, layout, cfg.optim, device())
+    if cfg.train.activation_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     backend = cfg.parallel.backend
     if backend == "none":
         return LocalModels(student.to(device()), teacher.to(device()) if teacher is not None else None, heads, cfg)
+    placement, why = "none", "no teacher"
+    if teacher is not None:
+        size = sum(p.numel() * p.element_size() for p in teacher.parameters())
+        placement, why = teacher_placement(cfg.parallel.teacher, size, layout, cfg.parallel.teacher_replicate_fraction)
+    if log is not None:
+        log(f"layout: {layout.replicas} replica group(s) x {layout.shard_size} ranks; teacher: {placement} ({why})")
     # ZeRO-3 and FSDP2 place the shards on the device themselves (never the whole model at once)
     if backend == "fsdp2":
-        return FsdpModels(student, teacher, heads, cfg, group)
-    return DeepSpeedModels(student, teacher, heads, cfg, group)
+        return FsdpModels(student, teacher, heads, cfg, layout, placement)
+    return DeepSpeedModels(student, teacher, heads, cfg, layout, placement)

@@ -109,7 +109,8 @@ def local_replica(body, head_weight: Tensor):
     state[output_prefix(replica) + "weight"] = head_weight.to(dtype)
     missing, unexpected = replica.load_state_dict(state, strict=False, assign=True)
     assert not missing and not unexpected, (missing, unexpected)
-    return replica.eval()
+    # buffers (rotary inv_freq) were built on the host by from_config; the parameters are already on the device
+    return replica.to(head_weight.device).eval()
 
 
 def replica_forward(replica):
@@ -196,7 +197,8 @@ def generate(models, who: str, prompts: list, *, rc, max_new: int, eos_id: int, 
         most = torch.tensor([n], device=device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
         rows = prompts + [[pad_id]] * (int(most) - n)
-        forward_last = sharded_forward(body, shard.detach(), heads.vocab_size, group)
+        # the vocabulary is split inside the shard group; the lockstep (and the body's gathers) span `group`
+        forward_last = sharded_forward(body, shard.detach(), heads.vocab_size, heads.group)
     else:
         forward_last = replica_forward(local_replica(body, heads.full_weight(shard)))
     t_gather = time.perf_counter() - t0

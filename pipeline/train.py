@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from pipeline import checkpoint, config as C, data, distributed, losses, rollout, rundir  # noqa: E402
 from pipeline.metrics import Metrics, Progress  # noqa: E402
-from pipeline.vocab_parallel import fused_linear_loss, fused_topk_loss  # noqa: E402
+from pipeline.vocab_parallel import chunk_rows, fused_linear_loss, fused_topk_loss  # noqa: E402
 
 EXIT_INPUT = 2      # the config, the data or the run directory needs a fix (said in the message); nothing lost
 EXIT_NONFINITE = 3  # too many consecutive non-finite steps; the last good state was checkpointed
@@ -89,7 +89,13 @@ class Run:
             self.eval_data = _heldout(cfg, self.tokenizer, dist_ctx)
         student, teacher, self.vocab = M.build_models(cfg, self.tokenizer)
         self.student_config = student.config
-        self.models = parallelize(student, teacher, self.vocab, cfg, dist_ctx.group)
+        shard, why = distributed.shard_size_for(dist_ctx.world, cfg.parallel.shard_group_size)
+        self.layout = distributed.make_layout(shard) if dist_ctx.group is not None else distributed.Layout(1, 1, 0, 0)
+        self.models = parallelize(student, teacher, self.vocab, cfg, self.layout,
+                                  log=lambda m: _say(dist_ctx, f"{m}; shard group from {why}") if dist_ctx.is_main
+                                  else None)
+        heads = self.models.heads
+        self.chunk_size = cfg.loss.chunk_size or chunk_rows(cfg.loss.chunk_memory_mb, heads.end - heads.start)
         lc = cfg.loss
         options = dict(lc.options)
         if lc.method == "taid":
@@ -187,83 +193,126 @@ def step_batches(run: Run) -> tuple[list, dict]:
     return batches, info
 
 
-def train_step(run: Run) -> dict:
-    """One optimiser step over train.grad_accum micro-batches; returns the scalars to log."""
-    cfg, models, heads, group, world = run.cfg, run.models, run.models.heads, run.dist.group, run.dist.world
+@dataclass
+class MicroPlan:
+    """What the host knows about one micro-batch before it reaches the device: the loss rows (positions with a
+    target the loss is taken on) and whether any position is padding. Built from the CPU tensors the data path
+    produced, so planning the step costs no device-to-host read."""
+    rows: torch.Tensor | None  # indices of the loss rows in the flattened [B * (T-1)] positions; None: all of them
+    n_rows: int
+    padded: bool
+
+
+def plan_micro(mb: data.Batch) -> MicroPlan:
+    mask = mb.loss_mask.reshape(-1).bool()
+    n = int(mask.sum())
+    return MicroPlan(None if n == mask.numel() else torch.nonzero(mask).squeeze(-1), n,
+                     not bool(mb.attention_mask.all()))
+
+
+def step_sizes(plans: list[MicroPlan], run: Run) -> tuple[float, list[int]]:
+    """(the step's loss-token count over every rank, for each micro-batch the most loss rows any rank of this shard
+    group holds): one all-gather of this rank's row counts over the world and one host read, the step's first."""
+    mine = torch.tensor([p.n_rows for p in plans], dtype=torch.long, device=run.dist.device)
+    if run.dist.group is None:
+        return float(max(sum(p.n_rows for p in plans), 1)), [p.n_rows for p in plans]
+    parts = [torch.empty_like(mine) for _ in range(run.dist.world)]
+    torch.distributed.all_gather(parts, mine, group=run.dist.group)
+    table = distributed.host_read(torch.stack(parts))  # [world][micro-batches]
+    lay = run.layout
+    group_rows = table[lay.replica_rank * lay.shard_size:(lay.replica_rank + 1) * lay.shard_size]
+    return float(max(sum(map(sum, table)), 1)), [max(col) for col in zip(*group_rows)]
+
+
+def train_step(run: Run, stats_wanted: bool = True) -> dict:
+    """One optimiser step over train.grad_accum micro-batches; returns the scalars to log. Two host reads in all
+    (the step's sizes, and the end-of-step values), however many micro-batches and loss chunks there are."""
+    cfg, models, heads, lay, world = run.cfg, run.models, run.models.heads, run.layout, run.dist.world
+    dev = run.dist.device
     t0 = time.perf_counter()
     lr = lr_at(run.step, cfg.optim, cfg.train.steps)
     models.set_lr(lr)
     micro, info = step_batches(run)
-    micro = [mb.to(run.dist.device) for mb in micro]  # built on the CPU; a no-op there
+    with distributed.host_data():
+        plans = [plan_micro(mb) for mb in micro]  # on the host, before the batches move
+    micro = [mb.to(dev) for mb in micro]  # built on the CPU; a no-op there
     t_data = time.perf_counter() - t0
     # the denominator is the number of loss tokens over the whole step and every rank: token-mean losses then do
     # not depend on how the batch was split across micro-batches and ranks (nor on padding)
-    count = torch.tensor([float(sum(mb.loss_mask.sum() for mb in micro))], device=run.dist.device)
-    distributed.all_reduce_sum(count, group)
-    count.clamp_(min=1.0)
+    count, n_max = step_sizes(plans, run)
     overrides = run.method_overrides()
     poison = run.fault is not None and run.fault == (run.step + 1, run.dist.rank)
-    total = torch.zeros((), device=run.dist.device)  # the replicated global loss, kept on the device
-    stats = {"agree": 0.0, "tokens": 0.0}
-    for mb in micro:
-        inputs, targets, attn = mb.tokens[:, :-1], mb.tokens[:, 1:], mb.attention_mask[:, :-1]
-        hs = run.models.student_hidden(inputs, attn)                       # [B, T-1, Hs]
+    total = torch.zeros((), device=dev)  # this shard group's share of the global loss, kept on the device
+    stats = torch.zeros(2, device=dev) if stats_wanted else None  # (top-1 agreements, tokens)
+    for mb, plan, rows_max in zip(micro, plans, n_max):
+        inputs, targets = mb.tokens[:, :-1], mb.tokens[:, 1:]
+        attn = mb.attention_mask[:, :-1] if plan.padded else None  # None: no padding, no mask checks inside HF
+        hs = models.student_hidden(inputs, attn)                           # [B, T-1, Hs]
         n = targets.numel()
-        weight = mb.loss_mask.reshape(n).float() / count
-        if poison:
-            weight = weight * float("nan")
+        keep = (lambda x: x) if plan.rows is None else (lambda x, i=plan.rows.to(dev): x.index_select(0, i))
+        weight = torch.full((plan.n_rows,), (float("nan") if poison else 1.0) / count, device=dev)
         if mb.teacher_logprobs is not None:  # loss.offline_teacher: the stored top-k [B, T-1, k], no teacher model
             k = mb.teacher_logprobs.shape[-1]
             loss = fused_topk_loss(
-                run.loss_fn, hs.reshape(n, -1), heads.student, mb.teacher_logprobs.reshape(n, k),
-                mb.teacher_ids.reshape(n, k), token_weight=weight, group=group, vocab_start=heads.start,
-                chunk_size=cfg.loss.chunk_size, **overrides)
+                run.loss_fn, keep(hs.reshape(n, -1)), heads.student, keep(mb.teacher_logprobs.reshape(n, k)),
+                keep(mb.teacher_ids.reshape(n, k)), token_weight=weight, group=lay.shard_group,
+                vocab_start=heads.start, chunk_size=run.chunk_size, n_max=rows_max, **overrides)
         else:
-            ht = run.models.teacher_hidden(inputs, attn)                   # [B, T-1, Ht]
+            ht = models.teacher_hidden(inputs, attn)                       # [B, T-1, Ht]
             # ATKD's per-sequence scope
-            groups = torch.arange(inputs.shape[0], device=inputs.device).repeat_interleave(inputs.shape[1])
+            groups = torch.arange(inputs.shape[0], device=dev).repeat_interleave(inputs.shape[1])
             loss = fused_linear_loss(
-                run.loss_fn, hs.reshape(n, -1), ht.reshape(n, -1), heads.student, heads.teacher,
-                token_weight=weight, targets=targets.reshape(n), groups=groups,
-                group=group, vocab_start=heads.start, chunk_size=cfg.loss.chunk_size, compile=cfg.loss.compile,
-                ce_weight=cfg.loss.ce_weight, stats=stats, **overrides)
+                run.loss_fn, keep(hs.reshape(n, -1)), keep(ht.reshape(n, -1)), heads.student, heads.teacher,
+                token_weight=weight, targets=keep(targets.reshape(n)), groups=keep(groups),
+                n_groups=inputs.shape[0], group=lay.shard_group, vocab_start=heads.start, chunk_size=run.chunk_size,
+                compile=cfg.loss.compile, ce_weight=cfg.loss.ce_weight, precision=cfg.loss.matmul_precision,
+                n_max=rows_max, stats=stats, **overrides)
         # DeepSpeed / FSDP average body gradients over ranks, but each rank already holds the gradient of the
         # global loss for its tokens: scale up here, the heads scale their (never averaged) gradient back down
         models.backward(loss * world)
         total += loss.detach()
-    # The non-finite guard: one all-reduce carries the output layer's squared gradient norm and whether any rank
-    # saw a non-finite loss; the backend adds its body's gradient norm and decides with one host read. A bad step
-    # is skipped on every rank alike: no update, optimizer state untouched.
-    flags = torch.cat([heads.local_grad_sq(), (~torch.isfinite(total)).float().reshape(1)])
-    distributed.all_reduce_sum(flags, group)
-    bad = (flags[1] > 0) | ~torch.isfinite(flags[0])
-    body_norm, skipped = models.step(bad)
-    head_norm = heads.step(cfg.optim.grad_clip, flags[:1], skipped)
+    # The step's one all-reduce of scalars: the output layer's squared gradient norm, the loss, whether it was
+    # finite, the metric counts and any rank's stop request (values replicated inside a shard group count 1/S).
+    # With the body's norm it is read in ONE host read that decides the update: a bad step is skipped on every rank
+    # alike (no update, optimizer state untouched).
+    request = signals.local_request()
+    s = float(lay.shard_size)
+    flags = torch.cat([heads.local_grad_sq(), (total / s).reshape(1), (~torch.isfinite(total)).float().reshape(1),
+                       (stats if stats is not None else torch.zeros(2, device=dev)) / s,
+                       torch.tensor([float(request == signals.STOP), float(request == signals.REQUEUE)], device=dev)])
+    distributed.all_reduce_sum(flags, run.dist.group)
+    body = models.grad_norm()
+    values = distributed.host_read(torch.cat([flags, (body if body is not None else flags.new_zeros(())).reshape(1)]))
+    head_sq, total, nonfinite, agree, tokens, stop, requeue, body_norm = values
+    skip = nonfinite > 0 or not math.isfinite(head_sq) or not math.isfinite(body_norm)
+    stepped_norm, skipped = models.step(skip)
+    body_norm = body_norm if stepped_norm is None else stepped_norm
+    heads.step(cfg.optim.grad_clip, flags[:1], skipped)
     run.loop.step += 1
-    total = float(total)  # the step's one read of the loss, for the logs
     if skipped:
         run.loop.skipped += 1
         run.loop.consecutive_skips += 1
     else:
         run.loop.consecutive_skips = 0
         if run.taid is not None:
-            run.taid.update(total)  # identical on every rank: `total` is the replicated global loss
+            run.taid.update(total)  # identical on every rank: `total` is the global loss
     elapsed = time.perf_counter() - t0
-    scalars = {"loss/total": total, "lr": lr, "grad_norm/body": float(body_norm), "grad_norm/head": float(head_norm),
+    scalars = {"loss/total": total, "lr": lr, "grad_norm/body": body_norm, "grad_norm/head": math.sqrt(head_sq),
                "train/skipped_steps": run.loop.skipped,
-               "tokens_per_s": float(count) / elapsed, "agreement/top1": stats["agree"] / stats["tokens"] if stats["tokens"] else None,
+               "tokens_per_s": count / elapsed, "agreement/top1": agree / tokens if tokens else None,
                "method/t": run.taid.t if run.taid else None, "method/lam": overrides.get("lam"),
                "memory/peak_gb": _peak_memory_gb(),
                # text: how long the step waited for its batches, and how much this rank has read (store / stream)
                "data/wait_s": t_data if cfg.data.kind == "text" else None,
-               "data/tokens_read": getattr(run.batches, "tokens_read", None)}
+               "data/tokens_read": getattr(run.batches, "tokens_read", None),
+               "_stop": signals.REQUEUE if requeue else signals.STOP if stop else 0}
     if info:
         _log_rollout(run, info, int(count))
         generated = "seconds" in info
         scalars.update({
             "rollout/source": rollout.SOURCES.index(info["source"]), "rollout/response_len": info["response_len"],
             "rollout/generation_share": t_data / elapsed,
-            "rollout/train_tokens_per_s": float(count) / (elapsed - t_data),
+            "rollout/train_tokens_per_s": count / (elapsed - t_data),
             "rollout/generated_tokens_per_s": info["tokens"] / info["seconds"] if generated else None,
             "rollout/gather_once": float(info["mode"] == "once") if generated else None,
             "rollout/adaptive_threshold": run.schedule.threshold if run.schedule else None})
@@ -293,12 +342,13 @@ def heldout_kl(run: Run, batch: data.Batch, with_ce: bool = False):
     n = inputs.numel()
     args = (losses.make_loss("fkl"), hs.reshape(n, -1), ht.reshape(n, -1), heads.student.detach(), heads.teacher)
     kw = dict(token_weight=batch.loss_mask.reshape(n).float() / count.clamp(min=1.0),
-              targets=batch.tokens[:, 1:].reshape(n), group=run.dist.group, vocab_start=heads.start,
-              chunk_size=run.cfg.loss.chunk_size)
-    kl = float(fused_linear_loss(*args, **kw))
-    if not with_ce:
-        return kl
-    return kl, float(fused_linear_loss(*args, ce_weight=1.0, **kw)) - kl
+              targets=batch.tokens[:, 1:].reshape(n), group=run.layout.shard_group, vocab_start=heads.start,
+              chunk_size=run.chunk_size, precision=run.cfg.loss.matmul_precision)
+    # each shard group computes its share of the global value; the world sum (over 1/S copies) is the value
+    values = torch.stack([fused_linear_loss(*args, **kw)] + ([fused_linear_loss(*args, ce_weight=1.0, **kw)]
+                                                            if with_ce else [])) / run.layout.shard_size
+    kl, *rest = distributed.all_reduce_sum(values, run.dist.group).tolist()
+    return (kl, rest[0] - kl) if with_ce else kl
 
 
 def evaluate_heldout(run: Run) -> dict:
@@ -447,17 +497,16 @@ def _run(cfg: C.Config, dist_ctx: distributed.Dist, lock: rundir.RunLock, argv: 
     losses_seen = []
     end = cfg.train.stop_after or cfg.train.steps
     last_saved = start
-    stop = 0
     if run.eval_data is not None and run.step == 0:
         _log_eval(run)
-    while run.step < end:
-        # every rank learns whether any rank was asked to stop (one MAX all-reduce per step)
-        stop = int(distributed.max_over_ranks(signals.local_request(), dist_ctx.group))
-        if stop:
-            break
-        scalars = train_step(run)
+    # every rank learns whether any rank was asked to stop: here once, then in each step's one all-reduce
+    stop = int(distributed.max_over_ranks(signals.local_request(), dist_ctx.group))
+    while run.step < end and not stop:
+        logged = (run.step + 1) % cfg.train.log_every == 0 or run.step + 1 == cfg.train.steps
+        scalars = train_step(run, stats_wanted=logged)
+        stop = scalars.pop("_stop")
         losses_seen.append(scalars["loss/total"])
-        if run.step % cfg.train.log_every == 0 or run.step == cfg.train.steps or run.loop.consecutive_skips:
+        if logged or run.loop.consecutive_skips:
             run.metrics.log(run.step, scalars)
         progress.update(run.step, loss=scalars["loss/total"], lr=scalars["lr"],
                         tok_s=round(scalars["tokens_per_s"]))

@@ -472,34 +472,34 @@ def _topk_chunk(h: Tensor, w: Tensor, lt: Tensor, ids: Tensor, weight: Tensor, t
 def fused_topk_loss(loss_fn: Callable[..., Tensor], student_hidden: Tensor, student_weight: Tensor,
                     teacher_logprobs: Tensor, teacher_ids: Tensor, *, token_weight: Tensor,
                     targets: Tensor | None = None, group=None, vocab_start: int = 0, vocab_size: int | None = None,
-                    chunk_size: int = 1024, **overrides) -> Tensor:
+                    chunk_size: int = 1024, n_max: int | None = None, **overrides) -> Tensor:
     """sum over all ranks' tokens of token_weight * loss against the teacher's stored top-k (topk_loss: k entries
     plus one bucket for the rest of the vocabulary), from the student's hidden states and its vocab-sharded output
     layer. student_hidden [Nk, Hs]; teacher_logprobs / teacher_ids [Nk, k]; token_weight [Nk]. The same contract as
     fused_linear_loss (replicated value; each rank gets the gradient of the global loss for its own tokens and its
-    rows). Chunks run under activation checkpointing, so memory stays O(chunk x Vp) in N; the recomputation
-    repeats each chunk's collectives in the same order on every rank."""
+    rows; every row is computed; n_max as there). Chunks run under activation checkpointing, so memory stays
+    O(chunk x Vp) in N; the recomputation repeats each chunk's collectives in the same order on every rank."""
     from torch.utils.checkpoint import checkpoint
     nk = student_hidden.shape[0]
     if teacher_logprobs.shape[0] != nk or teacher_ids.shape != teacher_logprobs.shape or token_weight.shape != (nk,):
         raise ValueError(f"student_hidden {tuple(student_hidden.shape)}, teacher top-k "
                          f"{tuple(teacher_logprobs.shape)} / {tuple(teacher_ids.shape)} and token_weight "
                          f"{tuple(token_weight.shape)} must all have this rank's {nk} tokens first")
-    n_max = nk
-    if _world(group) > 1:
-        sizes = torch.tensor([nk], dtype=torch.long, device=student_hidden.device)
-        dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
-        n_max = int(sizes.item())  # one host read per micro-batch: the padded gather needs the size
+    if n_max is None:
+        n_max = group_max_rows(nk, group, student_hidden.device)
     all_h = _GatherTokens.apply(student_hidden, n_max, group)
     all_lt = _gather_tokens(losses.upcast(teacher_logprobs), n_max, group)  # fp16 in the cache: fp32 maths
     all_ids = _gather_tokens(teacher_ids, n_max, group)
     all_w = _gather_tokens(losses.upcast(token_weight.detach()), n_max, group)
     all_tg = _gather_tokens(targets, n_max, group) if targets is not None else None
-    keep = torch.nonzero(all_w != 0).squeeze(-1)  # identical on every rank: same chunk count everywhere
+    # padding rows (weight 0) get a proper top-k distribution (uniform over k + 1): all-zero log-probs would put
+    # mass k in the top-k and a NaN in the bucket, which 0 x NaN carries into the weight's gradient
+    k = all_lt.shape[-1]
+    all_lt = torch.where((all_w != 0).unsqueeze(-1), all_lt, -math.log(k + 1))
     total = losses.upcast(student_hidden.new_zeros(()))
-    for c0 in range(0, keep.numel(), chunk_size):
-        sel = keep[c0:c0 + chunk_size]
-        total = total + checkpoint(_topk_chunk, all_h[sel], student_weight, all_lt[sel], all_ids[sel], all_w[sel],
-                                   all_tg[sel] if all_tg is not None else None, loss_fn, group, vocab_start,
-                                   vocab_size, overrides, use_reentrant=False)
+    for c0 in range(0, all_h.shape[0], chunk_size):  # sizes known on the host: the same chunks on every rank
+        c1 = c0 + chunk_size
+        total = total + checkpoint(_topk_chunk, all_h[c0:c1], student_weight, all_lt[c0:c1], all_ids[c0:c1],
+                                   all_w[c0:c1], all_tg[c0:c1] if all_tg is not None else None, loss_fn, group,
+                                   vocab_start, vocab_size, overrides, use_reentrant=False)
     return total
