@@ -9,7 +9,7 @@ PYTHON ?= python3
 BVENV  := .venv-bench
 BPY    := $(BVENV)/bin/python
 
-.PHONY: setup demo test bench bench-rollout bench-data clean
+.PHONY: setup demo test bench bench-rollout bench-data bench-scale clean
 
 # DS_BUILD_OPS=0: DeepSpeed ships as an sdist; build no ops now (they JIT-compile on first use, cached).
 $(STAMP): pyproject.toml Makefile
@@ -45,6 +45,10 @@ bench-rollout: setup
 # data at scale: a 100M-token store vs today's in-memory path (about 15 min here; ARGS="--tokens 5000000" is quick)
 bench-data: setup
 	$(PY) bench/data_bench.py $(ARGS)
+
+# weak scaling of a training step at 1, 2 and 4 processes: bytes per collective, host syncs, peak memory (~3 min)
+bench-scale: setup
+	$(PY) bench/scale_bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(BVENV) .pytest_cache .hypothesis

@@ -58,6 +58,7 @@ def worker(rank: int, world: int, port: int, args, out) -> None:
     import deepspeed
     import torch.distributed as dist
     from pipeline import config as C, models as M, rollout
+    from pipeline.distributed import make_layout
     from pipeline.parallelize import deepspeed_config, parallelize
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800))
     group = dist.group.WORLD
@@ -86,7 +87,7 @@ def worker(rank: int, world: int, port: int, args, out) -> None:
     # ours: the pipeline's models (ZeRO-3 body, vocab-sharded output layer) and rollout.generate
     student = M.build_model(None, student_conf, "float32", 0)
     teacher = M.build_model(None, cfg.model.teacher_config, "float32", 1).eval().requires_grad_(False)
-    models = parallelize(student, teacher, args.vocab, cfg, group)
+    models = parallelize(student, teacher, args.vocab, cfg, make_layout())
     rows = prompts.tolist()
 
     def ours(gather):

@@ -361,9 +361,9 @@ def _read_yaml(path: str):
         raise ValueError(f"config file {path!r} is not UTF-8 text (byte {e.start})") from None
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | None, overrides: list[str] = (), data_files: bool = True) -> Config:
     """Read YAML, apply overrides, build the typed tree and validate it (no model, no data is touched beyond
-    checking that local files exist)."""
+    checking that local files exist; data_files=False skips the data files, for tools that read none)."""
     data: dict = {}
     if path:
         if not os.path.isfile(path):
@@ -380,7 +380,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
                 raise ValueError(f"override {arg!r}: {k} is not a section")
         node[keys[-1]] = value
     cfg = _build(Config, data, "")
-    validate(cfg)
+    validate(cfg, data_files=data_files)
     return cfg
 
 
@@ -399,7 +399,7 @@ def resolve_files(patterns: list) -> list[str]:
     return out
 
 
-def validate(cfg: Config, world_size: int | None = None) -> None:
+def validate(cfg: Config, world_size: int | None = None, data_files: bool = True) -> None:
     """Every check that needs no model: ranges, choices, files, batch arithmetic (when world_size is known)."""
     m = cfg.model
     for who in ("teacher", "student"):
@@ -423,9 +423,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if d.store is not None:
         if d.streaming:
             raise ValueError("data.store is read by position, not streamed: set data.streaming to false")
-    if d.files:
+    if d.files and data_files:
         resolve_files(d.files)
-    if d.eval_files:
+    if d.eval_files and data_files:
         resolve_files(d.eval_files)
     _positive("data.eval_blocks", d.eval_blocks)
     if d.format not in ("auto", "json", "parquet", "text"):

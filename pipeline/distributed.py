@@ -115,8 +115,9 @@ def init(backend: str | None = None, timeout_s: float = 1800, require_group: boo
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     # a lone process (ZeRO-3 / FSDP2 still need a group) must not collide with another run's default port
     os.environ.setdefault("MASTER_PORT", str(free_port()) if world == 1 else "29500")
+    check_gpu_build()
     if torch.cuda.is_available():
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(local_device(local, torch.cuda.device_count()))
     if not dist.is_initialized():
         try:
             dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), rank=rank,
@@ -131,6 +132,38 @@ def init(backend: str | None = None, timeout_s: float = 1800, require_group: boo
 
 class RendezvousError(RuntimeError):
     pass
+
+
+def local_device(local_rank: int, visible: int) -> int:
+    """The GPU index for this rank: its local rank when the node's GPUs are all visible, 0 where the launcher binds
+    one GPU per task (srun --gpus-per-task / --gpu-bind: CUDA_VISIBLE_DEVICES holds just this task's GPU)."""
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise ValueError(f"local rank {local_rank} but only {visible} GPU(s) visible (CUDA_VISIBLE_DEVICES="
+                     f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): ask for one GPU per task, or as many "
+                     f"tasks per node as GPUs")
+
+
+def gpus_on_node(environ=os.environ) -> bool:
+    """Whether this node has NVIDIA GPUs for us, whatever torch says: device files, or a GPU allocation."""
+    if environ.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1", "NoDevFiles"):
+        return True
+    if environ.get("SLURM_JOB_GPUS") or environ.get("SLURM_STEP_GPUS"):
+        return True
+    return os.path.exists("/dev/nvidia0")
+
+
+def check_gpu_build(environ=os.environ) -> None:
+    """A GPU node with a CPU-only torch would silently train on the CPU over gloo: refuse it, naming the fix
+    (PIPELINE_ALLOW_CPU=1 to mean it)."""
+    if torch.cuda.is_available() or environ.get("PIPELINE_ALLOW_CPU") == "1" or not gpus_on_node(environ):
+        return
+    build = "a CPU-only torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+    raise ValueError(f"this node has GPUs (CUDA_VISIBLE_DEVICES / SLURM_JOB_GPUS / /dev/nvidia0) but {build} sees "
+                     f"none: install the CUDA build (environment.yml) or check the driver; PIPELINE_ALLOW_CPU=1 runs "
+                     f"on the CPU anyway")
 
 
 def is_comm_failure(e: BaseException) -> bool:
@@ -207,6 +240,14 @@ class timeout_scope:
 
     def __exit__(self, *exc):
         set_timeout(self.restore)
+
+
+def shutdown() -> None:
+    """Tear the process group down after a clean finish. NCCL needs it (communicators hold GPU memory and threads,
+    and an exit without it warns of leaked resources or hangs); gloo's side groups from DeepSpeed / FSDP can abort
+    the process in their destructors when a peer has already exited, so on CPUs the process exit tears down."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        dist.destroy_process_group()
 
 
 def barrier(group) -> None:
@@ -301,3 +342,37 @@ def host_data():
 
 def in_host_data() -> bool:
     return _HOST_DATA.get()
+
+
+class SyncCounter:
+    """Counts the device-to-host synchronisations of the code run inside it: scalar reads (.item(), float(),
+    bool() of a tensor), ops whose output size depends on the data (nonzero, masked_select, unique), and the
+    explicit host_read()s; reads of host-side batch data (host_data()) are left out. A TorchDispatchMode, so it
+    sees every aten op of every library (HF, DeepSpeed, FSDP) on this thread; slow, for diagnosis only
+    (logging.count_host_syncs)."""
+
+    SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive")
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.__name__.split(".")[0] in SyncCounter.SYNC_OPS and not in_host_data():
+                    counter.implicit += 1
+                return func(*args, **(kwargs or {}))
+
+        self._mode, self.implicit, self._explicit0 = _Mode(), 0, 0
+
+    @property
+    def count(self) -> int:
+        return self.implicit + HOST_READS[0] - self._explicit0
+
+    def __enter__(self):
+        self.implicit, self._explicit0 = 0, HOST_READS[0]
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)

@@ -26,7 +26,7 @@ def evaluate_models(student, teacher, blocks: torch.Tensor, batch_size: int = 4)
     n_tok, nll, kl, agree = 0, 0.0, 0.0, 0.0
     fkl = losses.make_loss("fkl")
     for i in range(0, blocks.shape[0], batch_size):
-        ids = blocks[i:i + batch_size]
+        ids = blocks[i:i + batch_size].to(next(student.parameters()).device)
         inputs, targets = ids[:, :-1], ids[:, 1:]
         zs = student(input_ids=inputs).logits.float()
         zt = teacher(input_ids=inputs).logits.float()
@@ -55,7 +55,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> 
     model.eval()
     out = []
     for p in prompts:
-        ids = chat_ids(tokenizer, p)
+        ids = chat_ids(tokenizer, p).to(next(model.parameters()).device)
         gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
@@ -85,8 +85,12 @@ def evaluate_checkpoint(checkpoint: str, cfg, n_blocks: int, prompts=None) -> di
         raise ValueError(f"no held-out block of data.seq_len ({d.seq_len}) tokens in the data")
     # held-out files: any part is unseen, take the first blocks; the training data: its tail
     blocks = blocks[:n_blocks] if d.eval_files else blocks[-n_blocks:]
-    student = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    teacher = M.build_model(cfg.model.teacher_path, cfg.model.teacher_config, "float32", cfg.model.init_seed + 1)
+    # on a GPU in the training dtype (a 7B teacher in fp32 on a CPU takes hours); on CPUs in fp32
+    gpu = torch.cuda.is_available()
+    dtype = cfg.model.dtype if gpu else "float32"
+    device = "cuda" if gpu else "cpu"
+    student = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=M.DTYPES[dtype]).to(device)
+    teacher = M.build_model(cfg.model.teacher_path, cfg.model.teacher_config, dtype, cfg.model.init_seed + 1).to(device)
     scores = evaluate_models(student, teacher.eval(), blocks)
     if prompts:
         scores["rouge_l"] = rouge_l(generate(student, tokenizer, prompts[0]), prompts[1])

@@ -15,6 +15,7 @@ size; OutputHeads sums its rows' gradients over the replicas and divides by the 
 """
 from __future__ import annotations
 
+import contextvars
 import math
 import os
 from typing import Protocol
@@ -115,9 +116,41 @@ class OutputHeads:
         return torch.cat(out)[: self.vocab_size]
 
 
-def _hidden(model, input_ids, attention_mask) -> Tensor:
-    # the output layer is an Identity: the "logits" of the HF output are the final hidden states
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+_UNPADDED = contextvars.ContextVar("unpadded", default=False)
+
+
+def _causal_mask(*args, **kwargs):
+    """transformers' sdpa mask, except for batches the caller knows have no padding: then no mask (sdpa runs with
+    is_causal), without transformers reading the padding mask back to the host to find that out (a device sync per
+    forward)."""
+    from transformers.masking_utils import sdpa_mask
+    return None if _UNPADDED.get() else sdpa_mask(*args, **kwargs)
+
+
+def causal_without_mask_reads(model: nn.Module) -> None:
+    """Switch an sdpa model to the same attention under the name 'pipeline_sdpa', whose mask function is
+    _causal_mask (registered with transformers once)."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    AttentionInterface.register("pipeline_sdpa", sdpa_attention_forward)
+    AttentionMaskInterface.register("pipeline_sdpa", _causal_mask)
+    model.set_attn_implementation("pipeline_sdpa")
+
+
+def forward(model, input_ids, attention_mask) -> Tensor:
+    """The model's final hidden states (its output layer is an Identity, so the HF output's "logits" are they).
+    attention_mask None: the batch has no padding (known on the host)."""
+    if attention_mask is not None:
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    token = _UNPADDED.set(True)
+    try:  # a mask of ones keeps transformers from deriving packed-sequence ids from the positions (another read)
+        return model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False).logits
+    finally:
+        _UNPADDED.reset(token)
+
+
 
 
 def full_numel(model: nn.Module) -> int:
@@ -162,8 +195,10 @@ def _digest(tensors) -> str:
 
 
 def build_adamw(params, o) -> torch.optim.AdamW:
-    """The one AdamW of the pipeline (body and output layer): optim.lr, betas, weight_decay."""
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    """The one AdamW of the pipeline (body and output layer): optim.lr, betas, weight_decay. The fused kernel (CPU
+    and CUDA): one pass over each tensor, and its step counters live on the device, so a step reads nothing back to
+    the host (the for-loop AdamW reads every parameter's step count with .item())."""
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True)
 
 
 def _full(t: Tensor) -> Tensor:
@@ -199,11 +234,11 @@ class LocalModels:
         self._raw_norm = None
 
     def student_hidden(self, input_ids, attention_mask):
-        return _hidden(self.student, input_ids, attention_mask)
+        return forward(self.student, input_ids, attention_mask)
 
     @torch.no_grad()
     def teacher_hidden(self, input_ids, attention_mask):
-        h = _hidden(self.teacher, input_ids, attention_mask)
+        h = forward(self.teacher, input_ids, attention_mask)
         if hasattr(self.teacher, "reshard"):
             # FSDP2 keeps the root's parameters gathered after forward, expecting a backward; the frozen teacher
             # has none, so free them now (also makes the local shards what teacher_state_digest reads)
@@ -372,13 +407,12 @@ class DeepSpeedModels(LocalModels):
         self._raw_norm = None
 
     def student_hidden(self, input_ids, attention_mask):
-        return self.engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return forward(self.engine, input_ids, attention_mask)
 
     @torch.no_grad()
     def teacher_hidden(self, input_ids, attention_mask):
-        if self.teacher_engine is None:
-            return _hidden(self.teacher, input_ids, attention_mask)
-        return self.teacher_engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return forward(self.teacher_engine if self.teacher_engine is not None else self.teacher, input_ids,
+                       attention_mask)
 
     def backward(self, loss):
         # the token weights already divide by the count over the whole accumulation window
@@ -459,6 +493,8 @@ def parallelize(student, teacher, vocab_size: int, cfg, layout: Layout, log=None
     ws = M.detach_head(student)
     wt = M.detach_head(teacher) if teacher is not None else None
     heads = OutputHeads(ws, wt, vocab_size, layout, cfg.optim, device())
+    for model in (m for m in (student, teacher) if m is not None):
+        causal_without_mask_reads(model)
     if cfg.train.activation_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     backend = cfg.parallel.backend

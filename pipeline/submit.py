@@ -65,6 +65,11 @@ def check_resources(args) -> None:
     if len(fit) < args.nodes:
         raise SubmitError(f"{where}: only {len(fit)} node(s) have {args.gpus_per_node} GPU(s) and "
                           f"{args.tasks_per_node} CPU(s) for the tasks; {args.nodes} needed")
+    # a task per GPU with one core starves its data work, NCCL proxy threads and compilation: give each task its
+    # share of the smallest fitting node's cores (at most 16) unless the user chose
+    if args.cpus_per_task is None:
+        smallest = min(sorted(n["cpus"] for n in fit)[-args.nodes:])
+        args.cpus_per_task = max(1, min(16, smallest // args.tasks_per_node))
 
 
 def sbatch(cmd: list[str]) -> str:
@@ -85,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--time", help="Slurm time limit, e.g. 24:00:00")
     ap.add_argument("--mpi", action="store_true", help="ranks from MPI (slurm/train_mpi.sbatch)")
     ap.add_argument("--eval", action="store_true", help="chain slurm/eval.sbatch after a successful training")
+    ap.add_argument("--cpus-per-task", type=int, default=None,
+                    help="default: each task's share of a node's cores (at most 16)")
     args, overrides = ap.parse_known_args(argv)
     args.tasks_per_node = args.tasks_per_node or args.gpus_per_node or 1
     try:
@@ -102,13 +109,12 @@ def main(argv=None) -> int:
     cfg.run_dir = run_dir
     resolved = os.path.join(run_dir, "config.submitted.yaml")
     C.save_resolved(cfg, resolved)
-    common = ["sbatch", "--parsable", f"--nodes={args.nodes}"]
-    for flag, value in (("--partition", args.partition), ("--account", args.account), ("--time", args.time)):
-        if value:
-            common.append(f"{flag}={value}")
+    where = [f"{flag}={value}" for flag, value in (("--partition", args.partition), ("--account", args.account),
+                                                    ("--time", args.time)) if value]
     script = "slurm/train_mpi.sbatch" if args.mpi else "slurm/train.sbatch"
-    train_cmd = common + [f"--ntasks-per-node={args.tasks_per_node}", f"--output={logs}/%x-%j.out",
-                          f"--export=ALL,CONFIG={resolved},PIPELINE_REPO={REPO}"]
+    train_cmd = ["sbatch", "--parsable", f"--nodes={args.nodes}"] + where + [
+        f"--ntasks-per-node={args.tasks_per_node}", f"--cpus-per-task={args.cpus_per_task}",
+        f"--output={logs}/%x-%j.out", f"--export=ALL,CONFIG={resolved},PIPELINE_REPO={REPO}"]
     if args.gpus_per_node:
         train_cmd.append(f"--gpus-per-node={args.gpus_per_node}")
     try:
@@ -116,9 +122,13 @@ def main(argv=None) -> int:
         print(f"job {job}\nlog {logs}/{'distill-mpi' if args.mpi else 'distill'}-{job}.out\n"
               f"tensorboard --logdir {run_dir}/tb")
         if args.eval:
-            ev = sbatch(common[:2] + ["--nodes=1", f"--dependency=afterok:{job}", f"--output={logs}/%x-%j.out",
-                                      f"--export=ALL,RUN_DIR={run_dir},CONFIG={resolved},PIPELINE_REPO={REPO}",
-                                      "slurm/eval.sbatch"])
+            # the same partition, account and time limit as training; one GPU where training had GPUs (the teacher
+            # and the student are evaluated on it, in the training dtype)
+            ev = sbatch(["sbatch", "--parsable", "--nodes=1", "--ntasks=1", f"--cpus-per-task={args.cpus_per_task}"]
+                        + where + ([f"--gpus-per-node=1"] if args.gpus_per_node else [])
+                        + [f"--dependency=afterok:{job}", f"--output={logs}/%x-%j.out",
+                           f"--export=ALL,RUN_DIR={run_dir},CONFIG={resolved},PIPELINE_REPO={REPO}",
+                           "slurm/eval.sbatch"])
             print(f"eval job {ev} (after {job} succeeds): {run_dir}/eval.json")
     except SubmitError as e:
         print(f"not submitted: {e}", file=sys.stderr)

@@ -246,7 +246,7 @@ def train_step(run: Run, stats_wanted: bool = True) -> dict:
     stats = torch.zeros(2, device=dev) if stats_wanted else None  # (top-1 agreements, tokens)
     for mb, plan, rows_max in zip(micro, plans, n_max):
         inputs, targets = mb.tokens[:, :-1], mb.tokens[:, 1:]
-        attn = mb.attention_mask[:, :-1] if plan.padded else None  # None: no padding, no mask checks inside HF
+        attn = mb.attention_mask[:, :-1] if plan.padded else None  # None: no padding (nothing for HF to check)
         hs = models.student_hidden(inputs, attn)                           # [B, T-1, Hs]
         n = targets.numel()
         keep = (lambda x: x) if plan.rows is None else (lambda x, i=plan.rows.to(dev): x.index_select(0, i))
@@ -434,7 +434,7 @@ def main(argv=None) -> int:
     try:
         dist_ctx = distributed.init(require_group=cfg.parallel.backend != "none",
                                     timeout_s=cfg.safety.startup_timeout_s)
-    except ValueError as e:
+    except ValueError as e:  # the environment (ranks, GPUs) needs a fix
         print(f"launch error: {e}", file=sys.stderr)
         return EXIT_INPUT
     except distributed.RendezvousError as e:
@@ -550,6 +550,7 @@ def _run(cfg: C.Config, dist_ctx: distributed.Dist, lock: rundir.RunLock, argv: 
             print(f"exported the student to {out}", file=sys.stderr)
     run.metrics.close()
     distributed.barrier(dist_ctx.group)
+    distributed.shutdown()
     return 0
 
 

@@ -21,6 +21,12 @@ export MASTER_PORT=${MASTER_PORT:-$((20000 + (SLURM_JOB_ID + 997 * ${SLURM_RESTA
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 # for a torchrun-per-node launch: torchrun forwards USR1 (the time-limit warning) to its ranks instead of dying of it
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
-if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=cpu; fi
+# DeepSpeed on the CPU only where the node has no GPU at all (containers often lack nvidia-smi but have the devices)
+if [ -z "${SLURM_JOB_GPUS:-}${SLURM_STEP_GPUS:-}${CUDA_VISIBLE_DEVICES:-}" ] && [ ! -e /dev/nvidia0 ]; then
+  export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+fi
+# NCCL: surface collective errors as exceptions (our bounded waits), and say why a communicator failed
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES nodes x ${SLURM_NTASKS_PER_NODE:-1} tasks," \
      "rendezvous $MASTER_ADDR:$MASTER_PORT"

@@ -286,6 +286,7 @@ def test_vocab_parallel_decoding_logits_equal_the_full_matmul(world, V):
 def _generate_worker(rank, world, backend, mode):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     from pipeline import models as M
+    from pipeline.distributed import make_layout
     from pipeline.parallelize import parallelize
     cfg = C.load_config(ONPOLICY, [f"--parallel.backend={backend}", f"--rollout.gather={mode}",
                                    "--train.micro_batch_size=3", "--train.grad_accum=1"])
@@ -293,7 +294,7 @@ def _generate_worker(rank, world, backend, mode):
     teacher = M.build_model(None, cfg.model.teacher_config, "float32", 1).eval().requires_grad_(False)
     ref_student, ref_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
     ref_heads = {"student": M.detach_head(ref_student), "teacher": M.detach_head(ref_teacher)}
-    models = parallelize(student, teacher, TINY["vocab_size"], cfg, dist.group.WORLD)
+    models = parallelize(student, teacher, TINY["vocab_size"], cfg, make_layout())
     g = torch.Generator().manual_seed(10 + rank)
     prompts = [torch.randint(2, 512, (int(n),), generator=g).tolist() for n in (4, 7, 5)[: 3 - rank]]
     # rank 0 stops at the EOS-prone token within a few steps; rank 1 ignores EOS and decodes all 20 steps: under

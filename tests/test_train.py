@@ -171,6 +171,7 @@ def test_vocabulary_checks_before_training():
     from pipeline import models as M
     from pipeline.parallelize import OutputHeads
     from pipeline.config import OptimConfig
+    from pipeline.distributed import Layout
     tok = AutoTokenizer.from_pretrained(REPO / "pipeline/configs/assets/tiny_tokenizer")
     conf = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=1)
@@ -180,5 +181,5 @@ def test_vocabulary_checks_before_training():
         M.check_vocab(small, padded, tok)
     assert M.check_vocab(padded, padded, tok) == 512
     heads = OutputHeads(M.detach_head(padded), M.detach_head(LlamaForCausalLM(LlamaConfig(vocab_size=600, **conf))),
-                        512, None, OptimConfig())
+                        512, Layout(1, 1, 0, 0), OptimConfig())
     assert heads.student.shape[0] == heads.teacher.shape[0] == 512

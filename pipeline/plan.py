@@ -1,0 +1,179 @@
+"""Memory and time per GPU for a config on N nodes x G GPUs, from the model configs alone (built on the meta device:
+no weights, no data), before anything is queued.
+
+    python -m pipeline.plan --config X.yaml --nodes 4 --gpus-per-node 8 [--gpu-memory-gb 80] [--section.key=value]
+
+The layout is the one pipeline.train builds: shard groups of parallel.shard_group_size ranks (default: a node), the
+teacher placed by parallel.teacher (auto: replicated when it takes at most teacher_replicate_fraction of a GPU).
+Estimates, not measurements: the assumptions (GPU memory, peak FLOP/s and the share of it reached, intra- and
+inter-node bandwidth) are options and are printed with the table. bench/scale_bench.py measures the per-rank
+communication these formulas count, on CPUs.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+GIB = 2**30
+
+
+@dataclass
+class Shapes:
+    params: int         # all parameters, the output layer included
+    head: int           # output-layer parameters (V x H), counted once even when tied
+    hidden: int
+    layers: int
+    vocab: int
+    tied: bool
+    largest_layer: int  # parameters of the largest decoder block
+
+
+def shapes(path, inline) -> Shapes:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if path is not None:
+        hf = AutoConfig.from_pretrained(path)
+    else:
+        rest = dict(inline)
+        hf = AutoConfig.for_model(rest.pop("model_type"), **rest)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+    head = model.get_output_embeddings().weight
+    tied = head is model.get_input_embeddings().weight
+    blocks = [m for m in model.modules() if type(m).__name__ in set(model._no_split_modules or [])]
+    return Shapes(sum(p.numel() for p in model.parameters()), head.numel(), hf.hidden_size, hf.num_hidden_layers,
+                  head.shape[0], tied, max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0))
+
+
+def estimate(cfg, s: Shapes, t: Shapes | None, nodes: int, gpus: int, a) -> dict:
+    """GiB per GPU by item and seconds per step by part (compute, intra-node, inter-node)."""
+    W = nodes * gpus
+    S = cfg.parallel.shard_group_size or gpus
+    if W % S:
+        raise ValueError(f"parallel.shard_group_size ({S}) must divide the world size ({W})")
+    R = W // S
+    b = 2 if cfg.model.dtype == "bfloat16" else 4
+    tr, d = cfg.train, cfg.data
+    tokens = tr.micro_batch_size * d.seq_len          # per micro-batch and rank
+    step_tokens = tokens * tr.grad_accum
+    ds = cfg.parallel.backend == "deepspeed"
+    body = s.params - s.head                           # the body; the output layer is our vocab-sharded head
+    # student: bf16/fp32 weights, fp32 master + AdamW moments (12 bytes, skipped when the weights are fp32 already)
+    # and fp32 gradients; DeepSpeed shards the optimizer over every rank (hpZ keeps a second weight copy / S),
+    # FSDP2 HSDP inside the group
+    opt_bytes = 8 + (4 if b == 2 else 0)
+    mem = {}
+    if ds:
+        mem["student weights"] = body * b / W + (body * b / S if 1 < S < W else 0)
+        mem["student grads + optimizer"] = body * (4 + opt_bytes) / W
+    else:
+        mem["student weights"] = body * b / S
+        mem["student grads + optimizer"] = body * (4 + opt_bytes) / S
+    mem["gathered blocks (2 in flight)"] = 2 * s.largest_layer * b
+    act = (2 if tr.activation_checkpointing else 67) * s.hidden * s.layers * tokens  # bytes; 67 H measured here
+    mem["student activations"] = act
+    head_rows = s.vocab / S
+    mem["output layers (student fp32 + AdamW, teacher)"] = head_rows * s.hidden * 16 + (
+        head_rows * t.hidden * b if t else 0)
+    placement = "none"
+    if t is not None:
+        tb = (t.params - t.head) * b
+        placement = cfg.parallel.teacher
+        if placement == "auto":
+            placement = "replicate" if tb <= cfg.parallel.teacher_replicate_fraction * a.gpu_memory_gb * GIB \
+                else "shard_group"
+        mem[f"teacher ({placement})"] = {"replicate": tb, "shard_group": tb / S + (tb / W if ds else 0),
+                                        "shard": tb / W}[placement]
+        mem["teacher gathered block"] = 0 if placement == "replicate" else t.largest_layer * b
+    h_sum = s.hidden + (t.hidden if t else 0)
+    mem["loss: gathered hidden states + gradient"] = S * tokens * (h_sum * 4 + s.hidden * 4)
+    mem["loss: chunk working set"] = cfg.loss.chunk_memory_mb * 2**20 if cfg.loss.chunk_size is None else \
+        8 * 4 * cfg.loss.chunk_size * head_rows
+    if cfg.data.kind == "chat" and cfg.rollout.student_fraction:
+        mem["rollout replica (gather once)"] = s.params * b
+    # time: 6 FLOPs per parameter and token for the student (8 with recomputation), 2 for the teacher forward, the
+    # loss's output-layer matmuls (2 forward per model, 4 for the student's gradients), all at mfu x peak
+    flops = step_tokens * ((8 if tr.activation_checkpointing else 6) * body + (2 * (t.params - t.head) if t else 0)
+                           + 2 * s.vocab * h_sum + 4 * s.vocab * s.hidden)
+    intra = inter = 0.0
+    ga = tr.grad_accum
+    loss_bytes = ga * (S - 1) / S * S * tokens * (h_sum * 4 + 4 * 3 + s.hidden * 4 * 2)  # gather + gradient reduce
+    intra += loss_bytes
+    if ds:  # ZeRO-3: forward gathers over the world; backward too, or inside the group with hpZ; gradients
+        # reduce-scatter over the world
+        inter += ga * body * b * (W - 1) / W
+        if 1 < S < W:
+            intra += ga * body * b * (S - 1) / S
+        else:
+            inter += ga * body * b * (W - 1) / W
+        inter += ga * body * 4 * (W - 1) / W
+    else:   # HSDP: gathers and reduce-scatter in the group, one all-reduce of the shard across groups per step
+        intra += ga * (2 * body * b + body * 4) * (S - 1) / S
+        inter += 2 * (R - 1) / R * body * 4 / S
+    if R > 1:
+        inter += 2 * (R - 1) / R * head_rows * s.hidden * 4  # the output layer's rows, across the replicas
+    if t is not None and placement != "replicate":
+        share = (S - 1) / S if placement == "shard_group" else (W - 1) / W
+        if placement == "shard" and nodes > 1:
+            inter += ga * (t.params - t.head) * b * share
+        else:
+            intra += ga * (t.params - t.head) * b * share
+    time = {"compute": flops / (a.tflops * 1e12 * a.mfu), "intra-node": intra / (a.intra_gbs * 1e9),
+            "inter-node": inter / (a.inter_gbs * 1e9) if nodes > 1 else 0.0}
+    return {"world": W, "shard": S, "replicas": R, "teacher": placement, "memory": mem, "time": time,
+            "tokens_per_step": step_tokens * W, "loss_bytes_per_rank": loss_bytes}
+
+
+def report(e: dict, a) -> str:
+    lines = [f"{e['world']} GPUs = {e['replicas']} replica group(s) x {e['shard']} (shard group); teacher: "
+             f"{e['teacher']}", "", f"{'memory per GPU':52s} {'GiB':>8s}"]
+    for k, v in e["memory"].items():
+        lines.append(f"  {k:50s} {v / GIB:8.2f}")
+    total = sum(e["memory"].values())
+    lines.append(f"  {'total':50s} {total / GIB:8.2f}  of {a.gpu_memory_gb:.0f}"
+                 + ("  <- DOES NOT FIT" if total > a.gpu_memory_gb * GIB else ""))
+    lines += ["", f"{'time per step (no overlap assumed)':52s} {'s':>8s}"]
+    for k, v in e["time"].items():
+        lines.append(f"  {k:50s} {v:8.3f}")
+    step = sum(e["time"].values())
+    lines.append(f"  {'total':50s} {step:8.3f}  ({e['tokens_per_step'] / step:,.0f} tokens/s)")
+    lines += ["", f"assumptions: {a.gpu_memory_gb:.0f} GiB and {a.tflops:.0f} TFLOP/s peak per GPU at {a.mfu:.0%} "
+              f"of it; {a.intra_gbs:.0f} GB/s inside a node, {a.inter_gbs:.0f} GB/s per GPU across nodes"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from pipeline import config as C
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--nodes", type=int, required=True)
+    ap.add_argument("--gpus-per-node", type=int, required=True)
+    ap.add_argument("--gpu-memory-gb", type=float, default=80.0, help="usable memory per GPU (H100: 80)")
+    ap.add_argument("--tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s per GPU (H100 SXM: 989)")
+    ap.add_argument("--mfu", type=float, default=0.4, help="the share of the peak reached")
+    ap.add_argument("--intra-gbs", type=float, default=300.0, help="GB/s per GPU inside a node (NVLink, bus)")
+    ap.add_argument("--inter-gbs", type=float, default=40.0, help="GB/s per GPU across nodes (400 Gb/s IB: ~40)")
+    ap.add_argument("--json", action="store_true", help="one JSON line instead of the table")
+    a, overrides = ap.parse_known_args(argv)
+    try:
+        cfg = C.load_config(a.config, overrides, data_files=False)
+        C.validate(cfg, world_size=a.nodes * a.gpus_per_node, data_files=False)
+        m = cfg.model
+        s = shapes(m.student_path, m.student_config)
+        t = None if cfg.loss.offline_teacher else shapes(m.teacher_path, m.teacher_config)
+        e = estimate(cfg, s, t, a.nodes, a.gpus_per_node, a)
+    except (ValueError, OSError) as err:
+        print(f"plan error: {err}", file=sys.stderr)
+        return 2
+    if a.json:
+        import json
+        print(json.dumps({**e, "memory_gib": {k: v / GIB for k, v in e["memory"].items()}}))
+    else:
+        print(report(e, a))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The 2-D layout (replicas x shard groups) in real 4-process runs: 2 groups of 2 ranks for DeepSpeed (ZeRO-3 + hpZ)
+and FSDP2 (HSDP) against the one-process reference; every teacher placement gives the same losses; activation
+checkpointing the same gradients; exact resume across placements. Plus the hot path's host reads (a fixed number per
+step, whatever the micro-batches and chunks) and the loss matmul precisions against float64."""
+from __future__ import annotations
+
+import torch
+import pytest
+
+from tests.test_train import launch, losses
+
+# 8 steps, 4 ranks x 1 sequence x 2 micro-batches = the reference's 4 sequences x 2
+STEPS = ["--train.steps=8", "--checkpoint.every=4"]
+LAYOUT = ["--parallel.shard_group_size=2", "--train.micro_batch_size=1"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref")
+    launch(d, 1, "none", "--train.micro_batch_size=4", *STEPS)
+    return d
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "fsdp2"])
+def test_two_groups_of_two_match_the_reference_for_every_teacher_placement_and_resume_exactly(
+        backend, reference, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    launch(full, 4, backend, *LAYOUT, *STEPS, "--parallel.teacher=shard")
+    ref, got = losses(reference), losses(full)
+    assert sorted(got) == list(range(1, 9))
+    for s in range(1, 9):  # sharded in groups = unsharded, up to float reassociation
+        assert float(got[s]) == pytest.approx(float(ref[s]), rel=1e-4), (backend, s)
+    # the teacher sharded in the group, then replicated on resume (a safe change), with activation checkpointing:
+    # the same losses as the teacher sharded over every rank, and the resumed half bitwise equal to the full run
+    launch(part, 4, backend, *LAYOUT, *STEPS, "--parallel.teacher=shard_group", "--train.stop_after=4",
+           "--train.activation_checkpointing=true")
+    launch(part, 4, backend, *LAYOUT, *STEPS, "--parallel.teacher=replicate", "--train.activation_checkpointing=true")
+    resumed = losses(part)
+    for s in range(1, 9):
+        assert float(resumed[s]) == pytest.approx(float(got[s]), rel=1e-6), (backend, s)
+    assert [resumed[s] for s in range(5, 9)] == [got[s] for s in range(5, 9)] or backend == "deepspeed", \
+        "FSDP2 resume is bitwise"
+    log = (part / "history.jsonl").read_text()
+    assert "world" in log
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from pipeline import config as C, models as M
+    from pipeline.distributed import Layout
+    from pipeline.parallelize import parallelize
+    grads = []
+    for ac in (False, True):
+        cfg = C.load_config("pipeline/configs/debug_cpu.yaml", ["--parallel.backend=none",
+                                                                  f"--train.activation_checkpointing={ac}"])
+        student = M.build_model(None, cfg.model.student_config, "float32", 0).train()
+        teacher = M.build_model(None, cfg.model.teacher_config, "float32", 1).eval().requires_grad_(False)
+        models = parallelize(student, teacher, 512, cfg, Layout(1, 1, 0, 0))
+        assert models.student.is_gradient_checkpointing == ac
+        ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+        models.student_hidden(ids, None).pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in models.student.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _steps_syncs(tmp_path, *overrides):
+    """Host reads of each of 3 training steps (one process, the real Run and train_step)."""
+    from pipeline import config as C, distributed, train
+    cfg = C.load_config("pipeline/configs/debug_cpu.yaml", [
+        f"--run_dir={tmp_path}", "--parallel.backend=none", "--data.seq_len=32", "--data.max_documents=12",
+        "--logging.tensorboard=false", "--logging.progress=false", "--train.micro_batch_size=2", *overrides])
+    run = train.Run(cfg, distributed.Dist(0, 1, 0, None))
+    counts = []
+    for _ in range(3):
+        with distributed.SyncCounter() as counter:
+            train.train_step(run, stats_wanted=True)
+        counts.append(counter.count)
+    return counts
+
+
+def test_host_reads_per_step_do_not_grow_with_micro_batches_or_chunks(tmp_path):
+    few = _steps_syncs(tmp_path / "a", "--train.grad_accum=1", "--loss.chunk_size=256")
+    many = _steps_syncs(tmp_path / "b", "--train.grad_accum=3", "--loss.chunk_size=8")
+    assert few == many, (few, many)
+    assert max(few) <= 4, few
+
+
+def test_the_sync_counter_counts_scalar_reads():
+    from pipeline import distributed
+    x = torch.ones(3)
+    with distributed.SyncCounter() as c:
+        float(x.sum())
+        torch.nonzero(x)
+        x.add_(1)  # no read
+        with distributed.host_data():
+            int(x.sum())  # host-side data: not counted
+    assert c.count == 2
+
+
+def _precision_problem(seed=0, n=96, h=64, v=700):
+    g = torch.Generator().manual_seed(seed)
+    hs, ht = torch.randn(n, h, generator=g, dtype=torch.float64), torch.randn(n, h, generator=g, dtype=torch.float64)
+    ws, wt = 0.3 * torch.randn(v, h, generator=g, dtype=torch.float64), 0.3 * torch.randn(v, h, generator=g,
+                                                                                          dtype=torch.float64)
+    return hs, ht, ws, wt
+
+
+def precision_errors(precision: str, method: str = "amid") -> tuple[float, float]:
+    """(relative error of the loss, of the hidden-state gradient) against float64, for loss.matmul_precision."""
+    from pipeline import losses as L, vocab_parallel as VP
+    hs, ht, ws, wt = _precision_problem()
+    fn = L.make_loss(method)
+    n = hs.shape[0]
+    out = {}
+    for dtype, prec in ((torch.float64, "highest"), (torch.float32, precision)):
+        h = hs.to(dtype).detach().clone().requires_grad_(True)
+        loss = VP.fused_linear_loss(fn, h, ht.to(dtype), ws.to(dtype), wt.to(dtype), chunk_size=32,
+                                    token_weight=torch.full((n,), 1.0 / n, dtype=dtype), precision=prec)
+        loss.backward()
+        out[dtype] = (loss.detach().double(), h.grad.double())
+    (l64, g64), (l32, g32) = out[torch.float64], out[torch.float32]
+    return float(abs(l32 - l64) / abs(l64)), float((g32 - g64).norm() / g64.norm())
+
+
+def test_matmul_precisions_against_float64():
+    highest, high, bf16 = (precision_errors(p) for p in ("highest", "high", "bf16"))
+    assert max(highest) < 1e-5 and max(high) < 1e-5  # CPUs have no TF32: high is fp32 here
+    assert max(bf16) < 3e-2  # bf16 operands (8 bits of mantissa), fp32 accumulation
+    assert bf16[0] > 10 * highest[0]  # the option changes the operands
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launch details that decide a first GPU cluster run (checked with fake environments)
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("env,world,want", [
+    ({"LOCAL_WORLD_SIZE": "8"}, 32, (8, "LOCAL_WORLD_SIZE")),
+    ({"SLURM_STEP_ID": "0", "SLURM_STEP_TASKS_PER_NODE": "4(x8)"}, 32, (4, "SLURM_STEP_TASKS_PER_NODE")),
+    ({"SLURM_TASKS_PER_NODE": "4(x8)"}, 32, (32, "one group")),  # outside an srun step: not a launcher
+    ({"LOCAL_WORLD_SIZE": "3"}, 8, (8, "does not divide")),
+    ({}, 4, (4, "one group")),
+])
+def test_the_default_shard_group_is_a_node(env, world, want):
+    from pipeline.distributed import shard_size_for
+    size, why = shard_size_for(world, None, env)
+    assert size == want[0] and want[1] in why, (size, why)
+    assert shard_size_for(world, 2, env)[0] == 2
+    with pytest.raises(ValueError, match="must divide"):
+        shard_size_for(12, 5, env)
+
+
+def test_gpu_choice_with_one_gpu_per_task_and_with_all_visible():
+    from pipeline.distributed import local_device
+    assert local_device(3, 1) == 0  # srun --gpus-per-task: CUDA_VISIBLE_DEVICES holds this task's GPU only
+    assert local_device(3, 8) == 3
+    with pytest.raises(ValueError, match="one GPU per task"):
+        local_device(5, 4)
+
+
+def test_a_gpu_node_with_a_cpu_only_torch_is_refused(monkeypatch):
+    from pipeline.distributed import check_gpu_build
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="install the CUDA build"):
+        check_gpu_build({"CUDA_VISIBLE_DEVICES": "0,1"})
+    with pytest.raises(ValueError, match="PIPELINE_ALLOW_CPU"):
+        check_gpu_build({"SLURM_JOB_GPUS": "0"})
+    check_gpu_build({"CUDA_VISIBLE_DEVICES": "0", "PIPELINE_ALLOW_CPU": "1"})  # said explicitly: allowed
+    check_gpu_build({"CUDA_VISIBLE_DEVICES": ""})  # no GPU: fine (unless /dev/nvidia0 exists here, which it does not)
+
+
+def test_teacher_placement_auto_replicates_what_fits():
+    from pipeline.distributed import Layout
+    from pipeline.parallelize import teacher_placement
+    lay = Layout(8, 4, 0, 0)
+    gib = 2**30
+    assert teacher_placement("auto", 14 * gib, lay, 0.25, memory=80 * gib)[0] == "replicate"  # 7B bf16 on 80 GB
+    placement, why = teacher_placement("auto", 28 * gib, lay, 0.25, memory=80 * gib)
+    assert placement == "shard_group" and "28.00 GiB" in why and "35.0%" in why
+    assert teacher_placement("shard", 1, lay, 0.25, memory=80 * gib) == ("shard", "parallel.teacher")
+
+
+def test_chunk_rows_fit_the_budget():
+    from pipeline.vocab_parallel import chunk_rows
+    rows = chunk_rows(256, 152064 // 8)
+    assert rows % 64 == 0 and 8 * 4 * rows * (152064 // 8) <= 256 * 2**20
+    assert chunk_rows(1, 10**6) == 64  # never below one useful chunk
