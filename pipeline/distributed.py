@@ -300,7 +300,8 @@ def shard_size_for(world: int, requested: int | None, environ=os.environ) -> tup
     per_node, source = ranks_per_node(environ)
     if per_node and world % per_node == 0:
         return per_node, f"ranks per node ({source}={per_node})"
-    return world, f"one group of all ranks ({source if not per_node else f'{source}={per_node} does not divide {world}'})"
+    why = source if not per_node else f"{source}={per_node} does not divide {world}"
+    return world, f"one group of all ranks ({why})"
 
 
 def make_layout(shard_size: int | None = None) -> Layout:

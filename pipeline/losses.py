@@ -634,6 +634,7 @@ def make_loss(method: str, **options) -> Callable[..., Tensor]:
     loss.method = method
     loss.options = resolved
     loss.teacher_pre_pass = spec.pre_pass(resolved) if spec.pre_pass else None
+    loss.needs_targets = spec.needs_targets
     return loss
 
 

@@ -151,20 +151,26 @@ def forward(model, input_ids, attention_mask) -> Tensor:
         _UNPADDED.reset(token)
 
 
-
-
 def full_numel(model: nn.Module) -> int:
     """Elements of the unsharded model (ZeRO-3 keeps the full size in ds_numel; DTensors report it as numel)."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 @torch.no_grad()
-def full_state_dict(model: nn.Module, bucket_numel: int = 1 << 26) -> dict:
-    """Every parameter and buffer of a (possibly sharded) body, unsharded, on every rank. Collective: all ranks
-    call it together. ZeRO-3 gathers buckets of up to bucket_numel elements per call (few collectives, bounded
-    transient memory); FSDP2 gathers each DTensor; an unsharded model is returned without copies."""
+def full_state_dict(model: nn.Module, bucket_numel: int = 1 << 26, keep: bool = True,
+                    device: str | None = None) -> dict:
+    """Every parameter and persistent buffer of a (possibly sharded) body, unsharded: the one full-state gather
+    (export, rollout replicas). Collective: all ranks call it together. ZeRO-3 gathers buckets of up to
+    bucket_numel elements per call (few collectives, bounded transient memory); FSDP2 gathers each DTensor; an
+    unsharded model is returned without copies. keep=False: take part in the gathers but keep nothing (the ranks
+    that do not write an export); device: where the kept tensors go (e.g. 'cpu' for an export)."""
     params = list(model.named_parameters())
     out = {}
+
+    def put(name, t):
+        if keep:
+            out[name] = t.detach().to(device) if device is not None else t.detach()
+
     if any(hasattr(p, "ds_tensor") for _, p in params):
         import deepspeed
         bucket, size = [], 0
@@ -174,15 +180,15 @@ def full_state_dict(model: nn.Module, bucket_numel: int = 1 << 26) -> dict:
             if size >= bucket_numel or i == len(params) - 1:
                 with deepspeed.zero.GatheredParameters([q for _, q in bucket], modifier_rank=None):
                     for n, q in bucket:
-                        out[n] = q.detach().clone()
+                        put(n, q.clone() if device is None else q)
                 bucket, size = [], 0
     else:
         for name, p in params:
-            out[name] = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+            put(name, p.full_tensor() if hasattr(p, "full_tensor") else p)
     for name, b in model.named_buffers():
         owner, _, leaf = name.rpartition(".")
         if leaf not in model.get_submodule(owner)._non_persistent_buffers_set:  # e.g. rotary caches: rebuilt
-            out[name] = b
+            put(name, b)
     return out
 
 
@@ -224,32 +230,88 @@ def _local_shard(p: Tensor) -> Tensor:
     return p
 
 
-class LocalModels:
-    """One process, no sharding: the reference every backend is tested against. Also the base of the two sharded
-    backends' shared behaviour (the hidden-state calls, the teacher digest, learning rate)."""
+# ----------------------------------------------------------------------------------------------------------------
+# What every backend does alike: free functions over (student, teacher, heads)
+# ----------------------------------------------------------------------------------------------------------------
+def teacher_state_digest(teacher, heads: OutputHeads) -> str:
+    """sha256 of this rank's share of the teacher (its shards and head rows): no gather, cheap at any size."""
+    if teacher is None:
+        return "no teacher loaded (loss.offline_teacher)"
+    return _digest([_local_shard(p) for p in teacher.parameters()] + [heads.teacher])
 
-    def __init__(self, student, teacher, heads: OutputHeads, cfg):
-        self.student, self.teacher, self.heads, self.cfg = student, teacher, heads, cfg
+
+def state_is_finite(student, heads: OutputHeads) -> Tensor:
+    """This rank's share of the trainable state (body shards, output-layer rows) is finite: checked before every
+    checkpoint and export, so a non-finite state is never written."""
+    return _finite_local([_local_shard(p) for p in student.parameters()] + [heads.student])
+
+
+def export_state(student) -> dict | None:
+    """The student's full state on rank 0 (on the host), None elsewhere: for the export. Collective."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    state = full_state_dict(student, keep=rank == 0, device="cpu")
+    return state if rank == 0 else None
+
+
+@torch.no_grad()
+def frozen_forward(teacher, input_ids, attention_mask) -> Tensor:
+    h = forward(teacher, input_ids, attention_mask)
+    if hasattr(teacher, "reshard"):
+        # FSDP2 keeps the root's parameters gathered after forward, expecting a backward; the frozen teacher has
+        # none, so free them now (also makes the local shards what teacher_state_digest reads)
+        teacher.reshard()
+    return h
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plain torch modules: one process (the reference every backend is tested against) and FSDP2
+# ----------------------------------------------------------------------------------------------------------------
+def apply_fsdp2(student, teacher, cfg, layout: Layout, placement: str) -> None:
+    """FSDP2 in place: the student as HSDP on the layout's (replicate, shard) mesh (plain FSDP when there is one
+    group); the teacher (no optimizer) placed by `placement`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from pipeline.distributed import device
+    mp = MixedPrecisionPolicy(param_dtype=M.DTYPES[cfg.parallel.fsdp_param_dtype],
+                              reduce_dtype=M.DTYPES[cfg.parallel.fsdp_reduce_dtype])
+    apply_fsdp(student, layout.mesh if layout.replicas > 1 else layout.mesh["shard"], mp)
+    if teacher is None:
+        return
+    if placement == "replicate":
+        teacher.to(device())
+    elif placement == "shard_group" or layout.replicas == 1:
+        apply_fsdp(teacher, layout.mesh["shard"], mp)
+    else:  # shard over every rank: a 1-D mesh of the world
+        apply_fsdp(teacher, init_device_mesh(device().type, (layout.world,)), mp)
+
+
+def apply_fsdp(model: nn.Module, mesh, mp) -> None:
+    """fully_shard every decoder block, then the root (a 1-D mesh: FSDP; a 2-D (replicate, shard) mesh: HSDP)."""
+    from torch.distributed.fsdp import fully_shard
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+class TorchModels:
+    """Plain torch modules with torch's AdamW: unsharded (backend none) or sharded in place by apply_fsdp2
+    (`sharded`: checkpoints then go through torch.distributed.checkpoint, each rank writing its shards)."""
+
+    def __init__(self, student, teacher, heads: OutputHeads, cfg, sharded: bool = False):
+        self.student, self.teacher, self.heads, self.cfg, self.sharded = student, teacher, heads, cfg, sharded
         self.optimizer = build_adamw(student.parameters(), cfg.optim)
         self._raw_norm = None
 
     def student_hidden(self, input_ids, attention_mask):
         return forward(self.student, input_ids, attention_mask)
 
-    @torch.no_grad()
     def teacher_hidden(self, input_ids, attention_mask):
-        h = forward(self.teacher, input_ids, attention_mask)
-        if hasattr(self.teacher, "reshard"):
-            # FSDP2 keeps the root's parameters gathered after forward, expecting a backward; the frozen teacher
-            # has none, so free them now (also makes the local shards what teacher_state_digest reads)
-            self.teacher.reshard()
-        return h
+        return frozen_forward(self.teacher, input_ids, attention_mask)
 
     def teacher_state_digest(self):
-        """sha256 of this rank's share of the teacher (its shards and head rows): no gather, cheap at any size."""
-        if self.teacher is None:
-            return "no teacher loaded (loss.offline_teacher)"
-        return _digest([_local_shard(p) for p in self.teacher.parameters()] + [self.heads.teacher])
+        return teacher_state_digest(self.teacher, self.heads)
 
     def set_lr(self, lr):
         _set_lr(self.optimizer, lr)
@@ -265,7 +327,7 @@ class LocalModels:
         self._raw_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
         return _full(self._raw_norm)
 
-    def step(self, skip: bool) -> tuple[Tensor, bool]:
+    def step(self, skip: bool) -> tuple[None, bool]:
         """Clip and update the body unless `skip` (decided by the caller from the step's one host read: a
         non-finite loss, output-layer or body gradient norm on any rank); then the gradients are dropped and the
         optimizer state stays untouched. Returns (None: the norm is grad_norm()'s, skipped)."""
@@ -281,82 +343,42 @@ class LocalModels:
         return None, skip
 
     def local_state_is_finite(self) -> Tensor:
-        """This rank's share of the trainable state (body shards, output-layer rows) is finite: checked before
-        every checkpoint and export, so a non-finite state is never written."""
-        return _finite_local([_local_shard(p) for p in self.student.parameters()] + [self.heads.student])
+        return state_is_finite(self.student, self.heads)
 
     def save(self, path):
+        if self.sharded:
+            import torch.distributed.checkpoint as dcp
+            dcp.save(self._dcp_state(), checkpoint_id=os.path.join(path, "body"))
+            return
         torch.save({"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict()},
                    os.path.join(path, "body.pt"))
 
     def load(self, path):
-        state = torch.load(os.path.join(path, "body.pt"), weights_only=False, map_location=_map_location())
+        if self.sharded:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+            state = self._dcp_state()
+            dcp.load(state, checkpoint_id=os.path.join(path, "body"))
+            set_state_dict(self.student, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+            return
+        from pipeline.distributed import device
+        state = torch.load(os.path.join(path, "body.pt"), weights_only=False, map_location=device())
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def full_student_state(self):
-        return {k: v.detach().clone() for k, v in self.student.state_dict().items()}
-
-
-def _map_location():
-    from pipeline.distributed import device
-    return device()
-
-
-def apply_fsdp(model: nn.Module, mesh, mp) -> None:
-    """fully_shard every decoder block, then the root (a 1-D mesh: FSDP; a 2-D (replicate, shard) mesh: HSDP)."""
-    from torch.distributed.fsdp import fully_shard
-    blocks = set(getattr(model, "_no_split_modules", None) or [])
-    for module in model.modules():
-        if type(module).__name__ in blocks:
-            fully_shard(module, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-
-
-class FsdpModels(LocalModels):
-    """FSDP2: the student as HSDP on the layout's (replicate, shard) mesh (plain FSDP when there is one group); the
-    teacher (no optimizer) placed by parallel.teacher."""
-
-    def __init__(self, student, teacher, heads, cfg, layout: Layout, placement: str):
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-        from pipeline.distributed import device
-        mp = MixedPrecisionPolicy(param_dtype=M.DTYPES[cfg.parallel.fsdp_param_dtype],
-                                  reduce_dtype=M.DTYPES[cfg.parallel.fsdp_reduce_dtype])
-        mesh = layout.mesh if layout.replicas > 1 else layout.mesh["shard"]
-        apply_fsdp(student, mesh, mp)
-        if teacher is not None:
-            if placement == "replicate":
-                teacher.to(device())
-            elif placement == "shard_group" or layout.replicas == 1:
-                apply_fsdp(teacher, layout.mesh["shard"], mp)
-            else:  # shard over every rank: a 1-D mesh of the world
-                apply_fsdp(teacher, init_device_mesh(device().type, (layout.world,)), mp)
-        super().__init__(student, teacher, heads, cfg)
-
-    def _state(self):
+    def _dcp_state(self):
         from torch.distributed.checkpoint.state_dict import get_state_dict
         model_sd, optim_sd = get_state_dict(self.student, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
-    def save(self, path):
-        import torch.distributed.checkpoint as dcp
-        dcp.save(self._state(), checkpoint_id=os.path.join(path, "body"))
-
-    def load(self, path):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-        state = self._state()
-        dcp.load(state, checkpoint_id=os.path.join(path, "body"))
-        set_state_dict(self.student, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-
     def full_student_state(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        sd = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return sd if dist.get_rank() == 0 else None
+        return export_state(self.student)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-3
+# ----------------------------------------------------------------------------------------------------------------
 def deepspeed_config(path: str, cfg, world: int, *, train: bool, hpz: int = 1) -> dict:
     """The JSON (checked by config.read_deepspeed_json) with the batch sizes, clipping and precision filled from the
     pipeline config; hpz > 1 keeps a secondary weight partition inside groups of that many ranks (ZeRO++ hpZ), so
@@ -381,38 +403,49 @@ def deepspeed_config(path: str, cfg, world: int, *, train: bool, hpz: int = 1) -
     return ds
 
 
-class DeepSpeedModels(LocalModels):
-    """ZeRO-3 student engine (torch AdamW inside; hpZ inside the shard group) and the teacher placed by
-    parallel.teacher: a ZeRO-3 inference engine (no optimizer) over every rank or with hpZ, or a plain replica."""
+def init_deepspeed(student, teacher, cfg, layout: Layout, placement: str):
+    """(student engine, teacher engine or None, teacher module): the ZeRO-3 student engine (torch AdamW inside; hpZ
+    inside the shard group) and the teacher placed by `placement`: a ZeRO-3 inference engine (no optimizer) over
+    every rank or with hpZ in the group, or a plain replica on the device (no engine)."""
+    import deepspeed
+    from pipeline.distributed import device
+    if device().type == "cpu":
+        # DeepSpeed's CPU shared-memory all-reduce serves tensor-parallel inference only, which this pipeline never
+        # uses; left on, every fresh machine JIT-compiles it (about a minute of both cores here) on first init
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    world, p = layout.world, cfg.parallel
+    hpz = layout.shard_size if 1 < layout.shard_size < world else 1
+    engine, *_ = deepspeed.initialize(model=student, optimizer=build_adamw(student.parameters(), cfg.optim),
+                                      config=deepspeed_config(p.ds_student_config, cfg, world, train=True, hpz=hpz))
+    if teacher is None or placement == "replicate":
+        return engine, None, teacher.to(device()) if teacher is not None else None
+    teacher_engine, *_ = deepspeed.initialize(
+        model=teacher, config=deepspeed_config(p.ds_teacher_config, cfg, world, train=False,
+                                               hpz=hpz if placement == "shard_group" else 1))
+    teacher_engine.eval()
+    return engine, teacher_engine, teacher_engine.module
 
-    def __init__(self, student, teacher, heads, cfg, layout: Layout, placement: str):
-        import deepspeed
-        from pipeline.distributed import device
-        world, p = layout.world, cfg.parallel
-        hpz = layout.shard_size if 1 < layout.shard_size < world else 1
-        optimizer = build_adamw(student.parameters(), cfg.optim)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=student, optimizer=optimizer,
-            config=deepspeed_config(p.ds_student_config, cfg, world, train=True, hpz=hpz))
-        self.teacher_engine = None
-        if teacher is not None and placement == "replicate":
-            teacher.to(device())
-        elif teacher is not None:
-            self.teacher_engine, *_ = deepspeed.initialize(
-                model=teacher, config=deepspeed_config(p.ds_teacher_config, cfg, world, train=False,
-                                                       hpz=hpz if placement == "shard_group" else 1))
-            self.teacher_engine.eval()
-            teacher = self.teacher_engine.module
-        self.student, self.teacher, self.heads, self.cfg = self.engine.module, teacher, heads, cfg
-        self._raw_norm = None
+
+class DeepSpeedModels:
+    """The engines of init_deepspeed behind the Models protocol."""
+
+    def __init__(self, engine, teacher_engine, teacher, heads: OutputHeads, cfg):
+        self.engine, self.teacher_engine, self.heads, self.cfg = engine, teacher_engine, heads, cfg
+        self.student, self.teacher, self.optimizer = engine.module, teacher, engine.optimizer
 
     def student_hidden(self, input_ids, attention_mask):
         return forward(self.engine, input_ids, attention_mask)
 
-    @torch.no_grad()
     def teacher_hidden(self, input_ids, attention_mask):
-        return forward(self.teacher_engine if self.teacher_engine is not None else self.teacher, input_ids,
-                       attention_mask)
+        return frozen_forward(self.teacher_engine if self.teacher_engine is not None else self.teacher, input_ids,
+                              attention_mask)
+
+    def teacher_state_digest(self):
+        return teacher_state_digest(self.teacher, self.heads)
+
+    def set_lr(self, lr):
+        _set_lr(self.optimizer, lr)
+        _set_lr(self.heads.optimizer, lr)
 
     def backward(self, loss):
         # the token weights already divide by the count over the whole accumulation window
@@ -440,6 +473,9 @@ class DeepSpeedModels(LocalModels):
         norm = self.engine.get_global_grad_norm()  # DeepSpeed's own value (it read it to check for overflow)
         return (float("inf") if skipped or norm is None else float(norm)), skipped
 
+    def local_state_is_finite(self) -> Tensor:
+        return state_is_finite(self.student, self.heads)
+
     def save(self, path):
         self.engine.save_checkpoint(os.path.join(path, "body"), tag="state", save_latest=False)
 
@@ -448,17 +484,7 @@ class DeepSpeedModels(LocalModels):
                                     load_lr_scheduler_states=False)
 
     def full_student_state(self):
-        import deepspeed
-        sd = {}
-        rank = dist.get_rank()
-        for name, param in self.student.named_parameters():
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                if rank == 0:
-                    sd[name] = param.detach().clone().cpu()
-        for name, buf in self.student.named_buffers():
-            if rank == 0:
-                sd[name] = buf.detach().clone().cpu()
-        return sd if rank == 0 else None
+        return export_state(self.student)
 
 
 def rank_memory_bytes() -> int:
@@ -499,7 +525,7 @@ def parallelize(student, teacher, vocab_size: int, cfg, layout: Layout, log=None
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     backend = cfg.parallel.backend
     if backend == "none":
-        return LocalModels(student.to(device()), teacher.to(device()) if teacher is not None else None, heads, cfg)
+        return TorchModels(student.to(device()), teacher.to(device()) if teacher is not None else None, heads, cfg)
     placement, why = "none", "no teacher"
     if teacher is not None:
         size = sum(p.numel() * p.element_size() for p in teacher.parameters())
@@ -508,5 +534,6 @@ def parallelize(student, teacher, vocab_size: int, cfg, layout: Layout, log=None
         log(f"layout: {layout.replicas} replica group(s) x {layout.shard_size} ranks; teacher: {placement} ({why})")
     # ZeRO-3 and FSDP2 place the shards on the device themselves (never the whole model at once)
     if backend == "fsdp2":
-        return FsdpModels(student, teacher, heads, cfg, layout, placement)
-    return DeepSpeedModels(student, teacher, heads, cfg, layout, placement)
+        apply_fsdp2(student, teacher, cfg, layout, placement)
+        return TorchModels(student, teacher, heads, cfg, sharded=True)
+    return DeepSpeedModels(*init_deepspeed(student, teacher, cfg, layout, placement), heads, cfg)

@@ -12,7 +12,6 @@ communication these formulas count, on CPUs.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass
 
@@ -88,7 +87,8 @@ def estimate(cfg, s: Shapes, t: Shapes | None, nodes: int, gpus: int, a) -> dict
                                         "shard": tb / W}[placement]
         mem["teacher gathered block"] = 0 if placement == "replicate" else t.largest_layer * b
     h_sum = s.hidden + (t.hidden if t else 0)
-    mem["loss: gathered hidden states + gradient"] = S * tokens * (h_sum * 4 + s.hidden * 4)
+    # every rank of the group holds the group's hidden states (model dtype) and their fp32 gradient
+    mem["loss: gathered hidden states + gradient"] = S * tokens * (h_sum * b + s.hidden * 4)
     mem["loss: chunk working set"] = cfg.loss.chunk_memory_mb * 2**20 if cfg.loss.chunk_size is None else \
         8 * 4 * cfg.loss.chunk_size * head_rows
     if cfg.data.kind == "chat" and cfg.rollout.student_fraction:
@@ -99,8 +99,13 @@ def estimate(cfg, s: Shapes, t: Shapes | None, nodes: int, gpus: int, a) -> dict
                            + 2 * s.vocab * h_sum + 4 * s.vocab * s.hidden)
     intra = inter = 0.0
     ga = tr.grad_accum
-    loss_bytes = ga * (S - 1) / S * S * tokens * (h_sum * 4 + 4 * 3 + s.hidden * 4 * 2)  # gather + gradient reduce
-    intra += loss_bytes
+    # the loss: all-gather of the group's hidden states (+ weight, target, scope id per token), reduce-scatter of
+    # their fp32 gradient; across nodes only when a shard group spans nodes
+    loss_bytes = ga * (S - 1) * tokens * (h_sum * b + 20 + s.hidden * 4)
+    if S > gpus:
+        inter += loss_bytes
+    else:
+        intra += loss_bytes
     if ds:  # ZeRO-3: forward gathers over the world; backward too, or inside the group with hpZ; gradients
         # reduce-scatter over the world
         inter += ga * body * b * (W - 1) / W

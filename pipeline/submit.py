@@ -125,7 +125,7 @@ def main(argv=None) -> int:
             # the same partition, account and time limit as training; one GPU where training had GPUs (the teacher
             # and the student are evaluated on it, in the training dtype)
             ev = sbatch(["sbatch", "--parsable", "--nodes=1", "--ntasks=1", f"--cpus-per-task={args.cpus_per_task}"]
-                        + where + ([f"--gpus-per-node=1"] if args.gpus_per_node else [])
+                        + where + (["--gpus-per-node=1"] if args.gpus_per_node else [])
                         + [f"--dependency=afterok:{job}", f"--output={logs}/%x-%j.out",
                            f"--export=ALL,RUN_DIR={run_dir},CONFIG={resolved},PIPELINE_REPO={REPO}",
                            "slurm/eval.sbatch"])

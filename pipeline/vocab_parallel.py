@@ -425,8 +425,8 @@ def fused_linear_loss(loss_fn: Callable[..., Tensor], student_hidden: Tensor, te
     if student_weight.shape[0] != teacher_weight.shape[0]:
         raise ValueError(f"student and teacher output-layer shards have {student_weight.shape[0]} and "
                          f"{teacher_weight.shape[0]} rows: both must hold the same vocabulary rows")
-    if loss_fn.method == "atkd" and targets is None:
-        raise ValueError("atkd needs the target token ids (targets=...)")
+    if loss_fn.needs_targets and targets is None:
+        raise ValueError(f"{loss_fn.method} needs the target token ids (targets=...)")
     dev = student_hidden.device
     if targets is None:
         targets = torch.zeros(nk, dtype=torch.long, device=dev)

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent / "slurm"
 APT = ["slurmctld", "slurmd", "slurm-client", "munge", "libopenmpi-dev", "openmpi-bin"]
 TINY = ["--train.micro_batch_size=2", "--train.grad_accum=1", "--data.seq_len=32", "--data.max_documents=12",
-        "--optim.warmup_steps=1", "--logging.progress=false", "--parallel.backend=deepspeed"]
+        "--optim.warmup_steps=1", "--logging.progress=false", "--parallel.backend=fsdp2"]
 
 
 def _install() -> str | None:
@@ -77,15 +77,16 @@ def wait(env, job, timeout=400, done=("COMPLETED", "FAILED", "CANCELLED", "TIMEO
 
 
 def test_train_script_runs_two_nodes_of_two_tasks_as_two_shard_groups(slurm, tmp_path):
-    """2 nodes x 2 tasks: the default shard group is a node (2 groups of 2; the loss never leaves the node), and the
-    losses equal a one-process run over the same 4 sequences per step."""
+    """2 nodes x 2 tasks under ZeRO-3: the default shard group is a node (2 groups of 2, hpZ; the loss never leaves
+    the node), and the losses equal a one-process run over the same 4 sequences per step."""
     run, ref = tmp_path / "run", tmp_path / "ref"
     job = sbatch(slurm, "--nodes=2", "--ntasks-per-node=2", f"--output={tmp_path}/%j.out", "slurm/train.sbatch",
-                 *TINY, "--train.micro_batch_size=1", "--train.steps=12", "--checkpoint.every=6", f"--run_dir={run}",
+                 *TINY, "--parallel.backend=deepspeed", "--train.micro_batch_size=1", "--train.steps=6",
+                 "--checkpoint.every=3", f"--run_dir={run}",
                  config="pipeline/configs/debug_cpu.yaml")
     p = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", "pipeline/configs/debug_cpu.yaml", *TINY,
-                        "--parallel.backend=none", "--train.micro_batch_size=4", "--train.steps=12",
-                        "--checkpoint.every=6", f"--run_dir={ref}"], cwd=REPO, env=slurm, capture_output=True,
+                        "--parallel.backend=none", "--train.micro_batch_size=4", "--train.steps=6",
+                        "--checkpoint.every=3", f"--run_dir={ref}"], cwd=REPO, env=slurm, capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     info = wait(slurm, job)
@@ -93,7 +94,7 @@ def test_train_script_runs_two_nodes_of_two_tasks_as_two_shard_groups(slurm, tmp
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert info["NodeList"] == "n[1-2]" and "2 nodes x 2 tasks" in log
     assert "layout: 2 replica group(s) x 2 ranks" in log and "SLURM_STEP_TASKS_PER_NODE" in log, log[-3000:]
-    assert (run / "checkpoints" / "step_00000012" / "COMPLETE").exists()
+    assert (run / "checkpoints" / "step_00000006" / "COMPLETE").exists()
     got, want = ((d / "losses.tsv").read_text().split() for d in (run, ref))
     assert [float(v) for v in got[1::2]] == pytest.approx([float(v) for v in want[1::2]], rel=1e-4)
     # all four ranks belonged to one world: each wrote its summary, with its own rows of the teacher's output layer
