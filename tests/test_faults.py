@@ -130,7 +130,7 @@ def _biggest_body_file(c: Path) -> Path:
     return max(files, key=lambda f: f.stat().st_size)
 
 
-@pytest.mark.parametrize("backend", ["none", "deepspeed", "fsdp2"])
+@pytest.mark.parametrize("backend", ["deepspeed", "fsdp2"])  # the sharded layouts: several files per rank
 def test_truncated_shard_falls_back_to_the_older_checkpoint_bitwise(tmp_path, backend):
     ok(run(tmp_path, backend, *SHORT, "--train.stop_after=4"))
     first = loss_lines(tmp_path)

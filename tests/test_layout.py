@@ -38,10 +38,9 @@ def test_two_groups_of_two_match_the_reference_for_every_teacher_placement_and_r
     resumed = losses(part)
     for s in range(1, 9):
         assert float(resumed[s]) == pytest.approx(float(got[s]), rel=1e-6), (backend, s)
-    assert [resumed[s] for s in range(5, 9)] == [got[s] for s in range(5, 9)] or backend == "deepspeed", \
-        "FSDP2 resume is bitwise"
+    assert [resumed[s] for s in range(5, 9)] == [got[s] for s in range(5, 9)], "resume is bitwise"
     log = (part / "history.jsonl").read_text()
-    assert "world" in log
+    assert "parallel.teacher" in log  # the placement change is recorded as a safe change
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
