@@ -272,11 +272,18 @@ def apply_fsdp2(student, teacher, cfg, layout: Layout, placement: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
     from pipeline.distributed import device
-    mp = MixedPrecisionPolicy(param_dtype=M.DTYPES[cfg.parallel.fsdp_param_dtype],
-                              reduce_dtype=M.DTYPES[cfg.parallel.fsdp_reduce_dtype])
-    apply_fsdp(student, layout.mesh if layout.replicas > 1 else layout.mesh["shard"], mp)
+    bf16 = torch.bfloat16 in (M.DTYPES[cfg.model.dtype], M.DTYPES[cfg.parallel.fsdp_param_dtype])
+    if bf16:
+        # bf16 compute, fp32 masters: the sharded parameters (and so AdamW's state) stay fp32, FSDP2 gathers them
+        # as bf16 for the forward and backward (a bf16 AdamW loses updates smaller than 2^-8 of a weight)
+        student.float()
+    student_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32,
+                                      reduce_dtype=M.DTYPES[cfg.parallel.fsdp_reduce_dtype])
+    apply_fsdp(student, layout.mesh if layout.replicas > 1 else layout.mesh["shard"], student_mp)
     if teacher is None:
         return
+    mp = MixedPrecisionPolicy(param_dtype=M.DTYPES[cfg.parallel.fsdp_param_dtype],
+                              reduce_dtype=M.DTYPES[cfg.parallel.fsdp_reduce_dtype])
     if placement == "replicate":
         teacher.to(device())
     elif placement == "shard_group" or layout.replicas == 1:

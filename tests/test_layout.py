@@ -183,3 +183,48 @@ def test_chunk_rows_fit_the_budget():
     rows = chunk_rows(256, 152064 // 8)
     assert rows % 64 == 0 and 8 * 4 * rows * (152064 // 8) <= 256 * 2**20
     assert chunk_rows(1, 10**6) == 64  # never below one useful chunk
+
+
+def test_plan_prints_memory_and_time_and_the_layout_changes_them(capsys):
+    from pipeline import plan
+    shapes = ["--model.teacher_path=pipeline/configs/assets/shapes/qwen2.5-7b-instruct",
+              "--model.student_path=pipeline/configs/assets/shapes/qwen2.5-1.5b", "--train.global_batch_size=null"]
+    assert plan.main(["--config", "pipeline/configs/cluster_7b_to_1b.yaml", "--nodes", "4", "--gpus-per-node", "8",
+                      *shapes]) == 0
+    table = capsys.readouterr().out
+    assert "4 replica group(s) x 8" in table and "memory per GPU" in table and "inter-node" in table
+    import json
+    rows = {}
+    for nodes, extra in ((4, []), (32, []), (32, ["--parallel.shard_group_size=256", "--parallel.teacher=shard"])):
+        assert plan.main(["--config", "pipeline/configs/cluster_7b_to_1b.yaml", "--nodes", str(nodes),
+                          "--gpus-per-node", "8", "--json", *shapes, *extra]) == 0
+        rows[(nodes, bool(extra))] = json.loads(capsys.readouterr().out)
+    per_gpu = {k: sum(v["memory_gib"].values()) for k, v in rows.items()}
+    assert per_gpu[(32, False)] <= per_gpu[(4, False)] * 1.01  # groups of a node: flat in the world size
+    assert rows[(32, True)]["loss_bytes_per_rank"] > 20 * rows[(32, False)]["loss_bytes_per_rank"]  # one group: not
+    assert plan.main(["--config", "pipeline/configs/cluster_7b_to_1b.yaml", "--nodes", "3", "--gpus-per-node", "8",
+                      *shapes, "--parallel.shard_group_size=5"]) == 2  # a group size that does not divide 24
+
+
+def _fsdp_bf16_worker(rank, world):
+    from pipeline import config as C, models as M
+    from pipeline.distributed import make_layout
+    from pipeline.parallelize import parallelize
+    cfg = C.load_config("pipeline/configs/debug_cpu.yaml", ["--parallel.backend=fsdp2", "--model.dtype=bfloat16"])
+    student = M.build_model(None, cfg.model.student_config, "bfloat16", 0).train()
+    teacher = M.build_model(None, cfg.model.teacher_config, "bfloat16", 1).eval().requires_grad_(False)
+    models = parallelize(student, teacher, 512, cfg, make_layout(world))
+    assert {p.to_local().dtype for p in models.student.parameters()} == {torch.float32}  # masters
+    ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    h = models.student_hidden(ids, None)
+    assert h.dtype == torch.bfloat16  # bf16 compute
+    h.float().pow(2).mean().backward()
+    models.grad_norm()
+    models.step(False)
+    states = [s["exp_avg"].to_local().dtype for s in models.optimizer.state.values()]
+    assert states and set(states) == {torch.float32}  # AdamW state in fp32
+
+
+def test_fsdp2_in_bf16_keeps_fp32_master_weights():
+    from tests.dist_utils import run_workers
+    run_workers(_fsdp_bf16_worker, 2)

@@ -206,13 +206,16 @@ def test_submit_refuses_before_sbatch(slurm, tmp_path, args, message):
 
 def test_submit_queues_and_prints_where_things_go(slurm, tmp_path):
     p = subprocess.run([sys.executable, "-m", "pipeline.submit", "--config", "pipeline/configs/debug_cpu.yaml",
-                        "--nodes=2", f"--run_dir={tmp_path}/run", *TINY, "--train.steps=2", "--eval"],
+                        "--nodes=2", "--time=0:30:00", f"--run_dir={tmp_path}/run", *TINY, "--train.steps=2", "--eval"],
                        cwd=REPO, env=slurm, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     job = re.search(r"^job (\d+)$", p.stdout, re.M).group(1)
     ev = re.search(r"^eval job (\d+)", p.stdout, re.M).group(1)
     assert f"{tmp_path}/run/logs" in p.stdout and "tensorboard --logdir" in p.stdout
     assert (tmp_path / "run" / "config.submitted.yaml").exists()
+    # the chained evaluation asks for what training had: time limit, partition (and a GPU where training had GPUs)
+    assert job_info(slurm, ev)["TimeLimit"] == job_info(slurm, job)["TimeLimit"] == "00:30:00"
+    assert job_info(slurm, ev)["Partition"] == job_info(slurm, job)["Partition"]
     assert wait(slurm, job)["JobState"] == "COMPLETED"
     assert wait(slurm, ev)["JobState"] == "COMPLETED"
     assert (tmp_path / "run" / "eval.json").exists()

@@ -152,7 +152,7 @@ def test_config_errors_fail_fast_and_name_the_field(override, field):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and field in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
-    assert time.time() - t0 < 5.0
+    assert time.time() - t0 < 20.0  # no model or data loads (a loaded 2-core machine takes several seconds)
 
 
 def test_vocabulary_checks_before_training():
