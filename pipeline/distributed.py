@@ -350,7 +350,7 @@ class SyncCounter:
     bool() of a tensor), ops whose output size depends on the data (nonzero, masked_select, unique), and the
     explicit host_read()s; reads of host-side batch data (host_data()) are left out. A TorchDispatchMode, so it
     sees every aten op of every library (HF, DeepSpeed, FSDP) on this thread; slow, for diagnosis only
-    (logging.count_host_syncs)."""
+    (bench/scale_bench.py, tests/test_layout.py)."""
 
     SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive")
 

@@ -69,26 +69,37 @@ def check_same_tokenizer(cfg, tokenizer) -> None:
                              f"of one family)")
 
 
+def model_field(m, who: str) -> str:
+    """The config field a model comes from, for error messages."""
+    return f"model.{who}_path" if getattr(m, f"{who}_path") is not None else f"model.{who}_config"
+
+
+def meta_model(m, who: str) -> nn.Module:
+    """The teacher's or student's model ('teacher' / 'student') built from its HF config on the meta device: every
+    shape, no memory, no weights. A config that cannot build is a ValueError naming the field."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    path, conf = getattr(m, f"{who}_path"), getattr(m, f"{who}_config")
+    field = model_field(m, who)
+    try:
+        if path is not None:
+            hf = AutoConfig.from_pretrained(path)
+        else:
+            rest = dict(conf)
+            hf = AutoConfig.for_model(rest.pop("model_type"), **rest)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf)
+    except Exception as e:  # transformers raises ValueError, TypeError, KeyError, AssertionError, OSError...
+        raise ValueError(f"{field}: the model cannot be built from it: {type(e).__name__}: {e}") from None
+
+
 def preflight(cfg, tokenizer) -> None:
     """Every model check that needs no weights, before any load: each HF config parses and builds (on the meta
     device: no memory, no weights), both output layers cover the shared tokenizer and have no bias, the tokenizers
     agree. A problem is a ValueError naming the field."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    m = cfg.model
     built = {}
     for who in ("teacher", "student"):
-        path, conf = getattr(m, f"{who}_path"), getattr(m, f"{who}_config")
-        field = f"model.{who}_path" if path is not None else f"model.{who}_config"
-        try:
-            if path is not None:
-                hf = AutoConfig.from_pretrained(path)
-            else:
-                rest = dict(conf)
-                hf = AutoConfig.for_model(rest.pop("model_type"), **rest)
-            with torch.device("meta"):
-                built[who] = AutoModelForCausalLM.from_config(hf)
-        except Exception as e:  # transformers raises ValueError, TypeError, KeyError, AssertionError, OSError...
-            raise ValueError(f"{field}: the model cannot be built from it: {type(e).__name__}: {e}") from None
+        built[who] = meta_model(cfg.model, who)
+        field = model_field(cfg.model, who)
         head = built[who].get_output_embeddings()
         if head is None:
             raise ValueError(f"{field}: the model has no output layer (a causal LM head is needed)")

@@ -20,45 +20,45 @@ GIB = 2**30
 
 @dataclass
 class Shapes:
-    params: int         # all parameters, the output layer included
-    head: int           # output-layer parameters (V x H), counted once even when tied
+    params: int         # all parameters, the output layer included (once, when tied)
+    head: int           # output-layer parameters (V x H)
     hidden: int
     layers: int
     vocab: int
     tied: bool
     largest_layer: int  # parameters of the largest decoder block
 
+    @property
+    def body(self) -> int:
+        """What the backend shards: everything but the output layer, which becomes the vocab-sharded head (a tied
+        model keeps its embedding in the body and trains the head as a separate copy)."""
+        return self.params if self.tied else self.params - self.head
 
-def shapes(path, inline) -> Shapes:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    if path is not None:
-        hf = AutoConfig.from_pretrained(path)
-    else:
-        rest = dict(inline)
-        hf = AutoConfig.for_model(rest.pop("model_type"), **rest)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf)
+
+def shapes(m, who: str) -> Shapes:
+    from pipeline.models import meta_model
+    model = meta_model(m, who)
+    hf = model.config
     head = model.get_output_embeddings().weight
     tied = head is model.get_input_embeddings().weight
-    blocks = [m for m in model.modules() if type(m).__name__ in set(model._no_split_modules or [])]
+    blocks = [b for b in model.modules() if type(b).__name__ in set(model._no_split_modules or [])]
     return Shapes(sum(p.numel() for p in model.parameters()), head.numel(), hf.hidden_size, hf.num_hidden_layers,
                   head.shape[0], tied, max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0))
 
 
 def estimate(cfg, s: Shapes, t: Shapes | None, nodes: int, gpus: int, a) -> dict:
     """GiB per GPU by item and seconds per step by part (compute, intra-node, inter-node)."""
+    from pipeline.distributed import Layout
+    from pipeline.parallelize import teacher_placement
     W = nodes * gpus
-    S = cfg.parallel.shard_group_size or gpus
-    if W % S:
-        raise ValueError(f"parallel.shard_group_size ({S}) must divide the world size ({W})")
+    S = cfg.parallel.shard_group_size or gpus  # config.validate checked that it divides W
     R = W // S
     b = 2 if cfg.model.dtype == "bfloat16" else 4
     tr, d = cfg.train, cfg.data
     tokens = tr.micro_batch_size * d.seq_len          # per micro-batch and rank
     step_tokens = tokens * tr.grad_accum
     ds = cfg.parallel.backend == "deepspeed"
-    body = s.params - s.head                           # the body; the output layer is our vocab-sharded head
+    body = s.body
     # student: bf16/fp32 weights, fp32 master + AdamW moments (12 bytes, skipped when the weights are fp32 already)
     # and fp32 gradients; DeepSpeed shards the optimizer over every rank (hpZ keeps a second weight copy / S),
     # FSDP2 HSDP inside the group
@@ -78,11 +78,9 @@ def estimate(cfg, s: Shapes, t: Shapes | None, nodes: int, gpus: int, a) -> dict
         head_rows * t.hidden * b if t else 0)
     placement = "none"
     if t is not None:
-        tb = (t.params - t.head) * b
-        placement = cfg.parallel.teacher
-        if placement == "auto":
-            placement = "replicate" if tb <= cfg.parallel.teacher_replicate_fraction * a.gpu_memory_gb * GIB \
-                else "shard_group"
+        tb = t.body * b
+        placement, _ = teacher_placement(cfg.parallel.teacher, tb, Layout(W, S, 0, 0),
+                                         cfg.parallel.teacher_replicate_fraction, memory=a.gpu_memory_gb * GIB)
         mem[f"teacher ({placement})"] = {"replicate": tb, "shard_group": tb / S + (tb / W if ds else 0),
                                         "shard": tb / W}[placement]
         mem["teacher gathered block"] = 0 if placement == "replicate" else t.largest_layer * b
@@ -95,7 +93,7 @@ def estimate(cfg, s: Shapes, t: Shapes | None, nodes: int, gpus: int, a) -> dict
         mem["rollout replica (gather once)"] = s.params * b
     # time: 6 FLOPs per parameter and token for the student (8 with recomputation), 2 for the teacher forward, the
     # loss's output-layer matmuls (2 forward per model, 4 for the student's gradients), all at mfu x peak
-    flops = step_tokens * ((8 if tr.activation_checkpointing else 6) * body + (2 * (t.params - t.head) if t else 0)
+    flops = step_tokens * ((8 if tr.activation_checkpointing else 6) * body + (2 * t.body if t else 0)
                            + 2 * s.vocab * h_sum + 4 * s.vocab * s.hidden)
     intra = inter = 0.0
     ga = tr.grad_accum
@@ -122,9 +120,9 @@ def estimate(cfg, s: Shapes, t: Shapes | None, nodes: int, gpus: int, a) -> dict
     if t is not None and placement != "replicate":
         share = (S - 1) / S if placement == "shard_group" else (W - 1) / W
         if placement == "shard" and nodes > 1:
-            inter += ga * (t.params - t.head) * b * share
+            inter += ga * t.body * b * share
         else:
-            intra += ga * (t.params - t.head) * b * share
+            intra += ga * t.body * b * share
     time = {"compute": flops / (a.tflops * 1e12 * a.mfu), "intra-node": intra / (a.intra_gbs * 1e9),
             "inter-node": inter / (a.inter_gbs * 1e9) if nodes > 1 else 0.0}
     return {"world": W, "shard": S, "replicas": R, "teacher": placement, "memory": mem, "time": time,
@@ -166,8 +164,8 @@ def main(argv=None) -> int:
         cfg = C.load_config(a.config, overrides, data_files=False)
         C.validate(cfg, world_size=a.nodes * a.gpus_per_node, data_files=False)
         m = cfg.model
-        s = shapes(m.student_path, m.student_config)
-        t = None if cfg.loss.offline_teacher else shapes(m.teacher_path, m.teacher_config)
+        s = shapes(m, "student")
+        t = None if cfg.loss.offline_teacher else shapes(m, "teacher")
         e = estimate(cfg, s, t, a.nodes, a.gpus_per_node, a)
     except (ValueError, OSError) as err:
         print(f"plan error: {err}", file=sys.stderr)

@@ -90,7 +90,7 @@ class Run:
         student, teacher, self.vocab = M.build_models(cfg, self.tokenizer)
         self.student_config = student.config
         shard, why = distributed.shard_size_for(dist_ctx.world, cfg.parallel.shard_group_size)
-        self.layout = distributed.make_layout(shard) if dist_ctx.group is not None else distributed.Layout(1, 1, 0, 0)
+        self.layout = distributed.make_layout(shard)  # the trivial layout without a process group
         self.models = parallelize(student, teacher, self.vocab, cfg, self.layout,
                                   log=lambda m: _say(dist_ctx, f"{m}; shard group from {why}") if dist_ctx.is_main
                                   else None)
@@ -213,9 +213,9 @@ def plan_micro(mb: data.Batch) -> MicroPlan:
 def step_sizes(plans: list[MicroPlan], run: Run) -> tuple[float, list[int]]:
     """(the step's loss-token count over every rank, for each micro-batch the most loss rows any rank of this shard
     group holds): one all-gather of this rank's row counts over the world and one host read, the step's first."""
-    mine = torch.tensor([p.n_rows for p in plans], dtype=torch.long, device=run.dist.device)
     if run.dist.group is None:
         return float(max(sum(p.n_rows for p in plans), 1)), [p.n_rows for p in plans]
+    mine = torch.tensor([p.n_rows for p in plans], dtype=torch.long, device=run.dist.device)
     parts = [torch.empty_like(mine) for _ in range(run.dist.world)]
     torch.distributed.all_gather(parts, mine, group=run.dist.group)
     table = distributed.host_read(torch.stack(parts))  # [world][micro-batches]

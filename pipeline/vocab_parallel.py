@@ -286,25 +286,28 @@ def _plan_chunks(spec: LossSpec, rows: int) -> list[tuple[int, int]]:
     return [(c0, min(c0 + spec.chunk_size, rows)) for c0 in range(0, rows, spec.chunk_size)]
 
 
-def _pre_pass(spec: LossSpec, mm: _Matmul, ht: Tensor, wt_op: Tensor, tg: Tensor, valid: Tensor, groups: Tensor,
-              n_groups: int, chunks) -> dict:
+@torch.no_grad()
+def _teacher_logits(spec: LossSpec, mm: _Matmul, h: Tensor, wt_op: Tensor) -> Tensor:
+    """The teacher's logits [c, Vp] of rows h at loss.matmul_precision, padded columns at -inf."""
+    return mask_padded_columns(mm(mm.operand(h), wt_op), spec.vocab_start, spec.vocab_size)
+
+
+def _pre_pass(spec: LossSpec, ops: ShardedVocab, mm: _Matmul, ht: Tensor, wt_op: Tensor, tg: Tensor, valid: Tensor,
+              groups: Tensor, n_groups: int, chunks) -> dict:
     """A method's teacher-only pass over all tokens (ATKD's hard/easy split needs whole scopes)."""
     pre = spec.loss_fn.teacher_pre_pass
-    ops = ShardedVocab(spec.group, spec.vocab_start)
     stat = torch.zeros(ht.shape[0], device=ht.device)
     with torch.no_grad():
         for c0, c1 in chunks:
-            z = mask_padded_columns(mm(mm.operand(ht[c0:c1]), wt_op), spec.vocab_start, spec.vocab_size)
-            (lp,) = losses.log_normalize(z, ops=ops)
+            (lp,) = losses.log_normalize(_teacher_logits(spec, mm, ht[c0:c1], wt_op), ops=ops)
             stat[c0:c1] = pre.token_stat(lp, tg[c0:c1], ops)
     return pre.overrides(stat, valid, groups, n_groups)
 
 
-def _chunk_gradient(spec: LossSpec, mm: _Matmul, h_c: Tensor, ws_op: Tensor, zt: Tensor, w_c: Tensor,
-                    tg_c: Tensor, kw: dict, needs_grad: bool, chunk_fn):
+def _chunk_gradient(spec: LossSpec, ops: ShardedVocab, mm: _Matmul, h_c: Tensor, ws_op: Tensor, zt: Tensor,
+                    w_c: Tensor, tg_c: Tensor, kw: dict, needs_grad: bool, chunk_fn):
     """Step 3, one chunk: the student's logits, the weighted loss sum and its gradient with respect to the logits
     (each rank backpropagates 1/P of the replicated value)."""
-    ops = ShardedVocab(spec.group, spec.vocab_start)
     with torch.enable_grad():
         zs = mm(h_c, ws_op).requires_grad_(needs_grad)
         value = chunk_fn(zs, zt, w_c, tg_c, ops, spec.vocab_start, spec.vocab_size, spec.ce_weight, kw)
@@ -333,21 +336,19 @@ class _FusedLinearLoss(torch.autograd.Function):
         with losses.finite_logits() if finite else contextlib.nullcontext():
             per_token = {}
             if spec.loss_fn.teacher_pre_pass is not None:
-                per_token = _pre_pass(spec, mm, all_ht, wt_op, all_tg, all_w != 0, all_gr,
+                per_token = _pre_pass(spec, ops, mm, all_ht, wt_op, all_tg, all_w != 0, all_gr,
                                       n_groups * spec.world, chunks)
             total = torch.zeros((), dtype=torch.float64, device=dev)
             grad_all_h = torch.zeros(all_hs.shape, dtype=torch.float32, device=dev) if needs_grad else None
             grad_ws = torch.zeros(ws.shape, dtype=torch.float32, device=dev) if needs_grad else None
             for c0, c1 in chunks:
                 n = spec.chunk_size if spec.compile else c1 - c0  # compile: one static shape, zero-weight padding
-                with torch.no_grad():
-                    zt = mask_padded_columns(mm(mm.operand(_rows(all_ht, c0, c1, n)), wt_op), spec.vocab_start,
-                                             spec.vocab_size)
+                zt = _teacher_logits(spec, mm, _rows(all_ht, c0, c1, n), wt_op)
                 h_c = mm.operand(_rows(all_hs, c0, c1, n))
                 w_c = _rows(all_w, c0, c1, n)
                 kw = dict(spec.overrides)
                 kw.update({k: tuple(_rows(t, c0, c1, n) for t in v) for k, v in per_token.items()})
-                value, zs, g_z = _chunk_gradient(spec, mm, h_c, ws_op, zt, w_c, _rows(all_tg, c0, c1, n), kw,
+                value, zs, g_z = _chunk_gradient(spec, ops, mm, h_c, ws_op, zt, w_c, _rows(all_tg, c0, c1, n), kw,
                                                  needs_grad, chunk_fn)
                 total += value.double()
                 if stats is not None:  # on the device: no host read per chunk
