@@ -1,8 +1,8 @@
 """Distillation losses as pure tensor functions: per-token values, log-space maths in float32.
 
 Legend: ... leading token dims (B, T or N), V vocab. In the vocab-parallel path V is the local shard Vp and
-`ops` is `vocab_parallel.ShardedVocab`: every reduction over the vocabulary goes through `ops.sum` / `ops.max`,
-so each formula below is written once and runs unchanged on a full row or on a shard of it.
+`ops` is `vocab_parallel.ShardedVocab`: every reduction over the vocabulary goes through `ops` (`sum`, `total`,
+`logsumexp`, `gather`), so each formula below is written once and runs unchanged on a full row or on a shard of it.
 
 p = softmax(teacher), q = softmax(student), lp/lq their log-probabilities. Every loss returns the per-token value
 (shape logits.shape[:-1], 0 where `mask` is False); the caller divides the sum by a global count of valid tokens.
@@ -32,15 +32,36 @@ NEG_INF = float("-inf")
 # Reductions over the vocabulary (the only place the vocab dimension is collapsed)
 # --------------------------------------------------------------------------------------------------------------
 class LocalVocab:
-    """Reductions over a whole vocabulary row in this process. `vocab_parallel.ShardedVocab` has the same three
-    methods but reduces over a process group; passing several tensors to one call batches them into one round."""
+    """Reductions over a whole vocabulary row in this process. `vocab_parallel.ShardedVocab` has the same methods
+    but reduces over a process group; passing several tensors to one call batches them into one round.
+
+    `sum` is a reduction whose value the loss needs (a normaliser, a target's log-prob); `total` is a loss's final
+    vocabulary sum, which enters the per-token value only linearly. A sharded loss may return each rank's share of
+    a total (the shares add up to the value) and so skip that sum's collective in both passes; a loss that adds a
+    value every rank holds whole to totals passes it through `share` first."""
 
     def sum(self, *xs: Tensor) -> tuple[Tensor, ...]:
         return tuple(x.sum(-1) for x in xs)
 
-    def max(self, *xs: Tensor) -> tuple[Tensor, ...]:
-        # Shifts for logsumexp are constants: detaching them keeps the gradient exact and the graph small.
-        return tuple(x.detach().amax(-1) for x in xs)
+    def total(self, *xs: Tensor) -> tuple[Tensor, ...]:
+        return self.sum(*xs)
+
+    def share(self, x: Tensor) -> Tensor:
+        return x
+
+    def logsumexp(self, *xs: Tensor) -> tuple[Tensor, ...]:
+        # The shift is a constant: detaching it keeps the gradient exact and the graph small; an all -inf row keeps
+        # shift 0 (its logsumexp is -inf).
+        out = []
+        for x in xs:
+            m = x.detach().amax(-1)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            out.append(m + torch.log(torch.exp(x - m.unsqueeze(-1)).sum(-1)))
+        return tuple(out)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """Per-row statistics [..., k] of every rank, stacked: [ranks, ..., k] (here one rank)."""
+        return x.unsqueeze(0)
 
     def column_ids(self, width: int, device: torch.device) -> Tensor:
         """Global vocabulary ids of the local columns."""
@@ -56,10 +77,8 @@ def upcast(x: Tensor) -> Tensor:
 
 
 def logsumexp(*xs: Tensor, ops=LOCAL) -> tuple[Tensor, ...]:
-    """Row logsumexp of each x [..., V] in two batched rounds (max, then sum of exp)."""
-    shifts = [torch.where(torch.isfinite(m), m, torch.zeros_like(m)) for m in ops.max(*xs)]
-    sums = ops.sum(*[torch.exp(x - m.unsqueeze(-1)) for x, m in zip(xs, shifts)])
-    return tuple(m + torch.log(s) for m, s in zip(shifts, sums))
+    """Row logsumexp of each x [..., V], all in one round over a sharded vocabulary."""
+    return ops.logsumexp(*xs)
 
 
 def log_normalize(*logits: Tensor, ops=LOCAL) -> tuple[Tensor, ...]:
@@ -167,10 +186,10 @@ def alpha_mixture_log_probs(teacher_logits: Tensor, student_logits: Tensor, *, a
 def kl(la: Tensor, lb: Tensor, ops=LOCAL) -> Tensor:
     """KL(a || b) = sum_v a_v (log a_v - log b_v), with 0 log 0 = 0."""
     if not _has_neg_inf(la):
-        return ops.sum(torch.exp(la) * (la - lb))[0]
+        return ops.total(torch.exp(la) * (la - lb))[0]
     live = la > NEG_INF
     la0, lb0 = torch.where(live, la, 0.0), torch.where(live, lb, 0.0)
-    return ops.sum(torch.where(live, torch.exp(la0) * (la0 - lb0), 0.0))[0]
+    return ops.total(torch.where(live, torch.exp(la0) * (la0 - lb0), 0.0))[0]
 
 
 def generalized_jsd(lp: Tensor, lq: Tensor, ops=LOCAL, *, beta: float = 0.5) -> Tensor:
@@ -196,7 +215,7 @@ def skew_reverse_kl(lp: Tensor, lq: Tensor, ops=LOCAL, *, alpha: float = 0.1) ->
 
 def total_variation(la: Tensor, lb: Tensor, ops=LOCAL) -> Tensor:
     """1/2 sum_v |a_v - b_v|, in [0, 1]."""
-    return 0.5 * ops.sum(torch.abs(torch.exp(la) - torch.exp(lb)))[0]
+    return 0.5 * ops.total(torch.abs(torch.exp(la) - torch.exp(lb)))[0]
 
 
 def amari_alpha(la: Tensor, lb: Tensor, ops=LOCAL, *, alpha: float = 0.5) -> Tensor:
@@ -213,12 +232,12 @@ def amari_alpha(la: Tensor, lb: Tensor, ops=LOCAL, *, alpha: float = 0.5) -> Ten
         return kl(lb, la, ops)
     lw, lo, coef = (la, lb, y) if abs(y) <= abs(x) else (lb, la, x)
     if not _has_neg_inf(la, lb):
-        return -ops.sum(torch.exp(lw) * torch.expm1(coef * (lo - lw)))[0] / (x * y)
+        return -ops.total(torch.exp(lw) * torch.expm1(coef * (lo - lw)))[0] / (x * y)
     # a term whose weight is 0 is 0 * expm1(+-inf): keep it 0 without NaN in either pass
     live = lw > NEG_INF
     lw0, lo0 = torch.where(live, lw, 0.0), torch.where(live, lo, 0.0)
     terms = torch.where(live, torch.exp(lw0) * torch.expm1(coef * (lo0 - lw0)), 0.0)
-    return -ops.sum(terms)[0] / (x * y)
+    return -ops.total(terms)[0] / (x * y)
 
 
 def ab_divergence(la: Tensor, lb: Tensor, ops=LOCAL, *, alpha: float = 0.2, beta: float = 0.7) -> Tensor:
@@ -231,7 +250,7 @@ def ab_divergence(la: Tensor, lb: Tensor, ops=LOCAL, *, alpha: float = 0.2, beta
     y = lb if dead is None else torch.where(dead, 0.0, lb)
 
     def total(terms: Tensor) -> Tensor:
-        return ops.sum(terms if dead is None else torch.where(dead, 0.0, terms))[0]
+        return ops.total(terms if dead is None else torch.where(dead, 0.0, terms))[0]
 
     if a == 0.0 and b == 0.0:
         return 0.5 * total((x - y) ** 2)
@@ -358,7 +377,7 @@ def target_decomposition(la: Tensor, lb: Tensor, targets: Tensor, ops=LOCAL) -> 
     la_hat = la_rest - torch.where(dead, torch.zeros_like(la_ng), la_ng).unsqueeze(-1)
     lb_hat = lb_rest - torch.where(lb_ng == NEG_INF, torch.zeros_like(lb_ng), lb_ng).unsqueeze(-1)
     with _neg_inf_known(True):  # the masked target column is -inf by construction: sanitise, never look
-        tkd = kl(la_bin, lb_bin)  # a 2-column local row, never sharded
+        tkd = ops.share(kl(la_bin, lb_bin))  # a 2-column local row, whole on every rank: added to a total
         dkd = torch.where(dead, torch.zeros_like(tkd), kl(la_hat, lb_hat, ops))
     return tkd, dkd, torch.exp(la_ng)
 
@@ -453,21 +472,25 @@ def atkd(lp: Tensor, lq: Tensor, ops=LOCAL, *, targets: Tensor, mask: Tensor, la
 # Label cross-entropy and agreement (the optional hard-label term, and a metric)
 # --------------------------------------------------------------------------------------------------------------
 def cross_entropy(student_logits: Tensor, targets: Tensor, ops=LOCAL) -> Tensor:
-    """-log q_target per token (logsumexp minus the target logit; the target column found by global id)."""
+    """-log q_target per token (logsumexp minus the target logit; the target column found by global id). A total:
+    only the rank holding the target column contributes."""
     z = upcast(student_logits)
     (lse,) = logsumexp(z, ops=ops)
     is_g = ops.column_ids(z.shape[-1], z.device) == targets.unsqueeze(-1)
-    (z_g,) = ops.sum(torch.where(is_g, z, 0.0))
-    return lse - z_g
+    (ce,) = ops.total(torch.where(is_g, lse.unsqueeze(-1) - z, 0.0))
+    return ce
 
 
 @torch.no_grad()
 def top1_agreement(student_logits: Tensor, teacher_logits: Tensor, ops=LOCAL) -> Tensor:
-    """1.0 where the student's and the teacher's most likely tokens coincide (over the whole vocabulary)."""
-    ms, mt = ops.max(student_logits, teacher_logits)
-    both = (student_logits == ms.unsqueeze(-1)) & (teacher_logits == mt.unsqueeze(-1))
-    (hits,) = ops.sum(both.float())
-    return (hits > 0).float()
+    """1.0 where the student's and the teacher's most likely tokens coincide (over the whole vocabulary; with ties,
+    where some column is a maximum of both). One round: every rank's (max, max, a column holding both maxima)."""
+    ms, mt = student_logits.amax(-1), teacher_logits.amax(-1)
+    both = ((student_logits == ms.unsqueeze(-1)) & (teacher_logits == mt.unsqueeze(-1))).any(-1)
+    dt = torch.promote_types(ms.dtype, mt.dtype)
+    g = ops.gather(torch.stack([ms.to(dt), mt.to(dt), both.to(dt)], -1))  # [ranks, ..., 3]
+    at_max = (g[..., 0] == g[..., 0].amax(0)) & (g[..., 1] == g[..., 1].amax(0))
+    return (at_max & (g[..., 2] > 0)).any(0).float()
 
 
 # --------------------------------------------------------------------------------------------------------------

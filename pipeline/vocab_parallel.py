@@ -79,14 +79,73 @@ def replicated(x: Tensor, group) -> Tensor:
     return x if world == 1 or not x.requires_grad else _Replicated.apply(x, world)
 
 
+class _GroupLogSumExp(torch.autograd.Function):
+    """Row logsumexp of each x over the vocabulary split across `group`, in ONE all-gather of every rank's local
+    (max, sum of exp) pairs (max-then-sum would take two rounds). Backward: the upstream gradient is each rank's
+    part of d loss / d lse, so one all-reduce (of all the xs that need a gradient) makes it whole; then
+    d lse / dx = softmax, local."""
+
+    @staticmethod
+    def forward(ctx, group, *xs: Tensor) -> tuple[Tensor, ...]:
+        m = torch.stack([x.amax(-1) for x in xs])                              # [k, ...], -inf for a dead shard
+        shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        s = torch.stack([torch.exp(x - c.unsqueeze(-1)).sum(-1) for x, c in zip(xs, shift)])
+        parts = [torch.empty_like(torch.stack([m, s])) for _ in range(_world(group))]
+        dist.all_gather(parts, torch.stack([m, s]).contiguous(), group=group)
+        m_all, s_all = torch.stack(parts).unbind(1)                            # [P, k, ...] each
+        top = m_all.amax(0)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        # exp(-inf - top) = 0 for a dead shard, whose sum is 0 too
+        lse = top + torch.log((s_all * torch.exp(m_all - top)).sum(0))
+        ctx.group = group
+        ctx.save_for_backward(lse, *xs)
+        out = tuple(t.clone() for t in lse.unbind(0))
+        # a constant's normaliser (the teacher's) stays a constant: nothing downstream of it runs a backward round
+        ctx.mark_non_differentiable(*[o for i, o in enumerate(out) if not ctx.needs_input_grad[i + 1]])
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        lse, *xs = ctx.saved_tensors
+        need = [i for i, x in enumerate(xs) if ctx.needs_input_grad[i + 1]]
+        total = torch.stack([grads[i] if grads[i] is not None else torch.zeros_like(lse[i]) for i in need])
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        out = [None] * len(xs)
+        for j, i in enumerate(need):
+            row = lse[i].unsqueeze(-1)
+            prob = torch.where(torch.isfinite(row), torch.exp(xs[i] - row), torch.zeros_like(xs[i]))
+            out[i] = total[j].unsqueeze(-1) * prob
+        return (None, *out)
+
+
+class _SumShares(torch.autograd.Function):
+    """The replicated sum of every rank's share of a value; backward hands each rank the replicated gradient (the
+    shares' sum depends on each share with weight 1, and every rank backpropagates the same upstream value)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
 class ShardedVocab:
     """losses.py's reduction interface over a vocabulary split across `group`: this rank holds the columns
     [start, start + width). Tensors passed to one call are reduced in ONE collective (stacked), so a round of
-    per-token scalars costs one all-reduce whatever the number of statistics."""
+    per-token scalars costs one collective whatever the number of statistics.
 
-    def __init__(self, group, start: int):
+    partial_totals=True: `total` returns this rank's share (no collective in either pass) and `share` divides a
+    replicated value by the group size, so the loss is a share too; the caller sums the shares once (the fused
+    loss: once per call, not per chunk). False: totals are all-reduced and the loss is replicated."""
+
+    def __init__(self, group, start: int, partial_totals: bool = False):
         self.group = group
         self.start = start
+        self.partial = partial_totals and _world(group) > 1
 
     def sum(self, *xs: Tensor) -> tuple[Tensor, ...]:
         if _world(self.group) == 1:  # nothing to batch; stacking reductions also defeats Inductor's fusion (2.7x)
@@ -94,12 +153,24 @@ class ShardedVocab:
         local = torch.cat([x.sum(-1, keepdim=True) for x in xs], -1)  # [..., k]: one all-reduce for k statistics
         return tuple(_AllReduceSum.apply(local, self.group).unbind(-1))
 
-    def max(self, *xs: Tensor) -> tuple[Tensor, ...]:
+    def total(self, *xs: Tensor) -> tuple[Tensor, ...]:
+        return tuple(x.sum(-1) for x in xs) if self.partial else self.sum(*xs)
+
+    def share(self, x: Tensor) -> Tensor:
+        return x / _world(self.group) if self.partial else x
+
+    def logsumexp(self, *xs: Tensor) -> tuple[Tensor, ...]:
         if _world(self.group) == 1:
-            return tuple(x.detach().amax(-1) for x in xs)
-        local = torch.cat([x.detach().amax(-1, keepdim=True) for x in xs], -1)
-        dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.group)
-        return tuple(local.unbind(-1))
+            return losses.LOCAL.logsumexp(*xs)
+        return _GroupLogSumExp.apply(self.group, *xs)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """Every rank's per-row statistics x [..., k], stacked [P, ..., k] (no gradient: metrics)."""
+        if _world(self.group) == 1:
+            return x.unsqueeze(0)
+        parts = [torch.empty_like(x) for _ in range(_world(self.group))]
+        dist.all_gather(parts, x.detach().contiguous(), group=self.group)
+        return torch.stack(parts)
 
     def column_ids(self, width: int, device: torch.device) -> Tensor:
         return torch.arange(self.start, self.start + width, device=device)
@@ -306,12 +377,13 @@ def _pre_pass(spec: LossSpec, ops: ShardedVocab, mm: _Matmul, ht: Tensor, wt_op:
 
 def _chunk_gradient(spec: LossSpec, ops: ShardedVocab, mm: _Matmul, h_c: Tensor, ws_op: Tensor, zt: Tensor,
                     w_c: Tensor, tg_c: Tensor, kw: dict, needs_grad: bool, chunk_fn):
-    """Step 3, one chunk: the student's logits, the weighted loss sum and its gradient with respect to the logits
-    (each rank backpropagates 1/P of the replicated value)."""
+    """Step 3, one chunk: the student's logits, this rank's share of the weighted loss sum, and the gradient of the
+    whole loss with respect to this rank's logits (each rank backpropagates its own share; the normalisers'
+    backward all-reduces make the gradient whole)."""
     with torch.enable_grad():
         zs = mm(h_c, ws_op).requires_grad_(needs_grad)
         value = chunk_fn(zs, zt, w_c, tg_c, ops, spec.vocab_start, spec.vocab_size, spec.ce_weight, kw)
-        g_z = torch.autograd.grad(value / spec.world, zs)[0] if needs_grad else None
+        g_z = torch.autograd.grad(value, zs)[0] if needs_grad else None
     return value.detach(), zs.detach(), g_z
 
 
@@ -330,7 +402,8 @@ class _FusedLinearLoss(torch.autograd.Function):
         mm = _Matmul(spec.precision, dev)
         ws_op, wt_op = mm.operand(ws.detach()).t(), mm.operand(wt).t()  # once per call, not per chunk
         chunk_fn = _compiled_chunk(spec.loss_fn) if spec.compile else functools.partial(_chunk_loss, spec.loss_fn)
-        ops = ShardedVocab(spec.group, spec.vocab_start)
+        # shares of the totals: a chunk's last vocabulary sum costs no collective; the shares add up once, below
+        ops = ShardedVocab(spec.group, spec.vocab_start, partial_totals=True)
         # matmul outputs are finite unless padded columns are masked: then -inf checks are not needed (no host sync)
         finite = spec.vocab_size is None or spec.vocab_start + ws.shape[0] <= spec.vocab_size
         with losses.finite_logits() if finite else contextlib.nullcontext():
@@ -439,8 +512,9 @@ def fused_linear_loss(loss_fn: Callable[..., Tensor], student_hidden: Tensor, te
         n_max = group_max_rows(nk, group, dev)
     spec = LossSpec(loss_fn, group, vocab_start, vocab_size, chunk_size, compile, ce_weight, precision,
                     tuple(overrides.items()))
-    return _FusedLinearLoss.apply(student_hidden, teacher_hidden, student_weight, teacher_weight, token_weight,
-                                  targets, groups, spec, n_max, n_groups, stats)
+    share = _FusedLinearLoss.apply(student_hidden, teacher_hidden, student_weight, teacher_weight, token_weight,
+                                   targets, groups, spec, n_max, n_groups, stats)
+    return share if spec.world == 1 else _SumShares.apply(share, group)
 
 
 # ----------------------------------------------------------------------------------------------------------------
