@@ -53,25 +53,47 @@ def test_float_fields_accept_exponents_without_a_dot():
     assert cfg.optim.lr == 1e-3 and cfg.optim.min_lr == 1e-5
 
 
-@pytest.mark.parametrize("override,words", [
+CONFIG_PROBLEMS = [
     ("--train.global_batch_size=16", ["train.global_batch_size (16)", "world size"]),
     ("--parallel.ds_student_config=BROKEN", ["parallel.ds_student_config", "not valid JSON"]),
     ("--model.student_config={model_type: llama, vocab_size: 512, hidden_size: 50, num_attention_heads: 4}",
      ["model.student_config", "cannot be built"]),
     ("--model.student_config={model_type: llama, vocab_size: 100, hidden_size: 16, num_attention_heads: 2}",
      ["student's output layer has 100 rows", "512 tokens"]),
-])
-def test_config_problems_exit_2_before_any_model_loads(tmp_path, override, words):
+]
+
+
+def _config_problem(tmp_path, override, words):
     if "BROKEN" in override:
         broken = tmp_path / "ds.json"
         broken.write_text('{"zero_optimization": {"stage": 3},\n "bf16": }')
         override = override.replace("BROKEN", str(broken))
         words = words + [f"{broken}:2:"]
     backend = "--parallel.backend=deepspeed" if "ds_" in override else "--parallel.backend=none"
+    return ["--config", DEBUG, f"--run_dir={tmp_path}/run", backend, override], words
+
+
+def test_config_problems_exit_2_before_any_model_loads(tmp_path):
+    """The command line: exit 2, the words, no traceback, nothing written, quickly. (One real launch; the other
+    cases go through the same checks in-process below.)"""
+    args, words = _config_problem(tmp_path, *CONFIG_PROBLEMS[-1])
     t0 = time.time()
-    refused(_quick("--config", DEBUG, f"--run_dir={tmp_path}/run", backend, override), *words)
+    refused(_quick(*args), *words)
     assert time.time() - t0 < 30
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("override,words", CONFIG_PROBLEMS)
+def test_config_problems_are_found_by_the_start_up_checks(tmp_path, override, words):
+    """What the command line runs before any model loads: the config's validation, then the model preflight."""
+    from pipeline import config as C, models as M
+    args, words = _config_problem(tmp_path, override, words)
+    with pytest.raises(ValueError) as e:
+        cfg = C.load_config(args[1], args[2:])
+        C.validate(cfg, world_size=1)
+        M.preflight(cfg, M.load_tokenizer(cfg))
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
 
 
 def test_backend_none_under_a_launcher_is_an_input_error(tmp_path):
@@ -82,7 +104,7 @@ def test_backend_none_under_a_launcher_is_an_input_error(tmp_path):
     assert not any(line.startswith("[rank") and "Traceback" in line for line in p.stderr.splitlines())
 
 
-def _chat_run(tmp_path, train_rows: str | bytes, eval_rows: str | bytes | None = None):
+def _chat_files(tmp_path, train_rows: str | bytes, eval_rows: str | bytes | None = None) -> list[str]:
     f = tmp_path / "train.jsonl"
     f.write_bytes(train_rows if isinstance(train_rows, bytes) else train_rows.encode())
     extra = []
@@ -90,26 +112,41 @@ def _chat_run(tmp_path, train_rows: str | bytes, eval_rows: str | bytes | None =
         e = tmp_path / "eval.jsonl"
         e.write_bytes(eval_rows if isinstance(eval_rows, bytes) else eval_rows.encode())
         extra = [f"--data.eval_files=[{e}]", "--train.eval_every=1"]
-    return _quick("--config", ONPOLICY, f"--run_dir={tmp_path}/run", "--parallel.backend=none",
-                  f"--data.files=[{f}]", "--rollout.student_fraction=0", "--logging.progress=false", *extra)
+    return [f"--run_dir={tmp_path}/run", "--parallel.backend=none", f"--data.files=[{f}]",
+            "--rollout.student_fraction=0", "--logging.progress=false", *extra]
 
 
 GOOD = "".join(json.dumps({"prompt": f"question {i}", "response": f"answer {i}"}) + "\n" for i in range(8))
-
-
-@pytest.mark.parametrize("rows,eval_rows,words", [
+DATA_PROBLEMS = [
     ("", None, ["train.jsonl is empty"]),
     (GOOD + '{"prompt": "x", "response": \n', None, ["train.jsonl:9:", "not valid JSON"]),
-    (GOOD + '{"prompt": "x", "response": null}\n' * 0 + '{"prompt": "x", "response": 7}\n', None,
-     ["row 8", "'response'", "expected text, got int"]),
+    (GOOD + '{"prompt": "x", "response": 7}\n', None, ["row 8", "'response'", "expected text, got int"]),
     (GOOD.encode() + b'{"prompt": "caf\xe9", "response": "y"}\n', None, ["not UTF-8", "byte offset"]),
     ('{"prompt": "a", "response": null}\n{"prompt": "b", "response": "  "}\n', None,
      ["none of the 2 rows has both a non-empty prompt and a non-empty response"]),
     (GOOD, "", ["data.eval_files", "eval.jsonl is empty"]),
-])
-def test_data_errors_name_the_file_row_and_field(tmp_path, rows, eval_rows, words):
-    refused(_chat_run(tmp_path, rows, eval_rows), *words)
+]
+
+
+def test_data_errors_exit_2_and_write_nothing(tmp_path):
+    """The command line on a data problem (one real launch; the cases below go through the same loading code)."""
+    rows, eval_rows, words = DATA_PROBLEMS[2]
+    refused(_quick("--config", ONPOLICY, *_chat_files(tmp_path, rows, eval_rows)), *words)
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("rows,eval_rows,words", DATA_PROBLEMS)
+def test_data_errors_name_the_file_row_and_field(tmp_path, rows, eval_rows, words):
+    """The training start-up's own data path: the config's file checks, the training examples, the held-out ones."""
+    from types import SimpleNamespace
+    from pipeline import config as C, data, models as M, train
+    with pytest.raises(ValueError) as e:
+        cfg = C.load_config(ONPOLICY, _chat_files(tmp_path, rows, eval_rows))
+        tok = M.load_tokenizer(cfg)
+        data.make_batches(cfg, tok, 0, 1)
+        train._heldout(cfg, tok, SimpleNamespace(rank=0, world=1))
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(tmp_path):

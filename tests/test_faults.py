@@ -195,27 +195,22 @@ def test_a_second_launch_on_a_busy_run_dir_is_refused_at_once(tmp_path):
     assert "resumed from" in p.stderr
 
 
-def test_resume_false_refuses_to_overwrite_unless_told(tmp_path):
-    ok(run(tmp_path, "none", "--train.steps=2"))
-    before = snapshot(tmp_path)
-    refused(run(tmp_path, "none", "--train.steps=2", "--checkpoint.resume=false"), "checkpoint.overwrite=true")
-    assert snapshot(tmp_path) == before
-    ok(run(tmp_path, "none", "--train.steps=2", "--checkpoint.resume=false", "--checkpoint.overwrite=true"))
-    assert [s for s, _ in loss_lines(tmp_path)] == [1, 2]  # started again, the old log gone
-    history = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
-    assert len(history) == 2 and history[1]["overwrite"]
-
-
-def test_resume_refuses_config_drift_and_records_safe_changes(tmp_path):
+def test_resume_refuses_config_drift_records_safe_changes_and_never_overwrites_unless_told(tmp_path):
     ok(run(tmp_path, "none", "--train.steps=2"))
     before = snapshot(tmp_path)
     p = run(tmp_path, "none", "--train.steps=2", "--loss.method=fkl", "--loss.options={}", "--data.seq_len=16")
     refused(p, "loss.method", "'amid' in the checkpoint, 'fkl' now", "data.seq_len", "loss.options.alpha")
     assert snapshot(tmp_path) == before  # config.yaml included: a failed launch writes nothing
     refused(run(tmp_path, "none", "--train.steps=2", "--train.micro_batch_size=4"), "train.micro_batch_size")
+    refused(run(tmp_path, "none", "--train.steps=2", "--checkpoint.resume=false"), "checkpoint.overwrite=true")
+    assert snapshot(tmp_path) == before
     ok(run(tmp_path, "none", "--train.steps=3", "--train.log_every=2"))
     last = json.loads((tmp_path / "history.jsonl").read_text().splitlines()[-1])
     assert last["start_step"] == 2 and set(last["changed"]) == {"train.steps", "train.log_every"}
+    ok(run(tmp_path, "none", "--train.steps=2", "--checkpoint.resume=false", "--checkpoint.overwrite=true"))
+    assert [s for s, _ in loss_lines(tmp_path)] == [1, 2]  # started again, the old log gone
+    history = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 3 and history[2]["overwrite"]
 
 
 # --------------------------------------------------------------------------------------------------------------
