@@ -294,14 +294,21 @@ def export_student(out_dir: str, models, student_config, tokenizer, dist_ctx) ->
     if not dist_ctx.is_main:
         return None
     config = student_config
-    config.tie_word_embeddings = False
+    tied = models.heads.tied
+    config.tie_word_embeddings = tied
+    if hasattr(config, "get_text_config"):
+        config.get_text_config().tie_word_embeddings = tied
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     expected = model.state_dict().keys()  # persistent entries only (rotary caches etc. are rebuilt on load)
-    head_key = output_prefix(model) + "weight"
     state = {k: v for k, v in body.items() if k in expected}
-    state[head_key] = head.to(next(iter(body.values())).dtype)
-    model.load_state_dict(state, assign=True, strict=True)
+    head = head.to(next(iter(body.values())).dtype)
+    state[output_prefix(model) + "weight"] = head
+    if tied:  # the body has no embedding of its own: it is the output layer
+        state[module_prefix(model, model.get_input_embeddings()) + "weight"] = head
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, assign=True, strict=True)
+    if tied:
+        model.tie_weights()
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -312,11 +319,14 @@ def export_student(out_dir: str, models, student_config, tokenizer, dist_ctx) ->
 
 
 def output_prefix(model) -> str:
-    head = model.get_output_embeddings()
-    for name, module in model.named_modules():
-        if module is head:
+    return module_prefix(model, model.get_output_embeddings())
+
+
+def module_prefix(model, target) -> str:
+    for name, module in model.named_modules(remove_duplicate=False):
+        if module is target:
             return name + "."
-    raise ValueError("the student has no output layer to export")
+    raise ValueError(f"the model has no {type(target).__name__} to export")
 
 
 def warn(msg: str) -> None:

@@ -125,8 +125,8 @@ def build_models(cfg, tokenizer) -> tuple[nn.Module, nn.Module | None, int]:
 
 def detach_head(model: nn.Module) -> torch.Tensor:
     """Take the output layer out of the model (its forward then returns hidden states) and return its full weight
-    [V, H]. A tied head is copied, so the student trains an untied output layer (exported untied). The loss uses
-    the rows vocab-parallel; no backend ever wraps or gathers this weight."""
+    [V, H] (a copy). The loss uses the rows vocab-parallel; no backend ever wraps or gathers this weight. A tied
+    student's input embedding then reads the same rows (parallelize.TiedEmbedding)."""
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ValueError("output layers with a bias are not supported by the vocab-parallel loss")

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from pipeline import models as M
 from pipeline.distributed import Layout
-from pipeline.vocab_parallel import shard_range
+from pipeline.vocab_parallel import gather_shards, shard_range
 
 
 class Models(Protocol):
@@ -53,7 +53,8 @@ class OutputHeads:
     all-reduced gradient."""
 
     def __init__(self, student_w: Tensor, teacher_w: Tensor, vocab_size: int, layout: Layout, optim_cfg,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", tied: bool = False):
+        self.tied = tied  # the student's input embedding is these rows too (TiedEmbedding)
         self.group, self.replica_group = layout.shard_group, layout.replica_group
         self.world, self.replicas = layout.world, layout.replicas  # the loss scale; copies of each row
         self.shard_size = layout.shard_size
@@ -114,6 +115,28 @@ class OutputHeads:
         out = [torch.empty_like(local) for _ in range(self.shard_size)]
         dist.all_gather(out, local, group=self.group)
         return torch.cat(out)[: self.vocab_size]
+
+
+class TiedEmbedding(nn.Module):
+    """A tied student's input embedding, read from its vocab-sharded output layer (OutputHeads.student): one matrix,
+    both gradients, one AdamW state, exported tied. The lookup gathers the group's rows (what FSDP or ZeRO-3 do for
+    an embedding they shard); backward sums every rank's row gradients to the rows' owners, and the replicas sum
+    theirs with the output layer's gradient (OutputHeads.local_grad_sq). It registers no parameter, so no backend
+    wraps or shards the matrix a second time."""
+
+    def __init__(self, heads: OutputHeads, dtype: torch.dtype):
+        super().__init__()
+        self.heads, self.dtype = heads, dtype
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        h = self.heads
+        table = gather_shards(h.student, math.ceil(h.vocab_size / h.shard_size), h.group)[: h.vocab_size]
+        return nn.functional.embedding(input_ids, table).to(self.dtype)
+
+
+def is_tied(model: nn.Module) -> bool:
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and emb is not None and head.weight is emb.weight
 
 
 _UNPADDED = contextvars.ContextVar("unpadded", default=False)
@@ -523,9 +546,13 @@ def parallelize(student, teacher, vocab_size: int, cfg, layout: Layout, log=None
     for the configured backend on the layout. Activation checkpointing (train.activation_checkpointing) is switched
     on in the student before any wrapping, so the backends shard the checkpointed blocks."""
     from pipeline.distributed import device
+    tied = is_tied(student)
+    dtype = student.get_input_embeddings().weight.dtype
     ws = M.detach_head(student)
     wt = M.detach_head(teacher) if teacher is not None else None
-    heads = OutputHeads(ws, wt, vocab_size, layout, cfg.optim, device())
+    heads = OutputHeads(ws, wt, vocab_size, layout, cfg.optim, device(), tied=tied)
+    if tied:  # before any backend wraps the body: the embedding leaves it for the head's rows
+        student.set_input_embeddings(TiedEmbedding(heads, dtype))
     for model in (m for m in (student, teacher) if m is not None):
         causal_without_mask_reads(model)
     if cfg.train.activation_checkpointing:

@@ -31,8 +31,8 @@ class Shapes:
     @property
     def body(self) -> int:
         """What the backend shards: everything but the output layer, which becomes the vocab-sharded head (a tied
-        model keeps its embedding in the body and trains the head as a separate copy)."""
-        return self.params if self.tied else self.params - self.head
+        model's input embedding is that same matrix, parallelize.TiedEmbedding, so it leaves the body too)."""
+        return self.params - self.head
 
 
 def shapes(m, who: str) -> Shapes:

@@ -98,7 +98,7 @@ def local_replica(body, head_weight: Tensor):
     are built on the meta device and then take the gathered tensors (no random init, no second copy)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-    from pipeline.checkpoint import output_prefix
+    from pipeline.checkpoint import module_prefix, output_prefix
     from pipeline.parallelize import full_state_dict
     state = full_state_dict(body)
     with init_empty_weights(include_buffers=False):
@@ -107,6 +107,9 @@ def local_replica(body, head_weight: Tensor):
     replica.set_output_embeddings(head)
     dtype = next(iter(state.values())).dtype
     state[output_prefix(replica) + "weight"] = head_weight.to(dtype)
+    embedding = module_prefix(replica, replica.get_input_embeddings()) + "weight"
+    if embedding not in state:  # a tied student (parallelize.TiedEmbedding): the embedding is the output layer
+        state[embedding] = state[output_prefix(replica) + "weight"]
     missing, unexpected = replica.load_state_dict(state, strict=False, assign=True)
     assert not missing and not unexpected, (missing, unexpected)
     # buffers (rotary inv_freq) were built on the host by from_config; the parameters are already on the device

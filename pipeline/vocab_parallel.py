@@ -520,6 +520,12 @@ def fused_linear_loss(loss_fn: Callable[..., Tensor], student_hidden: Tensor, te
 # ----------------------------------------------------------------------------------------------------------------
 # The output layer + loss against a stored teacher top-k (loss.offline_teacher): no teacher model at all
 # ----------------------------------------------------------------------------------------------------------------
+def gather_shards(x: Tensor, rows_per_rank: int, group) -> Tensor:
+    """Every rank's rows of x [Nk, ...] (Nk <= rows_per_rank), padded to rows_per_rank and stacked in rank order
+    [P * rows_per_rank, ...]; differentiable: backward sums every rank's gradient of the rows to their owner."""
+    return x if _world(group) == 1 else _GatherTokens.apply(x, rows_per_rank, group)
+
+
 class _GatherTokens(torch.autograd.Function):
     """All ranks' rows padded to n_max ([P * n_max, ...]); backward sums every rank's gradient of the rows back to
     the rank that owns them."""

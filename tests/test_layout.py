@@ -228,3 +228,65 @@ def _fsdp_bf16_worker(rank, world):
 def test_fsdp2_in_bf16_keeps_fp32_master_weights():
     from tests.dist_utils import run_workers
     run_workers(_fsdp_bf16_worker, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tied students: one matrix for the input embedding and the output layer
+# ----------------------------------------------------------------------------------------------------------------
+TIED = "{model_type: llama, vocab_size: 512, hidden_size: 48, intermediate_size: 96, num_hidden_layers: 2, " \
+       "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256, tie_word_embeddings: true}"
+
+
+def _tied_case(rank, world, backend):
+    """Each rank's share of one forward-KL batch through the pipeline's pieces (parallelize, the fused loss, the
+    heads' replica reduction) against a plain HF model whose lm_head IS its embedding, trained by hand: the loss, the
+    tied matrix's gradient (both uses summed) and a body gradient."""
+    from pipeline import config as C, losses as L, models as M
+    from pipeline.distributed import make_layout
+    from pipeline.parallelize import TiedEmbedding, parallelize
+    from pipeline.vocab_parallel import fused_linear_loss
+    import os
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))  # what a launcher sets (DeepSpeed asks)
+    cfg = C.load_config("pipeline/configs/debug_cpu.yaml", [f"--parallel.backend={backend}",
+                                                              f"--model.student_config={TIED}"])
+    student = M.build_model(None, cfg.model.student_config, "float32", 0).train()
+    reference = M.build_model(None, cfg.model.student_config, "float32", 0).train()
+    teacher = M.build_model(None, cfg.model.teacher_config, "float32", 1).eval().requires_grad_(False)
+    assert reference.lm_head.weight is reference.model.embed_tokens.weight
+    ids = torch.randint(0, 512, (2 * world, 12), generator=torch.Generator().manual_seed(0))
+    # the reference: the whole batch, full logits, one process
+    zs = reference(ids[:, :-1]).logits
+    with torch.no_grad():
+        zt = teacher(ids[:, :-1]).logits
+    ref_loss = L.make_loss("fkl")(zs, zt).mean()
+    ref_loss.backward()
+    # the pipeline: this rank's rows of the batch, the tied matrix split by vocabulary rows
+    layout = make_layout(None)
+    models = parallelize(student, teacher, 512, cfg, layout)
+    assert isinstance(models.student.get_input_embeddings() if backend == "none" else
+                      student.get_input_embeddings(), TiedEmbedding)
+    mine = ids[rank * 2:(rank + 1) * 2, :-1]
+    hs, ht = models.student_hidden(mine, None), models.teacher_hidden(mine, None)
+    n = hs.shape[0] * hs.shape[1]
+    heads = models.heads
+    loss = fused_linear_loss(L.make_loss("fkl"), hs.reshape(n, -1), ht.reshape(n, -1), heads.student, heads.teacher,
+                             token_weight=torch.full((n,), 1.0 / (n * world)), group=layout.shard_group,
+                             vocab_start=heads.start)
+    models.backward(loss * world)
+    heads.local_grad_sq()  # the replicas' sum and the loss scale, as the training step does
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    want = reference.model.embed_tokens.weight.grad[heads.start:heads.end]
+    torch.testing.assert_close(heads.student.grad, want, rtol=1e-4, atol=1e-7)
+    if backend == "none":
+        torch.testing.assert_close(student.model.norm.weight.grad, reference.model.norm.weight.grad, rtol=1e-4,
+                                   atol=1e-7)
+
+
+def test_a_tied_student_trains_one_matrix_like_an_hf_tied_model():
+    _tied_case(0, 1, "none")
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "fsdp2"])
+def test_a_tied_student_trains_one_matrix_like_an_hf_tied_model_in_two_processes(backend):
+    from tests.dist_utils import run_workers
+    run_workers(_tied_case, 2, backend, timeout=240)

@@ -102,7 +102,12 @@ def test_export_loads_with_from_pretrained(two_ranks):
     ids = tok("Return a new list", return_tensors="pt").input_ids
     logits = model(ids).logits
     assert logits.shape[-1] == 512 and torch.isfinite(logits).all()
-    assert not model.config.tie_word_embeddings
+    # the debug student is tied, and stays tied: one matrix, the trained one (the last checkpoint's output layer)
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    last = sorted((d / "checkpoints").glob("step_*"))[-1]
+    shards = [torch.load(last / f"rank{r}.pt", map_location="cpu", weights_only=False)["heads"] for r in (0, 1)]
+    assert [s["start"] for s in shards] == [0, shards[0]["end"]] and shards[1]["end"] == 512
+    torch.testing.assert_close(model.lm_head.weight.detach(), torch.cat([s["student"] for s in shards]))
 
 
 def test_exact_resume_after_kill_9_mid_run(tmp_path, two_ranks):
