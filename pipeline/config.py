@@ -127,7 +127,9 @@ class OptimConfig:
     min_lr: float = 0.0
     """Learning rate at the end of the decay."""
     weight_decay: float = 0.01
-    """AdamW weight decay."""
+    """AdamW weight decay, on matrices (embeddings and output layers included)."""
+    decay_norms_and_biases: bool = False
+    """Weight decay on 1-D parameters (norm weights, biases) too; off, as in HF Trainer, TRL and nanoGPT."""
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     """AdamW betas."""
     warmup_steps: int = 0
@@ -135,7 +137,10 @@ class OptimConfig:
     schedule: str = "cosine"
     """cosine, linear or constant decay after warm-up."""
     grad_clip: float = 1.0
-    """Max gradient norm (0 = off), applied to the model body and the output layer each."""
+    """Max gradient norm (0 = off)."""
+    clip_scope: str = "global"
+    """global: one norm over the body and the output layer, as HF Trainer and TRL clip; separate: each clipped to
+    grad_clip on its own."""
 
 
 @dataclass
@@ -497,6 +502,10 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
     if o.schedule not in ("cosine", "linear", "constant"):
         raise ValueError(f"optim.schedule must be cosine, linear or constant, got {o.schedule!r}")
     _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    if o.clip_scope not in ("global", "separate"):
+        raise ValueError(f"optim.clip_scope must be global or separate, got {o.clip_scope!r}")
+    if not isinstance(o.decay_norms_and_biases, bool):
+        raise ValueError(f"optim.decay_norms_and_biases must be true or false, got {o.decay_norms_and_biases!r}")
 
     tr = cfg.train
     _positive("train.steps", tr.steps)
@@ -641,7 +650,7 @@ def read_deepspeed_json(path: str, field_name: str = "parallel.ds_*_config") -> 
 SAFE_TO_CHANGE = (
     "run_dir", "logging.", "safety.", "checkpoint.", "train.log_every", "train.eval_every", "train.stop_after",
     "train.steps", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.schedule", "optim.grad_clip",
-    "data.eval_files", "data.eval_blocks", "loss.chunk_size", "loss.chunk_memory_mb", "loss.compile",
+    "optim.clip_scope", "data.eval_files", "data.eval_blocks", "loss.chunk_size", "loss.chunk_memory_mb", "loss.compile",
     "parallel.teacher", "parallel.teacher_replicate_fraction", "train.activation_checkpointing", "rollout.gather",
     "rollout.gather_memory_fraction",
 )

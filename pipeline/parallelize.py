@@ -37,7 +37,7 @@ class Models(Protocol):
     def set_lr(self, lr: float) -> None: ...
     def backward(self, loss: Tensor) -> None: ...
     def grad_norm(self) -> Tensor | None: ...
-    def step(self, skip: bool) -> tuple[float | None, bool]: ...
+    def step(self, skip: bool, head_sq: Tensor | None = None) -> tuple[float | None, bool]: ...
     def local_state_is_finite(self) -> Tensor: ...
     def save(self, path: str) -> None: ...
     def load(self, path: str) -> None: ...
@@ -224,10 +224,19 @@ def _digest(tensors) -> str:
 
 
 def build_adamw(params, o) -> torch.optim.AdamW:
-    """The one AdamW of the pipeline (body and output layer): optim.lr, betas, weight_decay. The fused kernel (CPU
+    """The one AdamW of the pipeline (body and output layer): optim.lr, betas, weight_decay, on matrices only unless
+    optim.decay_norms_and_biases (1-D parameters are norm weights and biases; the check reads the global shape, so
+    it holds for FSDP2's DTensors, and DeepSpeed gets the groups before it flattens anything). The fused kernel (CPU
     and CUDA): one pass over each tensor, and its step counters live on the device, so a step reads nothing back to
     the host (the for-loop AdamW reads every parameter's step count with .item())."""
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True)
+    params = [p for p in params if p.requires_grad]
+    if o.decay_norms_and_biases or not o.weight_decay:
+        groups = [{"params": params, "weight_decay": o.weight_decay}]
+    else:
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), fused=True)
 
 
 def _full(t: Tensor) -> Tensor:
@@ -243,6 +252,12 @@ def _finite_local(tensors) -> Tensor:
 def _set_lr(optimizer, lr: float) -> None:
     for gr in optimizer.param_groups:
         gr["lr"] = lr
+
+
+def _with_head(body_norm: Tensor, head_sq: Tensor) -> Tensor:
+    """sqrt(body_norm^2 + head_sq) as a plain device scalar (FSDP2's norm is a DTensor: made whole first)."""
+    body = _full(body_norm) if not isinstance(body_norm, float) else torch.tensor(body_norm)
+    return (body.float() ** 2 + head_sq.reshape(()).to(body.device)).sqrt()
 
 
 def _local_shard(p: Tensor) -> Tensor:
@@ -357,17 +372,19 @@ class TorchModels:
         self._raw_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
         return _full(self._raw_norm)
 
-    def step(self, skip: bool) -> tuple[None, bool]:
+    def step(self, skip: bool, head_sq: Tensor | None = None) -> tuple[None, bool]:
         """Clip and update the body unless `skip` (decided by the caller from the step's one host read: a
         non-finite loss, output-layer or body gradient norm on any rank); then the gradients are dropped and the
-        optimizer state stays untouched. Returns (None: the norm is grad_norm()'s, skipped)."""
+        optimizer state stays untouched. head_sq: the output layer's squared gradient norm, for one clipping norm
+        over both (optim.clip_scope global). Returns (None: the norm is grad_norm()'s, skipped)."""
         if self._raw_norm is None:
             self.grad_norm()
         raw, self._raw_norm = self._raw_norm, None
         params = [p for p in self.student.parameters() if p.grad is not None]
         if not skip and params:
             if self.cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, raw)
+                norm = raw if head_sq is None else _with_head(raw, head_sq)
+                torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, norm)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return None, skip
@@ -486,19 +503,27 @@ class DeepSpeedModels:
     def grad_norm(self) -> None:
         return None  # DeepSpeed computes (and checks) the body's norm inside its own step
 
-    def step(self, skip: bool) -> tuple[float, bool]:
+    def step(self, skip: bool, head_sq: Tensor | None = None) -> tuple[float, bool]:
         """The boundary engine.step(): DeepSpeed clips and updates, and skips by itself when the body's gradient
         norm is non-finite (zero_optimization stage 3 checks it for every dtype). When the caller's decision is to
         skip although the body is finite, the inner AdamW step is vetoed for this one call, so parameters and
-        optimizer state stay untouched either way."""
-        inner = self.engine.optimizer.optimizer
+        optimizer state stay untouched either way. head_sq: as TorchModels.step; DeepSpeed computes the body's norm
+        inside its step, so its clipping call sees the output layer's share added (for this call only)."""
+        zero, inner = self.engine.optimizer, self.engine.optimizer.optimizer
         if skip:
             inner.step = lambda *args, **kwargs: None  # instance attribute shadows AdamW.step for this call only
+        if head_sq is not None and getattr(zero, "clip_grad", 0) > 0:
+            clip = type(zero).unscale_and_clip_grads  # (sub_group, norm x loss scale): norm over body and head
+
+            def with_head(sub_group_id, total_norm, _zero=zero):
+                return clip(_zero, sub_group_id, _with_head(total_norm, head_sq * _zero.loss_scale ** 2))
+            zero.unscale_and_clip_grads = with_head
         try:
             self.engine.step()
         finally:
             if skip:
                 del inner.step
+            zero.__dict__.pop("unscale_and_clip_grads", None)
         skipped = skip or bool(getattr(self.engine.optimizer, "overflow", False))
         norm = self.engine.get_global_grad_norm()  # DeepSpeed's own value (it read it to check for overflow)
         return (float("inf") if skipped or norm is None else float(norm)), skipped

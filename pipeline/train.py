@@ -285,9 +285,11 @@ def train_step(run: Run, stats_wanted: bool = True) -> dict:
     values = distributed.host_read(torch.cat([flags, (body if body is not None else flags.new_zeros(())).reshape(1)]))
     head_sq, total, nonfinite, agree, tokens, stop, requeue, body_norm = values
     skip = nonfinite > 0 or not math.isfinite(head_sq) or not math.isfinite(body_norm)
-    stepped_norm, skipped = models.step(skip)
+    # optim.clip_scope global: one norm over body and output layer (the body's backend adds the head's share)
+    both = cfg.optim.clip_scope == "global"
+    stepped_norm, skipped = models.step(skip, head_sq=flags[:1] if both else None)
     body_norm = body_norm if stepped_norm is None else stepped_norm
-    heads.step(cfg.optim.grad_clip, flags[:1], skipped)
+    heads.step(cfg.optim.grad_clip, flags[:1] + body_norm ** 2 if both else flags[:1], skipped)
     run.loop.step += 1
     if skipped:
         run.loop.skipped += 1

@@ -248,7 +248,8 @@ def _tied_case(rank, world, backend):
     import os
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))  # what a launcher sets (DeepSpeed asks)
     cfg = C.load_config("pipeline/configs/debug_cpu.yaml", [f"--parallel.backend={backend}",
-                                                              f"--model.student_config={TIED}"])
+                                                              f"--model.student_config={TIED}",
+                                                              "--optim.grad_clip=1e-3"])  # so that it clips
     student = M.build_model(None, cfg.model.student_config, "float32", 0).train()
     reference = M.build_model(None, cfg.model.student_config, "float32", 0).train()
     teacher = M.build_model(None, cfg.model.teacher_config, "float32", 1).eval().requires_grad_(False)
@@ -273,13 +274,33 @@ def _tied_case(rank, world, backend):
                              token_weight=torch.full((n,), 1.0 / (n * world)), group=layout.shard_group,
                              vocab_start=heads.start)
     models.backward(loss * world)
-    heads.local_grad_sq()  # the replicas' sum and the loss scale, as the training step does
+    head_sq = heads.local_grad_sq()  # the replicas' sum and the loss scale, as the training step does
     torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-6)
     want = reference.model.embed_tokens.weight.grad[heads.start:heads.end]
     torch.testing.assert_close(heads.student.grad, want, rtol=1e-4, atol=1e-7)
     if backend == "none":
         torch.testing.assert_close(student.model.norm.weight.grad, reference.model.norm.weight.grad, rtol=1e-4,
                                    atol=1e-7)
+    # one clipping norm over body and output layer (optim.clip_scope global), inside each backend's own step:
+    # the body gradient its AdamW applies is the body's, scaled by grad_clip / the norm over both
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(head_sq)
+    opt = models.engine.optimizer.optimizer if backend == "deepspeed" else models.optimizer
+    applied = torch.zeros(())
+
+    def record(o, *_):
+        applied.add_(sum((p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).float().pow(2).sum()
+                         for gr in o.param_groups for p in gr["params"] if p.grad is not None))
+    opt.register_step_pre_hook(record)
+    body = models.grad_norm()
+    stepped, skipped = models.step(False, head_sq=head_sq)
+    body = float(body) if stepped is None else stepped
+    if world > 1:
+        dist.all_reduce(applied)  # ZeRO-3 partitions and FSDP2 shards: the ranks' sum is the whole body
+    both = (body ** 2 + float(head_sq)) ** 0.5
+    assert not skipped and both > 1e-3
+    assert float(applied.sqrt()) == pytest.approx(body * 1e-3 / (both + 1e-6), rel=1e-4)
 
 
 def test_a_tied_student_trains_one_matrix_like_an_hf_tied_model():
