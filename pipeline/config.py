@@ -211,6 +211,9 @@ class RolloutConfig:
     """Sampling temperature (0 = greedy)."""
     top_p: float = 1.0
     """Nucleus sampling: sample from the smallest set of tokens holding this probability (1 = all)."""
+    ignore_eos: bool = False
+    """Keep generating after an end-of-sequence token, to max_new_tokens (vLLM's option of that name; for
+    benchmarks that need a fixed amount of generation per step)."""
     gather: str = "auto"
     """once: gather the full model on every rank for the rollout, then decode with no collective (fast);
     per_step: decode on the sharded model, every rank in lockstep (a parameter all-gather per token; for models
@@ -561,6 +564,8 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
             raise ValueError(f"data.max_prompt_len + rollout.max_new_tokens ({d.max_prompt_len} + "
                              f"{r.max_new_tokens}) exceeds data.seq_len ({d.seq_len}); raise seq_len or lower one")
     _positive("rollout.temperature", r.temperature, allow_zero=True)
+    if not isinstance(r.ignore_eos, bool):
+        raise ValueError(f"rollout.ignore_eos must be true or false, got {r.ignore_eos!r}")
     if not 0.0 < r.top_p <= 1.0:
         raise ValueError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
     if r.gather not in ("auto", "once", "per_step"):

@@ -179,7 +179,8 @@ def step_batches(run: Run) -> tuple[list, dict]:
     else:
         prompts = [p for p, _ in examples]
         completions, stats = rollout.generate(
-            run.models, source, prompts, rc=r, max_new=run.max_new_tokens(), eos_id=run.tokenizer.eos_token_id,
+            run.models, source, prompts, rc=r, max_new=run.max_new_tokens(),
+            eos_id=None if r.ignore_eos else run.tokenizer.eos_token_id,
             pad_id=run.pad_id, seed=rollout.step_seed(run.rollout_seed, run.step, 1_000 + run.dist.rank),
             group=run.dist.group)
         info.update(stats)
@@ -301,7 +302,7 @@ def train_step(run: Run, stats_wanted: bool = True) -> dict:
     elapsed = time.perf_counter() - t0
     scalars = {"loss/total": total, "lr": lr, "grad_norm/body": body_norm, "grad_norm/head": math.sqrt(head_sq),
                "train/skipped_steps": run.loop.skipped,
-               "tokens_per_s": count / elapsed, "agreement/top1": agree / tokens if tokens else None,
+               "tokens_per_s": count / elapsed, "time/step_s": elapsed, "agreement/top1": agree / tokens if tokens else None,
                "method/t": run.taid.t if run.taid else None, "method/lam": overrides.get("lam"),
                "memory/peak_gb": _peak_memory_gb(),
                # text: how long the step waited for its batches, and how much this rank has read (store / stream)
