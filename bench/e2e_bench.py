@@ -144,9 +144,11 @@ def run_trl(teacher, student, blocks_file, steps: int, onpolicy: bool) -> dict:
             return loss
 
         def generate_on_policy_outputs(self, *args, **kwargs):
-            t0 = time.perf_counter()
+            nonlocal gen_active
+            t0, gen_active = time.perf_counter(), True
             out = GKDTrainer.generate_on_policy_outputs(*args, **kwargs)
             gen.append(time.perf_counter() - t0)
+            gen_active = False
             return out
 
     cfg = GKDConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
@@ -155,8 +157,16 @@ def run_trl(teacher, student, blocks_file, steps: int, onpolicy: bool) -> dict:
                     save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0,
                     lmbda=1.0 if onpolicy else 0.0, beta=0.0, temperature=1.0, max_new_tokens=NEW,
                     seq_kd=False, bf16=False, fp16=False, remove_unused_columns=False)
-    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32),
-                      teacher_model=AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32),
+    models = {"student": AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32),
+              "teacher": AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)}
+    phases = {"student_forward": [], "teacher_forward": []}
+    for who, m in models.items():  # forwards outside generation (generate() runs under no_grad... both do)
+        m.register_forward_pre_hook(lambda mod, args, kw: setattr(mod, "_t0", time.perf_counter()),
+                                    with_kwargs=True)
+        m.register_forward_hook(lambda mod, args, out, who=who: None if gen_active else
+                                phases[f"{who}_forward"].append(time.perf_counter() - mod._t0))
+    gen_active = False
+    trainer = Trainer(model=models["student"], teacher_model=models["teacher"],
                       args=cfg, train_dataset=Dataset.from_dict({"input_ids": rows}), processing_class=tok,
                       data_collator=collate, callbacks=[Clock()])
     if onpolicy:  # a fixed NEW tokens per row, as ours with rollout.ignore_eos (the same decode steps)
@@ -165,7 +175,58 @@ def run_trl(teacher, student, blocks_file, steps: int, onpolicy: bool) -> dict:
     trainer.train()
     return {"step_s": dict(enumerate(times, 1)), "first_loss": losses[0], "gen_s": dict(enumerate(gen, 1)),
             "forward_loss_s": dict(enumerate(fwd, 1)),
+            **{f"{k}_s": dict(enumerate(v, 1)) for k, v in phases.items()},
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+
+
+def profile_ours(teacher: str, student: str, steps: int) -> None:
+    """Our off-policy step's phases, timed in-process with the pipeline's own pieces (what train.train_step runs for
+    one micro-batch): student body forward, teacher body forward, the fused output layers + loss (both output
+    layers' matmuls, the loss and its gradients), the body's backward, the optimizer steps."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from pipeline import config as C, losses as L
+    from pipeline.distributed import Layout
+    from pipeline.parallelize import parallelize
+    from pipeline.vocab_parallel import chunk_rows, fused_linear_loss
+    cfg = C.load_config(os.path.join(REPO, "pipeline/configs/demo.yaml"), [
+        f"--model.teacher_path={teacher}", f"--model.student_path={student}", *COMMON], data_files=False)
+    s = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).train()
+    t = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval().requires_grad_(False)
+    vocab = s.get_output_embeddings().weight.shape[0]
+    models = parallelize(s, t, vocab, cfg, Layout(1, 1, 0, 0))
+    heads, fn = models.heads, L.make_loss("fkl")
+    chunk = chunk_rows(cfg.loss.chunk_memory_mb, vocab)
+    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    times: dict[str, list] = {}
+    for _ in range(max(steps // 3, 4)):
+        t0 = time.perf_counter()
+
+        def tick(name):
+            nonlocal t0
+            times.setdefault(name, []).append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+        hs = models.student_hidden(ids[:, :-1], None)
+        tick("student body forward")
+        ht = models.teacher_hidden(ids[:, :-1], None)
+        tick("teacher body forward")
+        n = hs.shape[0] * hs.shape[1]
+        loss = fused_linear_loss(fn, hs.reshape(n, -1), ht.reshape(n, -1), heads.student, heads.teacher,
+                                 token_weight=torch.full((n,), 1.0 / n), chunk_size=chunk, n_max=n)
+        tick("output layers + loss (and its gradients)")
+        models.backward(loss)
+        tick("body backward")
+        sq = heads.local_grad_sq()
+        body = models.grad_norm()
+        models.step(False, head_sq=sq)
+        heads.step(1.0, sq + body ** 2, False)
+        tick("optimizer")
+    print(f"\nour off-policy step by phase (median of {len(times['optimizer']) - 1} after one warm-up, seconds; "
+          f"chunk {chunk} rows):")
+    for name, v in times.items():
+        print(f"  {name:42s} {statistics.median(v[1:]):.2f}")
 
 
 def median_after(step_s: dict, warm: int) -> float:
@@ -177,6 +238,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
     ap.add_argument("--skip-onpolicy", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also time the phases of our step in-process")
     ap.add_argument("--side", choices=["trl"], help=argparse.SUPPRESS)
     ap.add_argument("--args", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -210,17 +272,25 @@ def main() -> None:
                          "ours_first": ours["first_loss"], "trl_first": trl["first_loss"],
                          "ours_gen_s": median_after(ours["gen_s"], a.warmup) if ours["gen_s"] else 0.0,
                          "trl_gen_s": median_after(trl["gen_s"], a.warmup) if trl["gen_s"] else 0.0,
-                         "trl_forward_loss_s": median_after(trl["forward_loss_s"], a.warmup)}
+                         "trl_forward_loss_s": median_after(trl["forward_loss_s"], a.warmup),
+                         **{f"trl_{k}": median_after(trl[f"{k}_s"], a.warmup)
+                            for k in ("student_forward", "teacher_forward")}}
     tokens = BATCH * SEQ
     print(f"\n{'':10s} {'ours tok/s':>11s} {'TRL tok/s':>10s} {'speedup':>8s} {'ours GB':>8s} {'TRL GB':>7s} "
           f"{'first loss ours / TRL':>24s}")
     for mode, r in results.items():
         print(f"{mode:10s} {tokens / r['ours_s']:11.1f} {tokens / r['trl_s']:10.1f} {r['trl_s'] / r['ours_s']:8.2f} "
               f"{r['ours_gb']:8.2f} {r['trl_gb']:7.2f} {r['ours_first']:12.6f} / {r['trl_first']:.6f}")
-    print("\nseconds per step (median): step = generation + the rest; TRL's forwards + loss (compute_loss) apart")
+    print("\nTRL's step, seconds (median): generation, student forward (with its output layer), teacher forward (with "
+          "its output layer), the loss, backward + optimizer")
     for mode, r in results.items():
-        print(f"{mode:10s} ours {r['ours_s']:.2f} (generation {r['ours_gen_s']:.2f})   TRL {r['trl_s']:.2f} "
-              f"(generation {r['trl_gen_s']:.2f}, forwards + loss {r['trl_forward_loss_s']:.2f})")
+        loss = r["trl_forward_loss_s"] - r["trl_student_forward"] - r["trl_teacher_forward"]
+        rest = r["trl_s"] - r["trl_gen_s"] - r["trl_forward_loss_s"]
+        print(f"{mode:10s} {r['trl_s']:.2f} = {r['trl_gen_s']:.2f} + {r['trl_student_forward']:.2f} + "
+              f"{r['trl_teacher_forward']:.2f} + {loss:.2f} + {rest:.2f}   (ours: {r['ours_s']:.2f}, generation "
+              f"{r['ours_gen_s']:.2f})")
+    if a.profile:
+        profile_ours(teacher, student, a.steps)
     off = results["offpolicy"]
     on = results.get("onpolicy")
     print(json.dumps({

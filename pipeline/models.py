@@ -123,14 +123,15 @@ def build_models(cfg, tokenizer) -> tuple[nn.Module, nn.Module | None, int]:
     return student, teacher, vocab
 
 
-def detach_head(model: nn.Module) -> torch.Tensor:
+def detach_head(model: nn.Module, copy: bool = True) -> torch.Tensor:
     """Take the output layer out of the model (its forward then returns hidden states) and return its full weight
-    [V, H] (a copy). The loss uses the rows vocab-parallel; no backend ever wraps or gathers this weight. A tied
-    student's input embedding then reads the same rows (parallelize.TiedEmbedding)."""
+    [V, H] (a copy; copy=False: the tensor itself, for a frozen teacher whose tied embedding then shares it). The
+    loss uses the rows vocab-parallel; no backend ever wraps or gathers this weight. A tied student's input
+    embedding then reads the same rows (parallelize.TiedEmbedding)."""
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ValueError("output layers with a bias are not supported by the vocab-parallel loss")
-    weight = head.weight.detach().clone()
+    weight = head.weight.detach().clone() if copy else head.weight.detach()
     model.config.tie_word_embeddings = False
     if hasattr(model.config, "get_text_config"):
         model.config.get_text_config().tie_word_embeddings = False

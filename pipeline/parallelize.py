@@ -60,7 +60,10 @@ class OutputHeads:
         self.shard_size = layout.shard_size
         self.start, self.end = shard_range(vocab_size, layout.shard_rank, layout.shard_size)
         self.student = nn.Parameter(student_w[self.start:self.end].float().clone().to(device))
-        self.teacher = teacher_w[self.start:self.end].clone().to(device) if teacher_w is not None else None
+        self.teacher = None
+        if teacher_w is not None:  # frozen: all rows (one shard) stay the teacher's own tensor, shared when tied
+            rows = teacher_w[self.start:self.end]
+            self.teacher = (rows if rows.shape[0] == teacher_w.shape[0] else rows.clone()).to(device)
         self.vocab_size = vocab_size
         self.optimizer = build_adamw([self.student], optim_cfg)
 
@@ -574,7 +577,7 @@ def parallelize(student, teacher, vocab_size: int, cfg, layout: Layout, log=None
     tied = is_tied(student)
     dtype = student.get_input_embeddings().weight.dtype
     ws = M.detach_head(student)
-    wt = M.detach_head(teacher) if teacher is not None else None
+    wt = M.detach_head(teacher, copy=False) if teacher is not None else None
     heads = OutputHeads(ws, wt, vocab_size, layout, cfg.optim, device(), tied=tied)
     if tied:  # before any backend wraps the body: the embedding leaves it for the head's rows
         student.set_input_embeddings(TiedEmbedding(heads, dtype))
