@@ -245,8 +245,9 @@ def _tied_case(rank, world, backend):
     from pipeline.distributed import make_layout
     from pipeline.parallelize import TiedEmbedding, parallelize
     from pipeline.vocab_parallel import fused_linear_loss
-    import os
-    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))  # what a launcher sets (DeepSpeed asks)
+    if world > 1:  # a spawned worker: what a launcher sets (DeepSpeed asks); never in the pytest process itself
+        import os
+        os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     cfg = C.load_config("pipeline/configs/debug_cpu.yaml", [f"--parallel.backend={backend}",
                                                               f"--model.student_config={TIED}",
                                                               "--optim.grad_clip=1e-3"])  # so that it clips
