@@ -259,7 +259,7 @@ def _set_lr(optimizer, lr: float) -> None:
 
 def _with_head(body_norm: Tensor, head_sq: Tensor) -> Tensor:
     """sqrt(body_norm^2 + head_sq) as a plain device scalar (FSDP2's norm is a DTensor: made whole first)."""
-    body = _full(body_norm) if not isinstance(body_norm, float) else torch.tensor(body_norm)
+    body = _full(body_norm)
     return (body.float() ** 2 + head_sq.reshape(()).to(body.device)).sqrt()
 
 

@@ -37,10 +37,11 @@ class Shapes:
 
 def shapes(m, who: str) -> Shapes:
     from pipeline.models import meta_model
+    from pipeline.parallelize import is_tied
     model = meta_model(m, who)
     hf = model.config
     head = model.get_output_embeddings().weight
-    tied = head is model.get_input_embeddings().weight
+    tied = is_tied(model)
     blocks = [b for b in model.modules() if type(b).__name__ in set(model._no_split_modules or [])]
     return Shapes(sum(p.numel() for p in model.parameters()), head.numel(), hf.hidden_size, hf.num_hidden_layers,
                   head.shape[0], tied, max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0))

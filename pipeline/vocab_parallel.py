@@ -90,8 +90,9 @@ class _GroupLogSumExp(torch.autograd.Function):
         m = torch.stack([x.amax(-1) for x in xs])                              # [k, ...], -inf for a dead shard
         shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         s = torch.stack([torch.exp(x - c.unsqueeze(-1)).sum(-1) for x, c in zip(xs, shift)])
-        parts = [torch.empty_like(torch.stack([m, s])) for _ in range(_world(group))]
-        dist.all_gather(parts, torch.stack([m, s]).contiguous(), group=group)
+        local = torch.stack([m, s]).contiguous()
+        parts = [torch.empty_like(local) for _ in range(_world(group))]
+        dist.all_gather(parts, local, group=group)
         m_all, s_all = torch.stack(parts).unbind(1)                            # [P, k, ...] each
         top = m_all.amax(0)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
