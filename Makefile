@@ -51,7 +51,7 @@ bench-data: setup
 bench-scale: setup
 	$(PY) bench/scale_bench.py $(ARGS)
 
-# a whole training step, ours vs TRL's GKDTrainer on the embedded pair, off- and on-policy (about 15 min here)
+# a whole training step, ours vs TRL's GKDTrainer on the embedded pair, off- and on-policy (ARGS="--steps 20": ~20 min)
 bench-e2e: $(BVENV)/.installed
 	$(BPY) bench/e2e_bench.py $(ARGS)
 
