@@ -49,6 +49,11 @@ class LocalVocab:
     def share(self, x: Tensor) -> Tensor:
         return x
 
+    def reduce(self, x: Tensor) -> Tensor:
+        """The sum over ranks of per-rank partial vocabulary sums x [k, ...], no autograd: for hand-written
+        backward passes that batch several of them into one round."""
+        return x
+
     def logsumexp(self, *xs: Tensor) -> tuple[Tensor, ...]:
         # The shift is a constant: detaching it keeps the gradient exact and the graph small; an all -inf row keeps
         # shift 0 (its logsumexp is -inf).
@@ -170,6 +175,62 @@ def alpha_mixture_from_log_probs(lp: Tensor, lq: Tensor, *, alpha: float, lam: f
     return u - lse.unsqueeze(-1)
 
 
+class _MixtureLogProbs(torch.autograd.Function):
+    """(lp, lq, log r) from a frozen teacher's and the student's logits, with the backward of the student's AND the
+    mixture's normalisers in ONE round (autograd would chain two: d/d lse(u) first, then d/d lse(z_s), each a
+    vocabulary sum). With w = d u / d lq (elementwise), r = softmax(u), q = softmax(z_s) and upstream gradients
+    G_r, G_q over this rank's columns, the three sums A = sum G_r, B = sum (G_q + w G_r), C = sum w r go in one
+    `ops.reduce`, then d z_s = G_q + w (G_r - r A) - q (B - A C). The forward costs the usual two rounds."""
+
+    @staticmethod
+    def forward(ctx, zs: Tensor, zt: Tensor, alpha: float, lam: float, ops) -> tuple[Tensor, Tensor, Tensor]:
+        lp, lq = log_normalize(zt, zs, ops=ops)
+        u = power_mean_log(lp, lq, alpha=alpha, lam=lam)
+        (lse,) = logsumexp(u, ops=ops)
+        lr = u - lse.unsqueeze(-1)
+        ctx.ops = ops
+        ctx.save_for_backward(lq, lr, _mixture_weight(lp, lq, alpha=alpha, lam=lam))
+        ctx.mark_non_differentiable(lp)
+        return lp, lq, lr
+
+    @staticmethod
+    def backward(ctx, _g_lp, g_lq, g_lr):
+        lq, lr, w = ctx.saved_tensors
+        g_lq = torch.zeros_like(lq) if g_lq is None else g_lq
+        g_lr = torch.zeros_like(lr) if g_lr is None else g_lr
+        r, q = torch.exp(lr), torch.exp(lq)  # exp(-inf) = 0: dead columns carry no mass
+        a, b, c = ctx.ops.reduce(torch.stack([g_lr.sum(-1), (g_lq + w * g_lr).sum(-1), (w * r).sum(-1)]))
+        g_zs = g_lq + w * (g_lr - r * a.unsqueeze(-1)) - q * (b - a * c).unsqueeze(-1)
+        return g_zs, None, None, None, None
+
+
+def _mixture_weight(lp: Tensor, lq: Tensor, *, alpha: float, lam: float) -> Tensor:
+    """d log r~ / d lq of power_mean_log, elementwise: (1-lam) q^s / (lam p^s + (1-lam) q^s)
+    = sigmoid(log((1-lam)/lam) + s (lq - lp)); 1 - lam at s = 0; 0 in dead columns (where u is -inf)."""
+    s = (1.0 - alpha) / 2.0
+    dead = None
+    if _has_neg_inf(lp, lq):
+        dead = _both_dead(lp, lq) if s > 0 else (lp == NEG_INF) | (lq == NEG_INF)
+    if s == 0.0:
+        w = torch.full_like(lq, 1.0 - lam)
+    else:
+        # one-sided -inf (s > 0): lq - lp = +-inf gives sigmoid 1 or 0, the limits of the formula
+        d = lq - lp if dead is None else torch.where(dead, 0.0, lq - lp)
+        w = torch.sigmoid(math.log((1.0 - lam) / lam) + s * d)
+    return w if dead is None else torch.where(dead, 0.0, w)
+
+
+def mixture_log_probs(teacher_logits: Tensor, student_logits: Tensor, *, alpha: float, lam: float,
+                      ops=LOCAL) -> tuple[Tensor, Tensor, Tensor]:
+    """(lp, lq, log r) for AMiD: fused (_MixtureLogProbs, one backward round) when the teacher is frozen and r is a
+    normalised mixture that depends on the student; autograd's chained normalisers otherwise (same values)."""
+    if (teacher_logits.requires_grad or not 0.0 < lam < 1.0 or alpha == -1.0
+            or not torch.is_grad_enabled() or not student_logits.requires_grad):
+        lp, lq = log_normalize(teacher_logits, student_logits, ops=ops)
+        return lp, lq, alpha_mixture_from_log_probs(lp, lq, alpha=alpha, lam=lam, ops=ops)
+    return _MixtureLogProbs.apply(student_logits, teacher_logits, alpha, lam, ops)
+
+
 def alpha_mixture_log_probs(teacher_logits: Tensor, student_logits: Tensor, *, alpha: float, lam: float,
                             ops=LOCAL) -> Tensor:
     """log r over the last dimension, r ∝ (lam p^((1-alpha)/2) + (1-lam) q^((1-alpha)/2))^(2/(1-alpha)), and
@@ -273,11 +334,15 @@ DIVERGENCES: dict[str, Callable[..., Tensor]] = {
 
 
 def amid(lp: Tensor, lq: Tensor, ops=LOCAL, *, alpha: float = 0.5, lam: float = 0.1, divergence: str = "ab",
-         order: str = "pr", detach_student_in_r: bool = False, div_options: dict | None = None) -> Tensor:
+         order: str = "pr", detach_student_in_r: bool = False, div_options: dict | None = None,
+         lr: Tensor | None = None) -> Tensor:
     """AMiD: divergence between the alpha-mixture assistant r and the teacher p or student q, in the literal argument
     order of the official code ('pr' = D(p || r), 'qr', 'rp', 'rq'). r is NOT detached (the gradient flows through
-    r, its normaliser and q); detach_student_in_r=True gives TAID's gradient instead."""
-    lr = alpha_mixture_from_log_probs(lp, lq.detach() if detach_student_in_r else lq, alpha=alpha, lam=lam, ops=ops)
+    r, its normaliser and q); detach_student_in_r=True gives TAID's gradient instead. `lr`: log r computed already
+    (mixture_log_probs, from the logits)."""
+    if lr is None:
+        lr = alpha_mixture_from_log_probs(lp, lq.detach() if detach_student_in_r else lq, alpha=alpha, lam=lam,
+                                          ops=ops)
     dists = {"p": lp, "q": lq, "r": lr}
     return DIVERGENCES[divergence](dists[order[0]], dists[order[1]], ops, **(div_options or {}))
 
@@ -533,6 +598,13 @@ def _amid(lp, lq, ops, *, ab_alpha, ab_beta, amari_alpha, jsd_beta, divergence, 
     return amid(lp, lq, ops, divergence=divergence, div_options=div_options, **o)
 
 
+def _amid_log_probs(zt: Tensor, zs: Tensor, ops, o: dict) -> tuple[Tensor, Tensor, dict]:
+    if o["detach_student_in_r"]:  # r holds no student gradient: the plain path has one backward round already
+        return *log_normalize(zt, zs, ops=ops), {}
+    lp, lq, lr = mixture_log_probs(zt, zs, alpha=o["alpha"], lam=o["lam"], ops=ops)
+    return lp, lq, {"lr": lr}
+
+
 def _validate_atkd(o: dict) -> None:
     _check_unit("lam", o["lam"])
     _check_unit("hard_fraction", o["hard_fraction"])
@@ -551,6 +623,9 @@ class Method:
     doc: str = ""
     pre_pass: Callable[[dict], "TeacherPrePass"] | None = None
     """For methods whose per-token weights need a whole scope (ATKD): options -> the chunked path's hook."""
+    log_probs: Callable[..., tuple[Tensor, Tensor, dict]] | None = None
+    """(teacher logits, student logits, ops, options) -> (lp, lq, extra keyword arguments of fn), for methods that
+    normalise more than p and q (AMiD's mixture); default: log_normalize."""
 
 
 class TeacherPrePass(NamedTuple):
@@ -588,7 +663,7 @@ METHODS: dict[str, Method] = {
     "amid": Method(_amid, {"alpha": 0.5, "lam": 0.1, "divergence": "ab", "order": "pr",
                            "detach_student_in_r": False, "ab_alpha": 0.2, "ab_beta": 0.7, "amari_alpha": 0.5,
                            "jsd_beta": 0.5}, _validate_amid,
-                   doc="D(p or q, r), r the alpha-mixture of p (weight lam) and q"),
+                   doc="D(p or q, r), r the alpha-mixture of p (weight lam) and q", log_probs=_amid_log_probs),
     "taid": Method(taid, {"t": 0.4, "form": "kl"},
                    lambda o: (_check_unit("t", o["t"]), _check_choice("form", o["form"], {"kl", "ce"})),
                    doc="KL(p_t || q), p_t = softmax((1-t) sg(z_s) + t z_t)"),
@@ -643,7 +718,7 @@ def make_loss(method: str, **options) -> Callable[..., Tensor]:
             zs, zt = torch.where(keep, zs, 0.0), torch.where(keep, zt, 0.0)
         if temperature != 1.0:
             zs, zt = zs / temperature, zt / temperature
-        lp, lq = log_normalize(zt, zs, ops=ops)
+        lp, lq, extra = spec.log_probs(zt, zs, ops, o) if spec.log_probs else (*log_normalize(zt, zs, ops=ops), {})
         if spec.needs_targets:
             if targets is None:
                 raise ValueError(f"{method} needs the target token ids (targets=...)")
@@ -651,7 +726,7 @@ def make_loss(method: str, **options) -> Callable[..., Tensor]:
             value = spec.fn(lp, lq, ops, targets=safe_targets, mask=mask, groups=groups, token_weights=token_weights,
                             **o)
         else:
-            value = spec.fn(lp, lq, ops, **o)
+            value = spec.fn(lp, lq, ops, **extra, **o)
         return torch.where(mask, value, torch.zeros_like(value)) if masked else value
 
     loss.method = method

@@ -160,6 +160,13 @@ class ShardedVocab:
     def share(self, x: Tensor) -> Tensor:
         return x / _world(self.group) if self.partial else x
 
+    def reduce(self, x: Tensor) -> Tensor:
+        if _world(self.group) == 1:
+            return x
+        y = x.contiguous().clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)
+        return y
+
     def logsumexp(self, *xs: Tensor) -> tuple[Tensor, ...]:
         if _world(self.group) == 1:
             return losses.LOCAL.logsumexp(*xs)

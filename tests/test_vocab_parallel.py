@@ -279,7 +279,7 @@ def test_collectives_per_chunk():
     agreement metric adds one gather."""
     run_workers(_count_collectives, 2, [
         ("fkl", {}, False, 2), ("rkl", {}, False, 2), ("fkl", {}, True, 3),
-        ("amid", {}, False, 4),                                             # two nested normalisers: 2 + 2
+        ("amid", {}, False, 3),                                             # two nested normalisers, one backward round
         ("amid", {"alpha": -1.0, "divergence": "kl"}, False, 2),            # the arithmetic mixture is normalised
         ("taid", {"t": 0.5}, False, 3),                                     # its target is detached: no 2nd backward
     ])
