@@ -62,6 +62,29 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> 
     return out
 
 
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                   seed: int | None = None) -> list[str]:
+    """Responses to `prompts` generated together (left padding): greedy at temperature 0, else sampled with a
+    generator seeded by `seed` (the same seed gives the same answers)."""
+    model.eval()
+    device = next(model.parameters()).device
+    rows = [chat_ids(tokenizer, p)[0] for p in prompts]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], attn[i, width - len(r):] = r, 1
+    sample = temperature > 0
+    if sample:
+        torch.manual_seed(0 if seed is None else seed)  # generate() samples from the global generator
+    gen = model.generate(ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens,
+                         do_sample=sample, temperature=temperature if sample else None, top_p=1.0 if sample else None,
+                         top_k=0 if sample else None, pad_token_id=pad)
+    return [tokenizer.decode(g[width:], skip_special_tokens=True).strip() for g in gen]
+
+
 def rouge_l(predictions: list[str], references: list[str]) -> float:
     """Mean ROUGE-L F1 (rouge_score's rougeL with stemming, as in the AMiD / DistiLLM / MiniLLM evaluations), in
     percent."""
@@ -69,6 +92,60 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
     return 100.0 * sum(scores) / max(len(scores), 1)
+
+
+@torch.no_grad()
+def response_divergences(student, teacher, batch, batch_size: int = 8) -> dict:
+    """Token means over the response tokens of a data.collate batch: KL(p || q), KL(q || p), teacher top-1
+    agreement (p teacher, q student, full logits)."""
+    fkl, rkl = losses.make_loss("fkl"), losses.make_loss("rkl")
+    n, totals = 0.0, torch.zeros(3, dtype=torch.float64)
+    for i in range(0, batch.tokens.shape[0], batch_size):
+        tokens, attn = batch.tokens[i:i + batch_size, :-1], batch.attention_mask[i:i + batch_size, :-1]
+        mask = batch.loss_mask[i:i + batch_size].bool()
+        zs = student(input_ids=tokens, attention_mask=attn).logits.float()
+        zt = teacher(input_ids=tokens, attention_mask=attn).logits.float()
+        v = min(zs.shape[-1], zt.shape[-1])
+        zs, zt = zs[..., :v][mask], zt[..., :v][mask]
+        totals += torch.stack([fkl(zs, zt).sum(), rkl(zs, zt).sum(),
+                               losses.top1_agreement(zs, zt).sum()]).double()
+        n += float(mask.sum())
+    kl_pq, kl_qp, agree = (totals / max(n, 1.0)).tolist()
+    return {"fkl": kl_pq, "rkl": kl_qp, "top1_agreement": agree}
+
+
+def instruct_scores(student, teacher, tokenizer, rows: list[dict], d, *, sample_seeds: int = 5,
+                    max_new_tokens: int = 64, kl_prompts: int = 64, batch_size: int = 50) -> dict:
+    """What the method studies compare, on held-out {prompt, response} rows (response: the teacher's answer):
+    ROUGE-L of greedy answers and of answers sampled at temperature 1 with `sample_seeds` seeds (their mean, as the
+    AMiD paper's 5 evaluation seeds), held-out forward and reverse KL and top-1 agreement on the references
+    (teacher-forced, first `kl_prompts` rows), and forward KL on the student's own greedy answers. `d`: the
+    DataConfig whose chat format and lengths the training used."""
+    prompts, refs = [r["prompt"] for r in rows], [r["response"] for r in rows]
+
+    def answers(temperature: float, seed: int | None) -> list[str]:
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            out += generate_batch(student, tokenizer, prompts[i:i + batch_size], max_new_tokens, temperature,
+                                  None if seed is None else seed * 1000 + i)
+        return out
+
+    greedy = answers(0.0, None)
+    sampled = [rouge_l(answers(1.0, 10 * (s + 1)), refs) for s in range(sample_seeds)]  # the paper's seeds 10-50
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    layout = "pairs"
+    n = min(kl_prompts, len(rows))
+    ref_ex = [data.tokenize_example({d.prompt_field: p, d.response_field: r}, tokenizer, d, layout)
+              for p, r in zip(prompts[:n], refs[:n])]
+    own_ex = [data.tokenize_example({d.prompt_field: p, d.response_field: a or "."}, tokenizer, d, layout)
+              for p, a in zip(prompts[:n], greedy[:n])]
+    on_refs = response_divergences(student, teacher, data.collate(*zip(*ref_ex), pad))
+    on_own = response_divergences(student, teacher, data.collate(*zip(*own_ex), pad))
+    mean = sum(sampled) / len(sampled) if sampled else float("nan")
+    return {"rouge_l": mean, "rouge_l_seeds": sampled, "rouge_l_greedy": rouge_l(greedy, refs),
+            "heldout_fkl": on_refs["fkl"], "heldout_rkl": on_refs["rkl"], "top1_agreement": on_refs["top1_agreement"],
+            "own_answers_fkl": on_own["fkl"], "answer_words": sum(len(a.split()) for a in greedy) / len(greedy),
+            "sample": {"prompt": prompts[-1], "reference": refs[-1], "greedy": greedy[-1]}}
 
 
 def evaluate_checkpoint(checkpoint: str, cfg, n_blocks: int, prompts=None) -> dict:

@@ -1,0 +1,392 @@
+"""Method studies on the embedded pair: a grid of methods x options x seeds from a file, every run through
+pipeline.train, evaluated on the instruction task's held-out prompts (pipeline.instruct_task), collected into one
+table and figures. A run whose result exists is skipped; an interrupted run resumes from its last checkpoint.
+
+    python -m pipeline.study run GRID.yaml [--out runs/study/GRID] [--jobs 2] [--threads 1] [--only a,b]
+    python -m pipeline.study report --out runs/study/GRID [--docs docs/results/GRID]
+
+A grid file (relative paths are relative to the repository):
+
+    job: pipeline/configs/study_offpolicy.yaml   # the training config every run starts from
+    steps: 120                                   # optimiser steps per run
+    seeds: 3                                     # training seeds 0 .. seeds-1 (data order and initial sampling)
+    eval: {sample_seeds: 5, kl_prompts: 64, max_new_tokens: 64}
+    overrides: [--optim.lr=5e-4]                 # for every run (pipeline.train's --section.key=value)
+    embedded_pair: true                          # point the job at the embedded pair and the instruction task
+                                                 # (false: the job config and overrides name models and data)
+    runs:                                        # name: {method, options, overrides, tags}
+      fkl: {method: fkl}
+      amid_kl_a-5: {method: amid, options: {alpha: -5, lam: 0.1, divergence: kl}, tags: {alpha: -5, family: kl}}
+
+Each run writes RUN_DIR = OUT/NAME/seedS (the training run directory) and RUN_DIR/result.json; `report` writes
+results.md / results.json and PNGs of the learning curves and (for runs tagged with `alpha`) ROUGE-L against alpha.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+
+import yaml
+
+from pipeline import assets, compare, losses
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULT, SPEC = "result.json", "spec.json"
+
+
+@dataclass(frozen=True, eq=False)
+class RunSpec:
+    name: str
+    seed: int
+    method: str
+    options: dict
+    overrides: tuple[str, ...]
+    steps: int
+    job: str
+    tags: dict = field(default_factory=dict)
+
+    def key(self) -> dict:
+        """What makes two runs the same run (a finished result is reused only for an equal key)."""
+        return {"method": self.method, "options": self.options, "overrides": list(self.overrides),
+                "steps": self.steps, "seed": self.seed, "job": open(self.job).read()}
+
+
+@dataclass(frozen=True)
+class Grid:
+    runs: list[RunSpec]
+    eval: dict
+    job: str
+    embedded_pair: bool = True
+
+
+EVAL_DEFAULTS = {"sample_seeds": 5, "kl_prompts": 64, "max_new_tokens": 64}
+
+
+def _path(p: str, base: str) -> str:
+    return p if os.path.isabs(p) else os.path.join(base, p)
+
+
+def load_grid(path: str) -> Grid:
+    """The grid file, checked before anything runs: a ValueError names the run and the field to fix."""
+    g = yaml.safe_load(open(path)) or {}
+    unknown = set(g) - {"job", "steps", "seeds", "eval", "overrides", "runs", "embedded_pair"}
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}")
+    for f in ("job", "steps", "seeds", "runs"):
+        if f not in g:
+            raise ValueError(f"{path}: `{f}` is required")
+    job = _path(g["job"], REPO)
+    if not os.path.exists(job):
+        raise ValueError(f"{path}: job {g['job']!r} does not exist")
+    if not isinstance(g["steps"], int) or g["steps"] < 1 or not isinstance(g["seeds"], int) or g["seeds"] < 1:
+        raise ValueError(f"{path}: steps and seeds must be positive integers")
+    ev = {**EVAL_DEFAULTS, **(g.get("eval") or {})}
+    if set(ev) != set(EVAL_DEFAULTS):
+        raise ValueError(f"{path}: eval takes {sorted(EVAL_DEFAULTS)}, got {sorted(ev)}")
+    runs = []
+    for name, r in (g["runs"] or {}).items():
+        r = r or {}
+        bad = set(r) - {"method", "options", "overrides", "tags"}
+        if bad or "method" not in r:
+            raise ValueError(f"{path}: run {name!r} needs `method` and takes options, overrides, tags (got {sorted(r)})")
+        try:
+            losses.resolve_options(r["method"], r.get("options") or {})
+        except ValueError as e:
+            raise ValueError(f"{path}: run {name!r}: {e}") from None
+        overrides = tuple(g.get("overrides") or []) + tuple(r.get("overrides") or [])
+        for seed in range(g["seeds"]):
+            runs.append(RunSpec(name, seed, r["method"], dict(r.get("options") or {}), overrides, g["steps"], job,
+                                dict(r.get("tags") or {})))
+    if not runs:
+        raise ValueError(f"{path}: no runs")
+    if not isinstance(g.get("embedded_pair", True), bool):
+        raise ValueError(f"{path}: embedded_pair must be true or false")
+    return Grid(runs, ev, job, g.get("embedded_pair", True))
+
+
+def run_dir(out: str, spec: RunSpec) -> str:
+    return os.path.join(out, spec.name, f"seed{spec.seed}")
+
+
+def status(out: str, spec: RunSpec) -> str:
+    """done (a result for this exact spec), partial (started: resumes), new; a result or start for a different spec
+    is an error rather than a silent mix."""
+    d = run_dir(out, spec)
+    if os.path.exists(os.path.join(d, SPEC)):
+        if json.load(open(os.path.join(d, SPEC))) != spec.key():
+            raise ValueError(f"{d} holds a run of a different spec (the grid or the job config changed): use another "
+                             f"--out or delete that directory")
+        return "done" if os.path.exists(os.path.join(d, RESULT)) else "partial"
+    return "new"
+
+
+def prepare_assets(assets_dir: str, log) -> list[str]:
+    """The embedded teacher, the student initialised from its layers and the instruction task: pipeline.train
+    overrides that point the job at them."""
+    from pipeline import demo, instruct_task
+    teacher = assets.teacher_checkpoint(assets_dir)
+    student = assets.student_from_teacher(teacher, os.path.join(assets_dir, "student-init"), demo.STUDENT_LAYERS)
+    train, held = instruct_task.build(os.path.join(assets_dir, "instruct"), teacher, log=log)
+    return [f"--model.teacher_path={teacher}", f"--model.student_path={student}", f"--data.files=[{train}]",
+            f"--data.eval_files=[{held}]"]
+
+
+def train_command(spec: RunSpec, out: str, paths: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pipeline.train", "--config", spec.job, f"--run_dir={run_dir(out, spec)}",
+            f"--loss.method={spec.method}", f"--loss.options={json.dumps(spec.options)}",
+            f"--train.steps={spec.steps}", f"--train.seed={spec.seed}", f"--data.shuffle_seed={spec.seed}",
+            "--logging.progress=false", "--checkpoint.keep_last=1", *paths, *spec.overrides]
+
+
+def execute(spec: RunSpec, out: str, paths: list[str], ev: dict, threads: int, log) -> bool:
+    """Train (resuming a partial run) and evaluate one run; True when its result was written."""
+    d = run_dir(out, spec)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, SPEC), "w") as f:
+        json.dump(spec.key(), f)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with open(os.path.join(d, "study.log"), "a") as logf:
+        if subprocess.run(train_command(spec, out, paths), stdout=logf, stderr=logf, env=env).returncode:
+            log(f"{spec.name} seed {spec.seed}: training failed; see {d}/study.log")
+            return False
+        cmd = [sys.executable, "-m", "pipeline.study", "evaluate", "--run-dir", d, "--config", spec.job,
+               "--eval", json.dumps(ev), "--", *paths, *spec.overrides]
+        if subprocess.run(cmd, stdout=logf, stderr=logf, env=env).returncode:
+            log(f"{spec.name} seed {spec.seed}: evaluation failed; see {d}/study.log")
+            return False
+    return True
+
+
+def run_grid(grid: Grid, out: str, *, jobs: int = 1, threads: int = 1, only=None, assets_dir: str = "runs/assets",
+             log=print, paths: list[str] | None = None) -> dict:
+    """Every run of the grid not done yet, `jobs` at a time; returns {done, ran, failed} counts."""
+    todo = [s for s in grid.runs if only is None or s.name in only]
+    states = [status(out, s) for s in todo]  # spec clashes fail here, before any work
+    pending = [s for s, state in zip(todo, states) if state != "done"]
+    log(f"{len(todo) - len(pending)} of {len(todo)} runs done; {len(pending)} to run, {jobs} at a time")
+    if not pending:
+        return {"done": len(todo), "ran": 0, "failed": 0}
+    if paths is None:
+        paths = prepare_assets(assets_dir, log) if grid.embedded_pair else []
+    lock, failed = threading.Lock(), []
+
+    def one(spec):
+        ok = execute(spec, out, paths, grid.eval, threads, log)
+        with lock:
+            if not ok:
+                failed.append(spec)
+            log(f"{'done' if ok else 'FAILED'}: {spec.name} seed {spec.seed}")
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(one, pending))
+    return {"done": len(todo) - len(failed), "ran": len(pending), "failed": len(failed)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation of one run (a subprocess, so it runs with the run's thread budget)
+# --------------------------------------------------------------------------------------------------------------
+def evaluate_run(d: str, config: str, overrides: list[str], ev: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from pipeline import config as C, evaluate, models as M
+    cfg = C.load_config(config, overrides)
+    tokenizer = M.load_tokenizer(cfg)
+    rows = [json.loads(line) for f in cfg.data.eval_files for line in open(f)]
+    student = AutoModelForCausalLM.from_pretrained(os.path.join(d, "student"), dtype=torch.float32).eval()
+    teacher = M.build_model(cfg.model.teacher_path, cfg.model.teacher_config, "float32", cfg.model.init_seed + 1).eval()
+    scores = evaluate.instruct_scores(student, teacher, tokenizer, rows, cfg.data, **ev)
+    curves = {}
+    if os.path.exists(os.path.join(d, "eval.tsv")):
+        names = ["kl", "kl_student_answers", "answer_len", "ce"]
+        for line in open(os.path.join(d, "eval.tsv")).read().splitlines():
+            step, *vals = line.split("\t")
+            curves[step] = dict(zip(names, map(float, vals)))  # str keys, as JSON keeps them
+    return {**scores, "curves": curves}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+METRICS = [("rouge_l", "ROUGE-L (sampled, mean of seeds)", 2), ("rouge_l_greedy", "ROUGE-L (greedy)", 2),
+           ("heldout_fkl", "held-out KL(p‖q)", 3), ("heldout_rkl", "held-out KL(q‖p)", 3),
+           ("own_answers_fkl", "KL(p‖q) on own answers", 3), ("top1_agreement", "top-1 agreement", 3)]
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Rank correlation (average ranks for ties)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2.0
+            i = j + 1
+        return r
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    den = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return cov / den if den else float("nan")
+
+
+def collect(grid: Grid, out: str) -> dict[str, list[dict]]:
+    """{run name: [result of each finished seed]} in grid order."""
+    results: dict[str, list[dict]] = {}
+    for s in grid.runs:
+        p = os.path.join(run_dir(out, s), RESULT)
+        if os.path.exists(p):
+            results.setdefault(s.name, []).append({**json.load(open(p)), "tags": s.tags, "seed": s.seed})
+    return results
+
+
+def summary(results: dict[str, list[dict]]) -> dict:
+    return {name: {k: compare.mean_std([r[k] for r in runs]) for k, _, _ in METRICS} | {"seeds": len(runs)}
+            for name, runs in results.items()}
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    s = summary(results)
+    lines = ["| run | seeds | " + " | ".join(m[1] for m in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for name, row in s.items():
+        cells = [f"{row[k][0]:.{dg}f} ± {row[k][1]:.{dg}f}" for k, _, dg in METRICS]
+        lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def alpha_trend(results: dict[str, list[dict]]) -> dict:
+    """For runs tagged with `alpha` (grouped by their `family` tag): alpha, ROUGE-L mean/std, and the rank
+    correlation of alpha with ROUGE-L over every (run, seed)."""
+    fams: dict[str, dict] = {}
+    for name, runs in results.items():
+        tags = runs[0]["tags"]
+        if "alpha" in tags:
+            f = fams.setdefault(str(tags.get("family", "alpha")), {"points": [], "xs": [], "ys": []})
+            f["points"].append((float(tags["alpha"]), *compare.mean_std([r["rouge_l"] for r in runs])))
+            f["xs"] += [float(tags["alpha"])] * len(runs)
+            f["ys"] += [r["rouge_l"] for r in runs]
+    return {k: {"points": sorted(v["points"]), "spearman": spearman(v["xs"], v["ys"])} for k, v in fams.items()}
+
+
+def plots(results: dict[str, list[dict]], docs: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, runs in results.items():
+        steps = sorted(set.intersection(*(set(r["curves"]) for r in runs)), key=int)
+        for ax, key in zip(axes, ("kl", "kl_student_answers")):
+            if steps and all(key in r["curves"][s] for r in runs for s in steps):
+                ax.plot([int(s) for s in steps], [sum(r["curves"][s][key] for r in runs) / len(runs) for s in steps],
+                        marker=".", label=name)
+    for ax, title in zip(axes, ("held-out KL(p‖q) on the references", "KL(p‖q) on the student's greedy answers")):
+        ax.set_xlabel("optimiser step")
+        ax.set_title(title)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    written.append(os.path.join(docs, "curves.png"))
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    trend = alpha_trend(results)
+    if trend:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for fam, t in trend.items():
+            xs, ms, ss = zip(*t["points"])
+            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=f"{fam} (Spearman {t['spearman']:.2f})")
+        ax.set_xlabel("alpha")
+        ax.set_ylabel("ROUGE-L (sampled, mean ± std over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        written.append(os.path.join(docs, "alpha_trend.png"))
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def report(grid: Grid, out: str, docs: str | None = None) -> dict:
+    results = collect(grid, out)
+    docs = docs or out
+    os.makedirs(docs, exist_ok=True)
+    md = table(results)
+    trend = alpha_trend(results)
+    with open(os.path.join(docs, "results.md"), "w") as f:
+        f.write(f"{grid.runs[0].steps} steps per run; mean ± sample std over training seeds\n\n{md}")
+        for fam, t in trend.items():
+            f.write(f"\nalpha trend ({fam}): Spearman(alpha, ROUGE-L) = {t['spearman']:.3f}\n")
+    summ = summary(results)
+    with open(os.path.join(docs, "results.json"), "w") as f:
+        json.dump({"summary": summ, "alpha_trend": trend}, f, indent=1)
+    plots(results, docs)
+    return {"summary": summ, "alpha_trend": trend, "table": md}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("grid")
+    r.add_argument("--out")
+    r.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    r.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)), help="threads per run")
+    r.add_argument("--only", help="comma-separated run names")
+    r.add_argument("--assets", default="runs/assets")
+    p = sub.add_parser("report")
+    p.add_argument("grid")
+    p.add_argument("--out")
+    p.add_argument("--docs", help="where the table and figures go (default: --out)")
+    e = sub.add_parser("evaluate")
+    e.add_argument("--run-dir", required=True)
+    e.add_argument("--config", required=True)
+    e.add_argument("--eval", default="{}")
+    args, rest = ap.parse_known_args(argv)
+    if args.cmd == "evaluate":
+        overrides = [a for a in rest if a != "--"]
+        result = evaluate_run(args.run_dir, args.config, overrides, {**EVAL_DEFAULTS, **json.loads(args.eval)})
+        with open(os.path.join(args.run_dir, RESULT + ".tmp"), "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(os.path.join(args.run_dir, RESULT + ".tmp"), os.path.join(args.run_dir, RESULT))
+        print(json.dumps({k: v for k, v in result.items() if k not in ("curves", "sample")}))
+        return 0
+    try:
+        grid = load_grid(args.grid)
+    except (ValueError, OSError, yaml.YAMLError) as err:
+        print(f"grid error: {err}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join("runs", "study", os.path.splitext(os.path.basename(args.grid))[0])
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.cmd == "run":
+        if args.jobs < 1 or args.threads < 1:
+            print("--jobs and --threads must be >= 1", file=sys.stderr)
+            return 2
+        only = set(args.only.split(",")) if args.only else None
+        try:
+            counts = run_grid(grid, out, jobs=args.jobs, threads=args.threads, only=only, assets_dir=args.assets,
+                              log=log)
+        except ValueError as err:
+            print(err, file=sys.stderr)
+            return 2
+        rep = report(grid, out)
+        print(rep["table"])
+        print(json.dumps(counts))
+        return 1 if counts["failed"] else 0
+    rep = report(grid, out, args.docs)
+    print(rep["table"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The method-study tools: the instruction task builder, the evaluation's ROUGE-L, and the grid runner (skips finished
+runs, resumes an interrupted grid, refuses to mix specs) on the tiny pair through the real pipeline.train."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline import evaluate, instruct_task as T, study
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_task_builder_is_deterministic_and_keeps_held_out_passages_out_of_training():
+    train, held = T.build_prompts(1000, 200, seed=0)
+    assert (train, held) == T.build_prompts(1000, 200, seed=0)
+    assert len(train) == 1000 and len(held) == 200
+    assert [r["prompt"] for r in T.build_prompts(1000, 200, seed=1)[0]] != [r["prompt"] for r in train]
+    train_text = "\n".join(r["prompt"] for r in train)
+    quoted = [r for r in held if r["kind"] != "hand_written"]
+    assert len(quoted) == 188 and all(r["passage"] not in train_text for r in quoted)
+    train_plays = {r["play"] for r in train if r["play"]}
+    assert {r["play"] for r in quoted}.isdisjoint(train_plays) and len(train_plays) >= 10
+    assert len({r["prompt"] for r in train + held}) == 1200                  # no prompt twice, across the split
+    assert {r["kind"] for r in train} == set(T.TEMPLATES) | {"hand_written"}
+    with pytest.raises(ValueError, match="--train must exceed"):
+        T.build_prompts(10, 200)
+
+
+def test_teacher_answers_are_generated_once_per_prompt_set(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_teacher(teacher_dir, prompts, max_new_tokens, log=print):  # the teacher's generate() is not under test
+        calls.append(len(prompts))
+        return [f"answer {i}" for i in range(len(prompts))]
+    monkeypatch.setattr(T, "answer", fake_teacher)
+    tr, he = T.build(str(tmp_path), "teacher", 100, 40, seed=0, log=lambda m: None)
+    rows = [json.loads(line) for line in open(tr)] + [json.loads(line) for line in open(he)]
+    assert len(rows) == 140 and rows[0]["response"] == "answer 0" and rows[-1]["response"] == "answer 139"
+    assert T.build(str(tmp_path), "teacher", 100, 40, seed=0, log=lambda m: None) == (tr, he)
+    assert calls == [140]                                                     # reused
+    T.build(str(tmp_path), "teacher", 100, 40, seed=1, log=lambda m: None)    # another prompt set: answered anew
+    assert calls == [140, 140]
+
+
+def test_rouge_l_on_fixed_strings():
+    # LCS of "the cat lay on the mat" / "the cat sat on the mat" is 5 tokens of 6 each: F1 = 5/6
+    assert evaluate.rouge_l(["the cat lay on the mat"], ["the cat sat on the mat"]) == pytest.approx(100 * 5 / 6)
+    # stemming (rouge_score's Porter stemmer): "cats running" matches "cat runs"; case and punctuation ignored
+    assert evaluate.rouge_l(["Cats, running!"], ["cat runs"]) == pytest.approx(100.0)
+    # P = 2/4, R = 2/2: F1 = 2/3; an empty answer scores 0; the value is the mean over pairs
+    assert evaluate.rouge_l(["a b x y", ""], ["a b", "a b"]) == pytest.approx(100 * (2 / 3 + 0) / 2)
+    from rouge_score import rouge_scorer
+    ref = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    pairs = [("The quick brown fox jumps", "a quick fox jumped over"), ("Hamlet speaks of death", "death, says he")]
+    want = sum(ref.score(r, p)["rougeL"].fmeasure for p, r in pairs) / 2 * 100
+    assert evaluate.rouge_l([p for p, _ in pairs], [r for _, r in pairs]) == pytest.approx(want)
+
+
+def test_spearman():
+    assert study.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert study.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert study.spearman([1, 1, 2, 2], [1, 2, 3, 4]) == pytest.approx(0.8944271909999159)  # scipy's value, ties
+
+
+def _grid(tmp_path, steps=16):
+    path = tmp_path / "grid.yaml"
+    path.write_text(f"""
+job: pipeline/configs/debug_onpolicy.yaml
+steps: {steps}
+seeds: 1
+embedded_pair: false
+eval: {{sample_seeds: 2, kl_prompts: 4, max_new_tokens: 6}}
+overrides: [--parallel.backend=none, --checkpoint.every=2, --train.eval_every=8, --rollout.max_new_tokens=6]
+runs:
+  fkl: {{method: fkl}}
+  amid_kl: {{method: amid, options: {{alpha: -3.0, divergence: kl}}, tags: {{alpha: -3, family: kl}}}}
+""")
+    return str(path)
+
+
+def _study(*args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "pipeline.study", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_changed_spec(tmp_path):
+    grid, out = _grid(tmp_path), str(tmp_path / "out")
+    # interrupt the grid while its first run trains: killed after the first checkpoint
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.study", "run", grid, "--out", out, "--threads", "1"],
+                            cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not glob.glob(os.path.join(out, "fkl", "seed0", "checkpoints", "step_*[0-9]")) and time.time() < deadline:
+        assert proc.poll() is None, "the grid ended before its first checkpoint"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(out, "fkl", "seed0", study.RESULT))
+
+    r = _study("run", grid, "--out", out, "--threads", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "0 of 2 runs done; 2 to run" in r.stderr
+    assert "resumed from" in open(os.path.join(out, "fkl", "seed0", "study.log")).read()
+    for name in ("fkl", "amid_kl"):
+        res = json.load(open(os.path.join(out, name, "seed0", study.RESULT)))
+        assert len(res["rouge_l_seeds"]) == 2 and 0.0 <= res["rouge_l"] <= 100.0
+        assert res["heldout_fkl"] > 0 and res["heldout_rkl"] > 0 and res["own_answers_fkl"] > 0
+        assert set(res["curves"]) == {"0", "8", "16"}                        # step 0: the starting point
+    assert "| amid_kl | 1 |" in open(os.path.join(out, "results.md")).read()
+    assert os.path.exists(os.path.join(out, "curves.png")) and os.path.exists(os.path.join(out, "alpha_trend.png"))
+
+    r = _study("run", grid, "--out", out, "--threads", "1")                    # all done: nothing runs
+    assert r.returncode == 0 and "2 of 2 runs done; 0 to run" in r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"done": 2, "ran": 0, "failed": 0}
+
+    r = _study("run", _grid(tmp_path, steps=20), "--out", out)                 # same names, another spec
+    assert r.returncode == 2 and "different spec" in r.stderr
+
+
+def test_grid_errors_name_the_field(tmp_path):
+    bad = tmp_path / "g.yaml"
+    bad.write_text("job: pipeline/configs/debug_onpolicy.yaml\nsteps: 2\nseeds: 1\nruns:\n  x: {method: amid, "
+                   "options: {lam: 2}}\n")
+    with pytest.raises(ValueError, match="run 'x': amid: lam"):
+        study.load_grid(str(bad))
+    bad.write_text("job: nowhere.yaml\nsteps: 2\nseeds: 1\nruns: {x: {method: fkl}}\n")
+    with pytest.raises(ValueError, match="does not exist"):
+        study.load_grid(str(bad))
+    for g in ("headline", "alpha", "onpolicy"):                                 # the shipped grids load
+        assert study.load_grid(os.path.join(REPO, "bench", "study", g + ".yaml")).runs
