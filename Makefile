@@ -9,7 +9,7 @@ PYTHON ?= python3
 BVENV  := .venv-bench
 BPY    := $(BVENV)/bin/python
 
-.PHONY: setup demo test bench bench-rollout bench-data bench-scale bench-e2e clean
+.PHONY: setup demo test bench bench-rollout bench-data bench-scale bench-e2e bench-quality clean
 
 # DS_BUILD_OPS=0: DeepSpeed ships as an sdist; build no ops now (they JIT-compile on first use, cached).
 $(STAMP): pyproject.toml Makefile
@@ -54,6 +54,10 @@ bench-scale: setup
 # a whole training step, ours vs TRL's GKDTrainer on the embedded pair, off- and on-policy (ARGS="--steps 20": ~20 min)
 bench-e2e: $(BVENV)/.installed
 	$(BPY) bench/e2e_bench.py $(ARGS)
+
+# the method study's headline comparison and AMiD's alpha ablation on the embedded pair (hours here; resumable)
+bench-quality: setup
+	$(PY) bench/quality_bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(BVENV) .pytest_cache .hypothesis

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train import ENV, REPO, command
+from tests.dist_utils import launch_preloaded
+from tests.test_train import ENV, REPO, command, train_args
 
 ONPOLICY = "pipeline/configs/debug_onpolicy.yaml"
 SHORT = ["--train.steps=6", "--checkpoint.every=2", "--checkpoint.keep_last=10"]
@@ -25,8 +26,10 @@ NPROC = {"none": 1, "deepspeed": 2, "fsdp2": 2}
 
 
 def run(run_dir, backend, *overrides, env=None, timeout=300, nproc=None):
-    return subprocess.run(command(run_dir, nproc or NPROC[backend], backend, *overrides), cwd=REPO,
-                          env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    """A run whose outcome is about the pipeline, not the launcher: ranks forked from the preloaded server (the
+    signal, lock and stopped-rank cases below start real torchrun / python processes)."""
+    return launch_preloaded(train_args(run_dir, backend, *overrides), nproc or NPROC[backend],
+                            {**ENV, **(env or {})}, REPO, timeout)
 
 
 def ok(p):

@@ -4,13 +4,11 @@ per-step decoding, exact resume with the replay buffer, and the debug config lea
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.dist_utils import free_port
+from tests.dist_utils import launch_preloaded
 from tests.test_rollout import eos_prone_student
 from tests.test_train import ENV, REPO, losses
 
@@ -22,11 +20,10 @@ MIX = ["--train.steps=10", "--train.micro_batch_size=2", "--train.grad_accum=2",
 
 
 def launch(run_dir, backend, *overrides, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-           "-m", "pipeline.train", "--config", ONPOLICY, f"--run_dir={run_dir}", f"--parallel.backend={backend}",
-           *overrides]
-    # the timeout turns a rollout hang into a failure
-    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    """Two ranks forked from the preloaded server (tests.dist_utils.launch_preloaded); the timeout turns a rollout
+    hang into a failure."""
+    p = launch_preloaded(["--config", ONPOLICY, f"--run_dir={run_dir}", f"--parallel.backend={backend}", *overrides],
+                         2, ENV, REPO, timeout)
     assert p.returncode == 0, p.stderr[-6000:]
 
 

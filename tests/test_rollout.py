@@ -5,6 +5,7 @@ ranks that stop at different steps, equal to one-process decoding."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import pytest
@@ -284,13 +285,13 @@ def test_vocab_parallel_decoding_logits_equal_the_full_matmul(world, V):
     run_workers(_vp_logits_worker, world, V, 16, 3)
 
 
-def _generate_worker(rank, world, backend, mode):
+def _generate_worker(rank, world, backend):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     from pipeline import models as M
     from pipeline.distributed import make_layout
     from pipeline.parallelize import parallelize
-    cfg = C.load_config(ONPOLICY, [f"--parallel.backend={backend}", f"--rollout.gather={mode}",
-                                   "--train.micro_batch_size=3", "--train.grad_accum=1"])
+    cfg = C.load_config(ONPOLICY, [f"--parallel.backend={backend}", "--train.micro_batch_size=3",
+                                   "--train.grad_accum=1"])
     student = eos_prone_student(scale=40.0)
     teacher = M.build_model(None, cfg.model.teacher_config, "float32", 1).eval().requires_grad_(False)
     ref_student, ref_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
@@ -301,20 +302,23 @@ def _generate_worker(rank, world, backend, mode):
     # rank 0 stops at the EOS-prone token within a few steps; rank 1 ignores EOS and decodes all 20 steps: under
     # per_step, rank 0 must keep stepping (its gathers are rank 1's too) or both hang
     eos = EOS if rank == 0 else None
-    for who, ref in (("student", ref_student), ("teacher", ref_teacher)):
-        out, info = rollout.generate(models, who, prompts, rc=cfg.rollout, max_new=20, eos_id=eos, pad_id=1,
+    # both gather modes on the same sharded models (one launch): per_step first, then once
+    for mode, who, ref in [(m, w, r) for m in ("per_step", "once")
+                           for w, r in (("student", ref_student), ("teacher", ref_teacher))]:
+        rc = dataclasses.replace(cfg.rollout, gather=mode)
+        out, info = rollout.generate(models, who, prompts, rc=rc, max_new=20, eos_id=eos, pad_id=1,
                                      seed=5, group=dist.group.WORLD, temperature=0.0)
         replica = rollout.local_replica(ref, ref_heads[who])
         tokens, lengths = rollout.decode(rollout.replica_forward(replica), *rollout.left_pad(prompts, 1),
                                          max_new=20, eos_id=eos, pad_id=1, temperature=0.0, top_p=1.0)
-        assert out == [tokens[i, :n].tolist() for i, n in enumerate(lengths.tolist())], (who, out)
+        assert out == [tokens[i, :n].tolist() for i, n in enumerate(lengths.tolist())], (mode, who, out)
         assert info["mode"] == mode
         steps = [None] * world
         dist.all_gather_object(steps, (info["decode_steps"], max(info["lengths"])))
         if who == "student":
             assert steps[0][1] < 20 == steps[1][1], steps  # rank 0's rows did end early
             # once: each rank stops on its own; per_step: in lockstep until the last rank is done
-            assert (steps[0][0] < steps[1][0]) if mode == "once" else (steps[0][0] == steps[1][0]), steps
+            assert (steps[0][0] < steps[1][0]) if mode == "once" else (steps[0][0] == steps[1][0]), (mode, steps)
     # and the group is still in step: a collective after the rollouts sees every rank
     x = torch.ones(1)
     dist.all_reduce(x)
@@ -325,6 +329,6 @@ def _generate_worker(rank, world, backend, mode):
 
 
 @pytest.mark.parametrize("backend", ["deepspeed", "fsdp2"])
-@pytest.mark.parametrize("mode", ["once", "per_step"])
-def test_sharded_generation_equals_one_process_decoding_with_ranks_ending_apart(backend, mode):
-    run_workers(_generate_worker, 2, backend, mode, timeout=240)
+def test_sharded_generation_equals_one_process_decoding_with_ranks_ending_apart(backend):
+    """Both gather modes (per_step, then once on the same models) equal one-process decoding."""
+    run_workers(_generate_worker, 2, backend, timeout=300)

@@ -4,15 +4,13 @@ the store equals the in-memory run bitwise."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline import config as C, data, prepare as P, token_store as S
-from tests.dist_utils import run_workers
+from tests.dist_utils import launch_preloaded, run_workers
 from tests.test_train import DEBUG, ENV, REPO
 
 TOK = str(REPO / "pipeline/configs/assets/tiny_tokenizer")
@@ -112,10 +110,9 @@ def test_an_interrupted_prepare_does_only_the_rest(tmp_path):
 
 def test_training_on_the_store_equals_the_in_memory_run_and_resumes_exactly(store, tmp_path):
     def losses(run_dir, *extra):
-        p = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", DEBUG, f"--run_dir={run_dir}",
-                            "--parallel.backend=none", "--train.steps=6", "--logging.progress=false",
-                            "--checkpoint.export=false", *extra], cwd=REPO, env=ENV, capture_output=True, text=True,
-                           timeout=300)
+        p = launch_preloaded(["--config", DEBUG, f"--run_dir={run_dir}", "--parallel.backend=none",
+                              "--train.steps=6", "--logging.progress=false", "--checkpoint.export=false", *extra],
+                             1, ENV, REPO, 300)
         assert p.returncode == 0, p.stderr[-3000:]
         return (run_dir / "losses.tsv").read_text()
     straight = losses(tmp_path / "store", f"--data.store={store}")
@@ -141,10 +138,9 @@ def test_chat_store_holds_the_examples_and_trains_like_in_memory(tmp_path):
         S.TokenStore(str(out)).examples(C.load_config(str(REPO / ONPOLICY), ["--data.max_prompt_len=16"]).data)
 
     def losses(run_dir, *extra):
-        p = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", ONPOLICY, f"--run_dir={run_dir}",
-                            "--parallel.backend=none", "--train.steps=4", "--train.eval_every=0",
-                            "--logging.progress=false", "--checkpoint.export=false", *extra], cwd=REPO, env=ENV,
-                           capture_output=True, text=True, timeout=300)
+        p = launch_preloaded(["--config", ONPOLICY, f"--run_dir={run_dir}", "--parallel.backend=none",
+                              "--train.steps=4", "--train.eval_every=0", "--logging.progress=false",
+                              "--checkpoint.export=false", *extra], 1, ENV, REPO, 300)
         assert p.returncode == 0, p.stderr[-3000:]
         return (run_dir / "losses.tsv").read_text()
     assert losses(tmp_path / "mem") == losses(tmp_path / "store", f"--data.store={out}")

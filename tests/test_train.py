@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist_utils import free_port
+from tests.dist_utils import free_port, launch_preloaded
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG = "pipeline/configs/debug_cpu.yaml"
@@ -25,16 +25,20 @@ COMMON = ["--train.steps=24", "--train.micro_batch_size=2", "--train.grad_accum=
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
+def train_args(run_dir, backend, *overrides):
+    return ["--config", DEBUG, f"--run_dir={run_dir}", f"--parallel.backend={backend}", *COMMON, *overrides]
+
+
 def command(run_dir, nproc, backend, *overrides):
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                  f"--master-port={free_port()}"] if nproc > 1 else [sys.executable])
-    return launcher + ["-m", "pipeline.train", "--config", DEBUG, f"--run_dir={run_dir}",
-                       f"--parallel.backend={backend}", *COMMON, *overrides]
+    return launcher + ["-m", "pipeline.train", *train_args(run_dir, backend, *overrides)]
 
 
 def launch(run_dir, nproc, backend, *overrides, timeout=600):
-    p = subprocess.run(command(run_dir, nproc, backend, *overrides), cwd=REPO, env=ENV, capture_output=True,
-                       text=True, timeout=timeout)
+    """The run on `nproc` ranks started from the preloaded server (tests.dist_utils.launch_preloaded); the launchers
+    themselves are exercised by the kill -9 test below, tests/test_faults.py and tests/test_slurm.py."""
+    p = launch_preloaded(train_args(run_dir, backend, *overrides), nproc, ENV, REPO, timeout)
     assert p.returncode == 0, p.stderr[-6000:]
     return p
 
