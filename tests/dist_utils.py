@@ -33,11 +33,11 @@ def _entry(rank: int, world: int, port: int, fn, args):
 
 
 # Workers fork from a server that imported these once (per pytest worker), instead of each re-importing torch and
-# transformers (about 4 CPU-s per process here, most of a small test's time). deepspeed is not preloaded: it picks its
-# accelerator at first use, and the workers set DS_ACCELERATOR themselves.
+# transformers (about 4 CPU-s per process here, most of a small test's time); DeepSpeed through
+# tests.preload_deepspeed, which sets the CPU accelerator in the server first.
 _PRELOAD = ["torch", "torch.distributed", "transformers", "transformers.models.llama.modeling_llama",
-            "datasets", "pipeline.losses", "pipeline.vocab_parallel", "pipeline.models", "pipeline.rollout",
-            "pipeline.train", "tests.dist_utils"]
+            "datasets", "tests.preload_deepspeed", "pipeline.losses", "pipeline.vocab_parallel", "pipeline.models",
+            "pipeline.rollout", "pipeline.parallelize", "pipeline.train", "tests.dist_utils"]
 mp.set_forkserver_preload(_PRELOAD)
 
 
