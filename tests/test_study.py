@@ -67,7 +67,7 @@ def test_spearman():
     assert study.spearman([1, 1, 2, 2], [1, 2, 3, 4]) == pytest.approx(0.8944271909999159)  # scipy's value, ties
 
 
-def _grid(tmp_path, steps=16):
+def _grid(tmp_path, steps=8):
     path = tmp_path / "grid.yaml"
     path.write_text(f"""
 job: pipeline/configs/debug_onpolicy.yaml
@@ -75,7 +75,7 @@ steps: {steps}
 seeds: 1
 embedded_pair: false
 eval: {{sample_seeds: 2, kl_prompts: 4, max_new_tokens: 6}}
-overrides: [--parallel.backend=none, --checkpoint.every=2, --train.eval_every=8, --rollout.max_new_tokens=6]
+overrides: [--parallel.backend=none, --checkpoint.every=2, --train.eval_every=4, --rollout.max_new_tokens=6]
 runs:
   fkl: {{method: fkl}}
   amid_kl: {{method: amid, options: {{alpha: -3.0, divergence: kl}}, tags: {{alpha: -3, family: kl}}}}
@@ -111,7 +111,7 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
         res = json.load(open(os.path.join(out, name, "seed0", study.RESULT)))
         assert len(res["rouge_l_seeds"]) == 2 and 0.0 <= res["rouge_l"] <= 100.0
         assert res["heldout_fkl"] > 0 and res["heldout_rkl"] > 0 and res["own_answers_fkl"] > 0
-        assert set(res["curves"]) == {"0", "8", "16"}                        # step 0: the starting point
+        assert set(res["curves"]) == {"0", "4", "8"}                          # step 0: the starting point
     assert "| amid_kl | 1 |" in open(os.path.join(out, "results.md")).read()
     assert os.path.exists(os.path.join(out, "curves.png")) and os.path.exists(os.path.join(out, "alpha_trend.png"))
 
@@ -119,7 +119,7 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
     assert r.returncode == 0 and "2 of 2 runs done; 0 to run" in r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1]) == {"done": 2, "ran": 0, "failed": 0}
 
-    r = _study("run", _grid(tmp_path, steps=20), "--out", out)                 # same names, another spec
+    r = _study("run", _grid(tmp_path, steps=10), "--out", out)                 # same names, another spec
     assert r.returncode == 2 and "different spec" in r.stderr
 
 
@@ -132,5 +132,5 @@ def test_grid_errors_name_the_field(tmp_path):
     bad.write_text("job: nowhere.yaml\nsteps: 2\nseeds: 1\nruns: {x: {method: fkl}}\n")
     with pytest.raises(ValueError, match="does not exist"):
         study.load_grid(str(bad))
-    for g in ("headline", "alpha", "onpolicy"):                                 # the shipped grids load
+    for g in ("headline", "alpha", "onpolicy", "curve"):                        # the shipped grids load
         assert study.load_grid(os.path.join(REPO, "bench", "study", g + ".yaml")).runs
