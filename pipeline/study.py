@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from pipeline import assets, compare, losses
+from pipeline import assets, losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT, SPEC = "result.json", "spec.json"
@@ -193,15 +193,21 @@ def run_grid(grid: Grid, out: str, *, jobs: int = 1, threads: int = 1, only=None
 # Evaluation of one run (a subprocess, so it runs with the run's thread budget)
 # --------------------------------------------------------------------------------------------------------------
 def evaluate_run(d: str, config: str, overrides: list[str], ev: dict) -> dict:
+    """A chat job: evaluate.instruct_scores on data.eval_files' prompts; a text job: held-out KL, agreement and
+    perplexity on 32 sequences of data.eval_files (else the tail of the training data). Plus the run's curves."""
     import torch
     from transformers import AutoModelForCausalLM
     from pipeline import config as C, evaluate, models as M
     cfg = C.load_config(config, overrides)
-    tokenizer = M.load_tokenizer(cfg)
-    rows = [json.loads(line) for f in cfg.data.eval_files for line in open(f)]
-    student = AutoModelForCausalLM.from_pretrained(os.path.join(d, "student"), dtype=torch.float32).eval()
-    teacher = M.build_model(cfg.model.teacher_path, cfg.model.teacher_config, "float32", cfg.model.init_seed + 1).eval()
-    scores = evaluate.instruct_scores(student, teacher, tokenizer, rows, cfg.data, **ev)
+    if cfg.data.kind == "chat":
+        tokenizer = M.load_tokenizer(cfg)
+        rows = [json.loads(line) for f in cfg.data.eval_files for line in open(f)]
+        student = AutoModelForCausalLM.from_pretrained(os.path.join(d, "student"), dtype=torch.float32).eval()
+        teacher = M.build_model(cfg.model.teacher_path, cfg.model.teacher_config, "float32",
+                                cfg.model.init_seed + 1).eval()
+        scores = evaluate.instruct_scores(student, teacher, tokenizer, rows, cfg.data, **ev)
+    else:
+        scores = evaluate.evaluate_checkpoint(os.path.join(d, "student"), cfg, 32)
     curves = {}
     if os.path.exists(os.path.join(d, "eval.tsv")):
         names = ["kl", "kl_student_answers", "answer_len", "ce"]
@@ -214,9 +220,18 @@ def evaluate_run(d: str, config: str, overrides: list[str], ev: dict) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------------------
+# (key, column, digits); a table shows the ones every run has (chat jobs: the first six; text jobs: KL, agreement,
+# perplexity)
 METRICS = [("rouge_l", "ROUGE-L (sampled, mean of seeds)", 2), ("rouge_l_greedy", "ROUGE-L (greedy)", 2),
            ("heldout_fkl", "held-out KL(p‖q)", 3), ("heldout_rkl", "held-out KL(q‖p)", 3),
-           ("own_answers_fkl", "KL(p‖q) on own answers", 3), ("top1_agreement", "top-1 agreement", 3)]
+           ("own_answers_fkl", "KL(p‖q) on own answers", 3), ("kl_to_teacher", "held-out KL", 3),
+           ("top1_agreement", "top-1 agreement", 3), ("perplexity", "perplexity", 1)]
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -250,16 +265,20 @@ def collect(grid: Grid, out: str) -> dict[str, list[dict]]:
     return results
 
 
+def _metrics(results: dict[str, list[dict]]) -> list[tuple[str, str, int]]:
+    return [m for m in METRICS if all(m[0] in r for runs in results.values() for r in runs)]
+
+
 def summary(results: dict[str, list[dict]]) -> dict:
-    return {name: {k: compare.mean_std([r[k] for r in runs]) for k, _, _ in METRICS} | {"seeds": len(runs)}
+    return {name: {k: mean_std([r[k] for r in runs]) for k, _, _ in _metrics(results)} | {"seeds": len(runs)}
             for name, runs in results.items()}
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    s = summary(results)
-    lines = ["| run | seeds | " + " | ".join(m[1] for m in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    s, metrics = summary(results), _metrics(results)
+    lines = ["| run | seeds | " + " | ".join(m[1] for m in metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for name, row in s.items():
-        cells = [f"{row[k][0]:.{dg}f} ± {row[k][1]:.{dg}f}" for k, _, dg in METRICS]
+        cells = [f"{row[k][0]:.{dg}f} ± {row[k][1]:.{dg}f}" for k, _, dg in metrics]
         lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -270,9 +289,9 @@ def alpha_trend(results: dict[str, list[dict]]) -> dict:
     fams: dict[str, dict] = {}
     for name, runs in results.items():
         tags = runs[0]["tags"]
-        if "alpha" in tags:
+        if "alpha" in tags and all("rouge_l" in r for r in runs):
             f = fams.setdefault(str(tags.get("family", "alpha")), {"points": [], "xs": [], "ys": []})
-            f["points"].append((float(tags["alpha"]), *compare.mean_std([r["rouge_l"] for r in runs])))
+            f["points"].append((float(tags["alpha"]), *mean_std([r["rouge_l"] for r in runs])))
             f["xs"] += [float(tags["alpha"])] * len(runs)
             f["ys"] += [r["rouge_l"] for r in runs]
     return {k: {"points": sorted(v["points"]), "spearman": spearman(v["xs"], v["ys"])} for k, v in fams.items()}
@@ -290,7 +309,7 @@ def plots(results: dict[str, list[dict]], docs: str) -> list[str]:
             if steps and all(key in r["curves"][s] for r in runs for s in steps):
                 ax.plot([int(s) for s in steps], [sum(r["curves"][s][key] for r in runs) / len(runs) for s in steps],
                         marker=".", label=name)
-    for ax, title in zip(axes, ("held-out KL(p‖q) on the references", "KL(p‖q) on the student's greedy answers")):
+    for ax, title in zip(axes, ("held-out KL(p‖q) (chat: on the references)", "KL(p‖q) on the student's greedy answers")):
         ax.set_xlabel("optimiser step")
         ax.set_title(title)
         ax.set_yscale("log")
@@ -328,8 +347,9 @@ def report(grid: Grid, out: str, docs: str | None = None) -> dict:
         for fam, t in trend.items():
             f.write(f"\nalpha trend ({fam}): Spearman(alpha, ROUGE-L) = {t['spearman']:.3f}\n")
     summ = summary(results)
+    per_seed = {name: [{k: v for k, v in r.items() if k != "curves"} for r in runs] for name, runs in results.items()}
     with open(os.path.join(docs, "results.json"), "w") as f:
-        json.dump({"summary": summ, "alpha_trend": trend}, f, indent=1)
+        json.dump({"summary": summ, "alpha_trend": trend, "runs": per_seed}, f, indent=1)
     plots(results, docs)
     return {"summary": summ, "alpha_trend": trend, "table": md}
 

@@ -89,7 +89,7 @@ def test_compare_two_methods_two_seeds(tmp_path):
     out = tmp_path / "cmp"
     p = subprocess.run(
         [sys.executable, "-m", "pipeline.compare", "--config", "pipeline/configs/debug_cpu.yaml",
-         "--methods", "fkl,amid", "--seeds", "2", "--steps", "3", "--eval-every", "1", "--no-rouge",
+         "--methods", "fkl,amid", "--seeds", "2", "--steps", "3", "--eval-every", "1",
          "--out", str(out), "--parallel.backend=none", "--data.max_documents=40", "--data.seq_len=32",
          "--data.eval_files=[pipeline/configs/assets/tiny_corpus.txt]", "--data.eval_blocks=4",
          "--train.micro_batch_size=2", "--train.grad_accum=1"],
@@ -99,7 +99,8 @@ def test_compare_two_methods_two_seeds(tmp_path):
     rows = [line for line in md.splitlines() if line.startswith("| fkl") or line.startswith("| amid")]
     assert len(rows) == 2 and all("±" in r and "| 2 |" in r for r in rows), md
     results = json.loads((out / "results.json").read_text())
-    assert {k: len(v) for k, v in results.items()} == {"fkl": 2, "amid": 2}
+    assert {k: len(v) for k, v in results["runs"].items()} == {"fkl": 2, "amid": 2}
+    assert all(r["kl_to_teacher"] > 0 and 0 <= r["top1_agreement"] <= 1 for v in results["runs"].values() for r in v)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     curve = (out / "fkl" / "seed0" / "eval.tsv").read_text().splitlines()
     assert [int(line.split("\t")[0]) for line in curve] == [0, 1, 2, 3]
