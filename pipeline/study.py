@@ -52,10 +52,11 @@ class RunSpec:
     job: str
     tags: dict = field(default_factory=dict)
 
-    def key(self) -> dict:
-        """What makes two runs the same run (a finished result is reused only for an equal key)."""
+    def key(self, inputs: dict | None = None) -> dict:
+        """What makes two runs the same run (a finished result is reused only for an equal key); `inputs`: the
+        prepared models and data (their paths and the data files' digests)."""
         return {"method": self.method, "options": self.options, "overrides": list(self.overrides),
-                "steps": self.steps, "seed": self.seed, "job": open(self.job).read()}
+                "steps": self.steps, "seed": self.seed, "job": open(self.job).read(), "inputs": inputs or {}}
 
 
 @dataclass(frozen=True)
@@ -115,21 +116,32 @@ def run_dir(out: str, spec: RunSpec) -> str:
     return os.path.join(out, spec.name, f"seed{spec.seed}")
 
 
-def status(out: str, spec: RunSpec) -> str:
+def status(out: str, spec: RunSpec, inputs: dict | None = None) -> str:
     """done (a result for this exact spec), partial (started: resumes), new; a result or start for a different spec
     is an error rather than a silent mix."""
     d = run_dir(out, spec)
     if os.path.exists(os.path.join(d, SPEC)):
-        if json.load(open(os.path.join(d, SPEC))) != spec.key():
+        if json.load(open(os.path.join(d, SPEC))) != spec.key(inputs):
             raise ValueError(f"{d} holds a run of a different spec (the grid or the job config changed): use another "
                              f"--out or delete that directory")
         return "done" if os.path.exists(os.path.join(d, RESULT)) else "partial"
     return "new"
 
 
+def inputs_of(paths: list[str]) -> dict:
+    """The prepared inputs a run depends on: the overrides and a digest of each data file they name."""
+    import hashlib
+    digests = {}
+    for p in paths:
+        if p.startswith(("--data.files=[", "--data.eval_files=[")):
+            for f in p.split("=[", 1)[1].rstrip("]").split(","):
+                digests[f] = hashlib.sha256(open(f, "rb").read()).hexdigest()[:16]
+    return {"paths": paths, "data": digests} if paths else {}
+
+
 def prepare_assets(assets_dir: str, log) -> list[str]:
     """The embedded teacher, the student initialised from its layers and the instruction task: pipeline.train
-    overrides that point the job at them."""
+    overrides that point the job at them (cached: seconds once built)."""
     from pipeline import demo, instruct_task
     teacher = assets.teacher_checkpoint(assets_dir)
     student = assets.student_from_teacher(teacher, os.path.join(assets_dir, "student-init"), demo.STUDENT_LAYERS)
@@ -150,7 +162,7 @@ def execute(spec: RunSpec, out: str, paths: list[str], ev: dict, threads: int, l
     d = run_dir(out, spec)
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, SPEC), "w") as f:
-        json.dump(spec.key(), f)
+        json.dump(spec.key(inputs_of(paths)), f)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(os.path.join(d, "study.log"), "a") as logf:
         if subprocess.run(train_command(spec, out, paths), stdout=logf, stderr=logf, env=env).returncode:
@@ -168,13 +180,14 @@ def run_grid(grid: Grid, out: str, *, jobs: int = 1, threads: int = 1, only=None
              log=print, paths: list[str] | None = None) -> dict:
     """Every run of the grid not done yet, `jobs` at a time; returns {done, ran, failed} counts."""
     todo = [s for s in grid.runs if only is None or s.name in only]
-    states = [status(out, s) for s in todo]  # spec clashes fail here, before any work
+    if paths is None:
+        paths = prepare_assets(assets_dir, log) if grid.embedded_pair else []
+    inputs = inputs_of(paths)
+    states = [status(out, s, inputs) for s in todo]  # spec clashes fail here, before any training
     pending = [s for s, state in zip(todo, states) if state != "done"]
     log(f"{len(todo) - len(pending)} of {len(todo)} runs done; {len(pending)} to run, {jobs} at a time")
     if not pending:
         return {"done": len(todo), "ran": 0, "failed": 0}
-    if paths is None:
-        paths = prepare_assets(assets_dir, log) if grid.embedded_pair else []
     lock, failed = threading.Lock(), []
 
     def one(spec):

@@ -134,3 +134,20 @@ def test_grid_errors_name_the_field(tmp_path):
         study.load_grid(str(bad))
     for g in ("headline", "alpha", "onpolicy", "curve"):                        # the shipped grids load
         assert study.load_grid(os.path.join(REPO, "bench", "study", g + ".yaml")).runs
+
+
+def test_a_changed_data_file_is_a_different_spec(tmp_path):
+    """Runs on the embedded pair depend on the prepared data: its digest is part of a run's identity."""
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    train.write_text('{"prompt": "a", "response": "b"}\n')
+    held.write_text('{"prompt": "c", "response": "d"}\n')
+    paths = ["--model.teacher_path=t", f"--data.files=[{train}]", f"--data.eval_files=[{held}]"]
+    spec = study.load_grid(os.path.join(REPO, "bench", "study", "curve.yaml")).runs[0]
+    out = str(tmp_path / "out")
+    os.makedirs(study.run_dir(out, spec))
+    with open(os.path.join(study.run_dir(out, spec), study.SPEC), "w") as f:
+        json.dump(spec.key(study.inputs_of(paths)), f)
+    assert study.status(out, spec, study.inputs_of(paths)) == "partial"
+    train.write_text('{"prompt": "a", "response": "another answer"}\n')           # the teacher answered anew
+    with pytest.raises(ValueError, match="different spec"):
+        study.status(out, spec, study.inputs_of(paths))
