@@ -95,6 +95,7 @@ def launch_preloaded(argv: list[str], nproc: int, env: dict, cwd, timeout: float
     in rank order, the first failing rank's exit code). What is about the launchers themselves (signals, kill -9,
     srun, mpirun, argument errors) runs the real ones."""
     import multiprocessing
+    import shutil
     import subprocess
     import tempfile
     ctx = multiprocessing.get_context("forkserver")
@@ -130,4 +131,5 @@ def launch_preloaded(argv: list[str], nproc: int, env: dict, cwd, timeout: float
             p.join()
     out = "".join(open(o).read() for _, (o, _e) in procs)
     err = "".join(open(e).read() for _, (_o, e) in procs)
+    shutil.rmtree(logs, ignore_errors=True)
     return subprocess.CompletedProcess(argv, code, out, err)
