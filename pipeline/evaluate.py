@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from pipeline import config as C, data, losses
+from pipeline import config as C, data, losses, models as M, rollout
 
 
 @torch.no_grad()
@@ -57,7 +57,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> 
     for p in prompts:
         ids = chat_ids(tokenizer, p).to(next(model.parameters()).device)
         gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                             do_sample=False, pad_token_id=M.pad_id(tokenizer))
         out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return out
 
@@ -69,13 +69,9 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int = 6
     generator seeded by `seed` (the same seed gives the same answers)."""
     model.eval()
     device = next(model.parameters()).device
-    rows = [chat_ids(tokenizer, p)[0] for p in prompts]
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], attn[i, width - len(r):] = r, 1
+    pad = M.pad_id(tokenizer)
+    ids, attn = rollout.left_pad([chat_ids(tokenizer, p)[0].tolist() for p in prompts], pad)
+    width = ids.shape[1]
     sample = temperature > 0
     if sample:
         torch.manual_seed(0 if seed is None else seed)  # generate() samples from the global generator
@@ -132,12 +128,12 @@ def instruct_scores(student, teacher, tokenizer, rows: list[dict], d, *, sample_
 
     greedy = answers(0.0, None)
     sampled = [rouge_l(answers(1.0, 10 * (s + 1)), refs) for s in range(sample_seeds)]  # the paper's seeds 10-50
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    layout = "pairs"
+    pad = M.pad_id(tokenizer)
     n = min(kl_prompts, len(rows))
-    ref_ex = [data.tokenize_example({d.prompt_field: p, d.response_field: r}, tokenizer, d, layout)
+    ref_ex = [data.tokenize_example({d.prompt_field: p, d.response_field: r}, tokenizer, d, "pairs")
               for p, r in zip(prompts[:n], refs[:n])]
-    own_ex = [data.tokenize_example({d.prompt_field: p, d.response_field: a or "."}, tokenizer, d, layout)
+    # an empty answer has no response tokens to score (tokenize_example drops it): score "." in its place
+    own_ex = [data.tokenize_example({d.prompt_field: p, d.response_field: a or "."}, tokenizer, d, "pairs")
               for p, a in zip(prompts[:n], greedy[:n])]
     on_refs = response_divergences(student, teacher, data.collate(*zip(*ref_ex), pad))
     on_own = response_divergences(student, teacher, data.collate(*zip(*own_ex), pad))
@@ -152,7 +148,6 @@ def evaluate_checkpoint(checkpoint: str, cfg, n_blocks: int, prompts=None) -> di
     """Held-out metrics of an HF student checkpoint against the config's teacher, on `n_blocks` packed sequences of
     data.eval_files (else the tail of the training data); ROUGE-L too when `prompts` = (prompts, references)."""
     from transformers import AutoModelForCausalLM
-    from pipeline import models as M
     tokenizer = M.load_tokenizer(cfg)
     d = cfg.data
     held = C.DataConfig(files=d.eval_files or d.files, dataset=None if d.eval_files else d.dataset, format=d.format,

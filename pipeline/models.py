@@ -20,6 +20,11 @@ def load_tokenizer(cfg):
     return tok
 
 
+def pad_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS (padded positions are masked anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def build_model(path: str | None, config: dict | None, dtype: str, seed: int) -> nn.Module:
     """from_pretrained on a local directory, or a random init from an HF config dict (identical on every rank)."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -63,7 +63,6 @@ class RunSpec:
 class Grid:
     runs: list[RunSpec]
     eval: dict
-    job: str
     embedded_pair: bool = True
 
 
@@ -109,7 +108,7 @@ def load_grid(path: str) -> Grid:
         raise ValueError(f"{path}: no runs")
     if not isinstance(g.get("embedded_pair", True), bool):
         raise ValueError(f"{path}: embedded_pair must be true or false")
-    return Grid(runs, ev, job, g.get("embedded_pair", True))
+    return Grid(runs, ev, g.get("embedded_pair", True))
 
 
 def run_dir(out: str, spec: RunSpec) -> str:

@@ -106,8 +106,7 @@ class Run:
                      if lc.method == "taid" else None)
         self.loop = LoopState()
         self.fault = parse_fault(os.environ.get("PIPELINE_FAULT"))
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
-            else self.tokenizer.eos_token_id
+        self.pad_id = M.pad_id(self.tokenizer)
         r = cfg.rollout
         self.rollout_seed = cfg.train.seed if r.seed is None else r.seed
         self.replay = rollout.ReplayBuffer(r.replay_capacity)
