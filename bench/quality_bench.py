@@ -36,6 +36,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, help="override the grids' steps (a smoke run)")
     ap.add_argument("--seeds", type=int, help="override the grids' seeds")
     args = ap.parse_args(argv)
+    if (args.steps is not None and args.steps < 1) or (args.seeds is not None and args.seeds < 1) \
+            or args.jobs < 1 or args.threads < 1:
+        print("--steps, --seeds, --jobs and --threads must be >= 1", file=sys.stderr)
+        return 2
     t0 = time.time()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     reports = {}
