@@ -221,6 +221,16 @@ class RolloutConfig:
     on every rank."""
     gather_memory_fraction: float = 0.5
     """auto: the share of free memory a full copy may take."""
+    engine: str = "auto"
+    """Who decodes: hf (the loop of pipeline.rollout, shaped by rollout.gather) or vllm (one in-process vLLM engine
+    per rank and model, weights pushed after each optimiser step that precedes a rollout; needs the vllm extra);
+    auto: vllm on GPUs where vLLM is installed, hf otherwise. The two sample differently (same distribution, other
+    random streams), so a run resumes with the engine it started with."""
+    vllm_kv_cache_mb: int = 1024
+    """vllm: the KV cache of each engine, in MiB (bounded always: unset, vLLM would take most of the memory)."""
+    vllm_sleep: bool = True
+    """vllm on GPUs: free the engine's KV cache and move its weights off the GPU while the trainer runs (vLLM's sleep
+    mode; not available on CPUs, where the engine stays as it is)."""
     replay_capacity: int = 0
     """Student generations kept per rank for reuse (DistiLLM's replay buffer; 0 = off)."""
     replay_ratio: float = 0.0
@@ -572,6 +582,11 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
         raise ValueError(f"rollout.gather must be auto, once or per_step, got {r.gather!r}")
     if not 0.0 < r.gather_memory_fraction <= 1.0:
         raise ValueError(f"rollout.gather_memory_fraction must be in (0, 1], got {r.gather_memory_fraction}")
+    if r.engine not in ("auto", "hf", "vllm"):
+        raise ValueError(f"rollout.engine must be auto, hf or vllm, got {r.engine!r}")
+    _positive("rollout.vllm_kv_cache_mb", r.vllm_kv_cache_mb)
+    if not isinstance(r.vllm_sleep, bool):
+        raise ValueError(f"rollout.vllm_sleep must be true or false, got {r.vllm_sleep!r}")
     _positive("rollout.replay_capacity", r.replay_capacity, allow_zero=True)
     if r.schedule not in ("fixed", "adaptive"):
         raise ValueError(f"rollout.schedule must be fixed or adaptive, got {r.schedule!r}")
@@ -657,7 +672,7 @@ SAFE_TO_CHANGE = (
     "train.steps", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.schedule", "optim.grad_clip",
     "optim.clip_scope", "data.eval_files", "data.eval_blocks", "loss.chunk_size", "loss.chunk_memory_mb", "loss.compile",
     "parallel.teacher", "parallel.teacher_replicate_fraction", "train.activation_checkpointing", "rollout.gather",
-    "rollout.gather_memory_fraction",
+    "rollout.gather_memory_fraction", "rollout.vllm_kv_cache_mb", "rollout.vllm_sleep",
 )
 
 

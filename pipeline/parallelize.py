@@ -186,18 +186,28 @@ def full_numel(model: nn.Module) -> int:
 def full_state_dict(model: nn.Module, bucket_numel: int = 1 << 26, keep: bool = True,
                     device: str | None = None) -> dict:
     """Every parameter and persistent buffer of a (possibly sharded) body, unsharded: the one full-state gather
-    (export, rollout replicas). Collective: all ranks call it together. ZeRO-3 gathers buckets of up to
-    bucket_numel elements per call (few collectives, bounded transient memory); FSDP2 gathers each DTensor; an
-    unsharded model is returned without copies. keep=False: take part in the gathers but keep nothing (the ranks
-    that do not write an export); device: where the kept tensors go (e.g. 'cpu' for an export)."""
+    (export, rollout replicas). Collective: all ranks call it together. keep=False: take part in the gathers but
+    keep nothing (the ranks that do not write an export); device: where the kept tensors go (e.g. 'cpu' for an
+    export)."""
+    out, copy = {}, _gathered(model)
+    for name, t in iter_full_state(model, bucket_numel):
+        if keep:  # ZeRO-3's tensors are views of a gathered bucket, released after it: copy them
+            out[name] = t.to(device) if device is not None else t.clone() if copy else t
+    return out
+
+
+def _gathered(model: nn.Module) -> bool:
+    return any(hasattr(p, "ds_tensor") for p in model.parameters())
+
+
+@torch.no_grad()
+def iter_full_state(model: nn.Module, bucket_numel: int = 1 << 26):
+    """(name, full tensor) for every parameter and persistent buffer, gathered as it goes: ZeRO-3 gathers buckets
+    of up to bucket_numel elements per call (few collectives, bounded transient memory) and a yielded tensor is
+    only valid until the next one is asked for (use it or copy it); FSDP2 gathers each DTensor; an unsharded model
+    yields its own tensors. Collective: every rank must consume the whole iterator, in the same order."""
     params = list(model.named_parameters())
-    out = {}
-
-    def put(name, t):
-        if keep:
-            out[name] = t.detach().to(device) if device is not None else t.detach()
-
-    if any(hasattr(p, "ds_tensor") for _, p in params):
+    if _gathered(model):
         import deepspeed
         bucket, size = [], 0
         for i, (name, p) in enumerate(params):
@@ -206,16 +216,15 @@ def full_state_dict(model: nn.Module, bucket_numel: int = 1 << 26, keep: bool = 
             if size >= bucket_numel or i == len(params) - 1:
                 with deepspeed.zero.GatheredParameters([q for _, q in bucket], modifier_rank=None):
                     for n, q in bucket:
-                        put(n, q.clone() if device is None else q)
+                        yield n, q.detach()
                 bucket, size = [], 0
     else:
         for name, p in params:
-            put(name, p.full_tensor() if hasattr(p, "full_tensor") else p)
+            yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
     for name, b in model.named_buffers():
         owner, _, leaf = name.rpartition(".")
         if leaf not in model.get_submodule(owner)._non_persistent_buffers_set:  # e.g. rotary caches: rebuilt
-            put(name, b)
-    return out
+            yield name, b
 
 
 def _digest(tensors) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 
-from pipeline import checkpoint, config as C, data, distributed, losses, rollout, rundir  # noqa: E402
+from pipeline import checkpoint, config as C, data, distributed, losses, rollout, rundir, vllm_rollout  # noqa: E402
 from pipeline.metrics import Metrics, Progress  # noqa: E402
 from pipeline.vocab_parallel import chunk_rows, fused_linear_loss, fused_topk_loss  # noqa: E402
 
@@ -80,6 +80,10 @@ class Run:
         from pipeline import models as M
         from pipeline.parallelize import parallelize
         self.cfg, self.dist = cfg, dist_ctx
+        self.engine = vllm_rollout.resolve(cfg.rollout.engine) if cfg.data.kind == "chat" else "hf"
+        if self.engine == "vllm" and (why := vllm_rollout.import_error()) is not None:  # before anything loads
+            raise ValueError(f"rollout.engine = {cfg.rollout.engine}, but vLLM cannot be imported ({why}): "
+                             f"{vllm_rollout.INSTALL_HINT}")
         self.tokenizer = M.load_tokenizer(cfg)
         M.preflight(cfg, self.tokenizer)  # model configs and tokenizers, before any data or weights load
         self.batches = data.make_batches(cfg, self.tokenizer, dist_ctx.rank, dist_ctx.world)
@@ -89,11 +93,24 @@ class Run:
             self.eval_data = _heldout(cfg, self.tokenizer, dist_ctx)
         student, teacher, self.vocab = M.build_models(cfg, self.tokenizer)
         self.student_config = student.config
+        r = cfg.rollout
+        # the models that generate: the student (on-policy steps, the adaptive schedule, the held-out answers) and
+        # the teacher (teacher_fraction)
+        users = {"student": student.config, "teacher": getattr(teacher, "config", None)} \
+            if self.engine == "vllm" else {}
+        users = {who: conf for who, conf in users.items() if (r.teacher_fraction > 0 if who == "teacher" else
+                 r.student_fraction > 0 or r.schedule == "adaptive" or self.eval_data is not None)}
+        for conf in users.values():
+            vllm_rollout.check_supported(conf)  # before the models are sharded
         shard, why = distributed.shard_size_for(dist_ctx.world, cfg.parallel.shard_group_size)
         self.layout = distributed.make_layout(shard)  # the trivial layout without a process group
         self.models = parallelize(student, teacher, self.vocab, cfg, self.layout,
                                   log=lambda m: _say(dist_ctx, f"{m}; shard group from {why}") if dist_ctx.is_main
                                   else None)
+        # one vLLM engine per generating model, started before the first step so that a failure to start is an
+        # input error, not a crash mid-run; alive until the process ends (shutting one down ends the process group)
+        self.engines = {who: vllm_rollout.start(conf, self.vocab, cfg, who, dist_ctx.rank)
+                        for who, conf in users.items()}
         heads = self.models.heads
         self.chunk_size = cfg.loss.chunk_size or chunk_rows(cfg.loss.chunk_memory_mb, heads.end - heads.start)
         lc = cfg.loss
@@ -107,7 +124,6 @@ class Run:
         self.loop = LoopState()
         self.fault = parse_fault(os.environ.get("PIPELINE_FAULT"))
         self.pad_id = M.pad_id(self.tokenizer)
-        r = cfg.rollout
         self.rollout_seed = cfg.train.seed if r.seed is None else r.seed
         self.replay = rollout.ReplayBuffer(r.replay_capacity)
         self.schedule = (rollout.AdaptiveSchedule(r.adaptive_init, r.adaptive_step, r.adaptive_eps, r.replay_schedule)
@@ -156,6 +172,20 @@ def _heldout(cfg: C.Config, tokenizer, dist_ctx):
     return examples[dist_ctx.rank::dist_ctx.world]
 
 
+def generate(run: Run, who: str, prompts: list, *, seed: int, eos_id: int | None,
+             temperature: float | None = None) -> tuple[list, dict]:
+    """`who`'s completions for this rank's prompts on the run's engine (collective: every rank calls it together)."""
+    r = run.cfg.rollout
+    temperature = r.temperature if temperature is None else temperature
+    if who in run.engines:
+        # the student's weights change with every optimiser step; the frozen teacher's are pushed once
+        return vllm_rollout.generate(run.engines[who], run.models, who, prompts,
+                                     version=run.step if who == "student" else 0, max_new=run.max_new_tokens(),
+                                     eos_id=eos_id, temperature=temperature, top_p=r.top_p, seed=seed)
+    return rollout.generate(run.models, who, prompts, rc=r, max_new=run.max_new_tokens(), eos_id=eos_id,
+                            pad_id=run.pad_id, seed=seed, group=run.dist.group, temperature=temperature)
+
+
 def step_batches(run: Run) -> tuple[list, dict]:
     """This rank's train.grad_accum micro-batches for the step and what they came from. chat: the step's source is
     drawn from (seed, step), identically on every rank, and all of the step's prompts go into one rollout."""
@@ -177,11 +207,9 @@ def step_batches(run: Run) -> tuple[list, dict]:
         pairs = run.replay.sample(len(examples), g)
     else:
         prompts = [p for p, _ in examples]
-        completions, stats = rollout.generate(
-            run.models, source, prompts, rc=r, max_new=run.max_new_tokens(),
-            eos_id=None if r.ignore_eos else run.tokenizer.eos_token_id,
-            pad_id=run.pad_id, seed=rollout.step_seed(run.rollout_seed, run.step, 1_000 + run.dist.rank),
-            group=run.dist.group)
+        completions, stats = generate(
+            run, source, prompts, eos_id=None if r.ignore_eos else run.tokenizer.eos_token_id,
+            seed=rollout.step_seed(run.rollout_seed, run.step, 1_000 + run.dist.rank))
         info.update(stats)
         pairs = list(zip(prompts, completions))
         if source == "student" and r.replay_capacity:
@@ -363,9 +391,7 @@ def evaluate_heldout(run: Run) -> dict:
     prompts = [p for p, _ in pairs]
     kl, ce = heldout_kl(run, data.collate(prompts, [r for _, r in pairs], run.pad_id), with_ce=True)
     out = {"eval/kl": kl}
-    answers, _ = rollout.generate(run.models, "student", prompts, rc=run.cfg.rollout, max_new=run.max_new_tokens(),
-                                  eos_id=run.tokenizer.eos_token_id, pad_id=run.pad_id, seed=0,
-                                  group=run.dist.group, temperature=0.0)
+    answers, _ = generate(run, "student", prompts, eos_id=run.tokenizer.eos_token_id, seed=0, temperature=0.0)
     out["eval/kl_student_answers"] = heldout_kl(run, data.collate(prompts, answers, run.pad_id))
     out["eval/answer_len"] = sum(len(a) for a in answers) / len(answers)
     out["eval/ce"] = ce

@@ -21,18 +21,18 @@ TINY = dict(vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_lay
 EOS = 0  # the tiny tokenizer's <|endoftext|>
 
 
-def eos_prone_student(scale: float, seed: int = 0):
+def eos_prone_student(scale: float, seed: int = 0, conf: dict = TINY):
     """A random tiny Llama whose EOS logit follows a direction shared by 64 token embeddings: since the residual
     stream carries the current token's embedding, EOS becomes likely after those tokens, so sequences end at
     varied lengths (a random model alone almost never emits EOS)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **TINY))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **conf))
     emb = model.get_input_embeddings().weight.detach()
-    chosen = torch.randperm(TINY["vocab_size"], generator=torch.Generator().manual_seed(1))[:64]
+    chosen = torch.randperm(conf["vocab_size"], generator=torch.Generator().manual_seed(1))[:64]
     direction = emb[chosen].sum(0)
     with torch.no_grad():
-        model.lm_head.weight[EOS] = scale * direction / direction.norm()
+        model.get_output_embeddings().weight[EOS] = scale * direction / direction.norm()
     return model
 
 

