@@ -96,10 +96,10 @@ class Run:
         r = cfg.rollout
         # the models that generate: the student (on-policy steps, the adaptive schedule, the held-out answers) and
         # the teacher (teacher_fraction)
-        users = {"student": student.config, "teacher": getattr(teacher, "config", None)} \
-            if self.engine == "vllm" else {}
-        users = {who: conf for who, conf in users.items() if (r.teacher_fraction > 0 if who == "teacher" else
-                 r.student_fraction > 0 or r.schedule == "adaptive" or self.eval_data is not None)}
+        users = {"student": student, "teacher": teacher} if self.engine == "vllm" else {}
+        users = {who: vllm_rollout.engine_config(model) for who, model in users.items()
+                 if (r.teacher_fraction > 0 if who == "teacher" else
+                     r.student_fraction > 0 or r.schedule == "adaptive" or self.eval_data is not None)}
         for conf in users.values():
             vllm_rollout.check_supported(conf)  # before the models are sharded
         shard, why = distributed.shard_size_for(dist_ctx.world, cfg.parallel.shard_group_size)

@@ -49,6 +49,15 @@ def resolve(engine: str) -> str:
     return "vllm" if torch.cuda.is_available() and import_error() is None else "hf"
 
 
+def engine_config(model):
+    """The HF config an engine is built from, naming the model's class (configs built from a dict name none)."""
+    import copy
+    conf = copy.deepcopy(model.config)
+    if not getattr(conf, "architectures", None):
+        conf.architectures = [type(model).__name__]
+    return conf
+
+
 def check_supported(model_config) -> None:
     """Before any weight loads: vLLM importable and the architecture one it implements (ValueError names the fix)."""
     why = import_error()

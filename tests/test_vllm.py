@@ -102,3 +102,88 @@ def _engine_worker(rank, world, backend, tied, dtype, run_dir):
 def test_vllm_greedy_equals_hf_before_and_after_a_weight_push(tmp_path, backend, tied, dtype):
     """float32 with a tied output layer: vLLM's CPU path multiplies by a packed (oneDNN) copy of the head."""
     run_workers(_engine_worker, 2, backend, tied, dtype, str(tmp_path), timeout=400)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# whole on-policy runs (pipeline.train on 2 ranks) with the vLLM engine
+# --------------------------------------------------------------------------------------------------------------
+MIX = ["--train.steps=8", "--train.micro_batch_size=2", "--train.grad_accum=2", "--train.eval_every=4",
+       "--rollout.student_fraction=0.6", "--rollout.teacher_fraction=0.2", "--rollout.replay_capacity=16",
+       "--rollout.replay_ratio=0.5", "--rollout.seed=4", "--rollout.max_new_tokens=24", "--checkpoint.every=4",
+       "--logging.progress=false", "--checkpoint.export=false", "--rollout.vllm_kv_cache_mb=16", *MODELS]
+
+
+def launch(run_dir, backend, *overrides, timeout=300):
+    p = launch_preloaded([
+        "--config", ONPOLICY, f"--run_dir={run_dir}", f"--parallel.backend={backend}", *MIX, *overrides],
+        2, ENV, REPO, timeout)
+    assert p.returncode == 0, p.stderr[-6000:]
+    return p
+
+
+def rollouts(run_dir, rank) -> dict[int, dict]:
+    lines = (run_dir / f"rollouts_rank{rank}.jsonl").read_text().splitlines()
+    return {(d := json.loads(x))["step"]: d for x in lines}
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    """A student whose generations end at varied lengths (see tests.test_rollout.eos_prone_student)."""
+    d = tmp_path_factory.mktemp("eos_student")
+    conf = {k: v for k, v in STUDENT.items() if k != "model_type"}
+    eos_prone_student(scale=6.0, conf=conf).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, student_dir):
+    d = tmp_path_factory.mktemp("zero3_vllm")
+    launch(d, "deepspeed", "--rollout.engine=vllm", f"--model.student_path={student_dir}", "--model.student_config=")
+    return d
+
+
+def test_zero3_run_generates_each_ranks_prompts_with_vllm(zero3_run):
+    r0, r1 = rollouts(zero3_run, 0), rollouts(zero3_run, 1)
+    assert sorted(r0) == sorted(r1) == list(range(1, 9))
+    generated = [s for s in r0 if r0[s]["source"] in ("student", "teacher")]
+    assert {r0[s]["source"] for s in generated} == {"student", "teacher"}, r0
+    uneven = 0
+    for s in generated:
+        a, b = r0[s], r1[s]
+        assert a["mode"] == b["mode"] == "vllm"
+        # the loss counts exactly the tokens both ranks generated (each rank its own prompts)
+        assert a["loss_tokens"] == b["loss_tokens"] == sum(a["lengths"]) + sum(b["lengths"])
+        uneven += a["lengths"] != b["lengths"]
+    assert uneven, "both ranks generated the same lengths every time: the test lost its point"
+    vals = [float(v) for v in losses(zero3_run).values()]
+    assert len(vals) == 8 and all(v == v and v > 0 for v in vals)
+
+
+def test_zero3_vllm_run_resumes_exactly(tmp_path, student_dir, zero3_run):
+    args = ["--rollout.engine=vllm", f"--model.student_path={student_dir}", "--model.student_config="]
+    launch(tmp_path, "deepspeed", *args, "--train.stop_after=4")
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
+    launch(tmp_path, "deepspeed", *args)
+    assert losses(tmp_path) == losses(zero3_run)  # bitwise: the same generations after the engines restart
+    for rank in (0, 1):
+        got, want = rollouts(tmp_path, rank), rollouts(zero3_run, rank)
+        assert [(got[s]["source"], got[s].get("lengths")) for s in range(1, 9)] == \
+               [(want[s]["source"], want[s].get("lengths")) for s in range(1, 9)]
+
+
+def test_fsdp2_greedy_run_with_vllm_equals_the_hf_engine(tmp_path_factory, student_dir):
+    """Greedy rollouts make the engines comparable: the same completions, hence the same losses."""
+    runs = {}
+    for engine in ("vllm", "hf"):
+        d = tmp_path_factory.mktemp(f"fsdp2_{engine}")
+        launch(d, "fsdp2", f"--rollout.engine={engine}", "--rollout.temperature=0", "--rollout.gather=once",
+               f"--model.student_path={student_dir}", "--model.student_config=")
+        runs[engine] = d
+    for rank in (0, 1):
+        v, h = rollouts(runs["vllm"], rank), rollouts(runs["hf"], rank)
+        assert [v[s].get("lengths") for s in v] == [h[s].get("lengths") for s in h]
+        assert {v[s].get("mode") for s in v} >= {"vllm"}
+    lv, lh = losses(runs["vllm"]), losses(runs["hf"])
+    assert sorted(lv) == list(range(1, 9))
+    for s in lv:
+        assert float(lv[s]) == pytest.approx(float(lh[s]), rel=1e-4), s
