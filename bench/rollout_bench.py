@@ -1,14 +1,18 @@
 """Rollout throughput under ZeRO-3: plain HF `generate()` on the ZeRO-3 model (every decoding step all-gathers every
-layer, TRL #3858's slow path) against the pipeline's rollout (pipeline.rollout.generate), on the same tiny student
-and the same prompts, 2 gloo ranks on CPU, in one run.
+layer, TRL #3858's slow path) against the pipeline's rollouts (pipeline.rollout.generate, and the vLLM engine of
+pipeline.vllm_rollout where vLLM is installed), on the same student and the same prompts, 2 gloo ranks on CPU, in
+one run.
 
     .venv/bin/python bench/rollout_bench.py                  # default: 16-layer 13.6M-parameter student, 4 x 64 tokens
     .venv/bin/python bench/rollout_bench.py --layers 8 --batch 8
+    .venv/bin/python bench/rollout_bench.py --pair embedded  # the embedded pair's student (SmolLM2, 6 layers, 69M)
 
 Rows: plain generate (synced_gpus=True, KV cache on), ours with gather-once (the default whenever the model fits),
-ours with per-step gathering (the lockstep fallback for models that do not fit). Every row generates exactly
-batch x new-tokens tokens per rank (no EOS stop), after one warm-up call. Tokens/s count all ranks' tokens; a
-rollout's time is the slowest rank's. The last line is JSON: {"rollout_speedup": ours once / plain, ...}.
+ours with per-step gathering (the lockstep fallback for models that do not fit), and the vLLM engine with the
+student's weights pushed from the ZeRO-3 shards in every call (as after each optimiser step in training). Every row
+generates exactly batch x new-tokens tokens per rank (no EOS stop), after one warm-up call. Tokens/s count all ranks'
+tokens; a rollout's time is the slowest rank's. The last line is JSON: {"rollout_speedup": ours once / plain,
+"vllm_speedup": vLLM / plain, "vllm_vs_gather_once": vLLM / ours once, ...}.
 """
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ def worker(rank: int, world: int, port: int, args, out) -> None:
     torch.set_num_threads(max(1, args.threads // world))
     import deepspeed
     import torch.distributed as dist
-    from pipeline import config as C, models as M, rollout
+    from pipeline import config as C, models as M, rollout, vllm_rollout
     from pipeline.distributed import make_layout
     from pipeline.parallelize import deepspeed_config, parallelize
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800))
@@ -68,12 +72,22 @@ def worker(rank: int, world: int, port: int, args, out) -> None:
         "--train.grad_accum=1", "--parallel.backend=deepspeed", "--rollout.temperature=1.0"])
     for key in ("ds_student_config", "ds_teacher_config"):
         setattr(cfg.parallel, key, os.path.join(REPO, getattr(cfg.parallel, key)))
+    cfg.run_dir = os.path.join(args.workdir, "run")
+    cfg.data.seq_len, cfg.data.max_prompt_len = args.prompt_len + args.new_tokens, args.prompt_len
+    cfg.rollout.vllm_kv_cache_mb = 256
     g = torch.Generator().manual_seed(100 + rank)
     prompts = torch.randint(1, args.vocab, (args.batch, args.prompt_len), generator=g)
     N = args.new_tokens
 
+    def build():
+        if args.pair == "embedded":
+            from transformers import AutoModelForCausalLM
+            return AutoModelForCausalLM.from_pretrained(args.student_dir, dtype=torch.float32)
+        return M.build_model(None, student_conf, "float32", 0)
+
     # plain: the HF model (its own output layer) under ZeRO-3, generate() with synced_gpus as HF requires
-    plain_model = M.build_model(None, student_conf, "float32", 0).eval()
+    plain_model = build().eval()
+    params = sum(p.numel() for p in plain_model.parameters())
     engine, *_ = deepspeed.initialize(
         model=plain_model, config=deepspeed_config(cfg.parallel.ds_student_config, cfg, world, train=False))
 
@@ -85,8 +99,9 @@ def worker(rank: int, world: int, port: int, args, out) -> None:
         assert ids.shape[1] == args.prompt_len + N
 
     # ours: the pipeline's models (ZeRO-3 body, vocab-sharded output layer) and rollout.generate
-    student = M.build_model(None, student_conf, "float32", 0)
-    teacher = M.build_model(None, cfg.model.teacher_config, "float32", 1).eval().requires_grad_(False)
+    student = build()
+    teacher = build().eval().requires_grad_(False)  # not used here; parallelize places one
+    engine_conf = vllm_rollout.engine_config(student)
     models = parallelize(student, teacher, args.vocab, cfg, make_layout())
     rows = prompts.tolist()
 
@@ -99,10 +114,26 @@ def worker(rank: int, world: int, port: int, args, out) -> None:
             assert info["mode"] == gather and all(len(r) == N for r in out_rows)
         return fn
 
+    rows_timed = [("plain generate (per-token gathers)", plain), ("ours, gather once", ours("once")),
+                  ("ours, per-step gathers (lockstep)", ours("per_step"))]
+    pushes = []
+    if vllm_rollout.import_error() is None:
+        vengine = vllm_rollout.start(engine_conf, args.vocab, cfg, "student", rank)
+        calls = iter(range(10 ** 6))
+
+        def vllm_fn():
+            # a new version each call: the weights are pushed from the ZeRO-3 shards every time, as in training
+            out_rows, info = vllm_rollout.generate(vengine, models, "student", rows, version=next(calls), max_new=N,
+                                                   eos_id=None, temperature=1.0, top_p=1.0, seed=rank)
+            assert all(len(r) == N for r in out_rows)
+            pushes.append(info["gather_seconds"])
+        rows_timed.append(("vLLM engine, weights pushed each call", vllm_fn))
     results = {}
-    for name, fn in (("plain generate (per-token gathers)", plain), ("ours, gather once", ours("once")),
-                     ("ours, per-step gathers (lockstep)", ours("per_step"))):
+    for name, fn in rows_timed:
         results[name] = _timed(fn, group, args.repeats)
+    results["_params"] = params
+    if pushes:
+        results["_push_seconds"] = sum(pushes[1:]) / max(len(pushes) - 1, 1)  # after the warm-up call
     if rank == 0:
         out.put(results)
     dist.barrier(group)
@@ -119,10 +150,24 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pair", choices=("tiny", "embedded"), default="tiny",
+                    help="tiny: a random Llama of the sizes above; embedded: the demo's 6-layer SmolLM2 student")
+    ap.add_argument("--assets", default="runs/assets", help="where the embedded pair is (built there if missing)")
     args = ap.parse_args(argv)
     if min(args.layers, args.hidden, args.vocab, args.batch, args.prompt_len, args.new_tokens, args.repeats) < 1:
         ap.error("sizes must be positive")
+    import tempfile
     import torch.multiprocessing as mp
+    args.workdir = tempfile.mkdtemp(prefix="rollout_bench_")
+    if args.pair == "embedded":
+        from transformers import AutoConfig
+        from pipeline import assets
+        from pipeline.demo import STUDENT_LAYERS
+        teacher_dir = assets.teacher_checkpoint(args.assets)
+        args.student_dir = assets.student_from_teacher(teacher_dir, os.path.join(args.assets, "student-init"),
+                                                       STUDENT_LAYERS)
+        conf = AutoConfig.from_pretrained(args.student_dir)
+        args.layers, args.hidden, args.vocab = conf.num_hidden_layers, conf.hidden_size, conf.vocab_size
     world = 2
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -130,13 +175,23 @@ def main(argv=None) -> int:
     procs = [ctx.Process(target=worker, args=(r, world, port, args, out)) for r in range(world)]
     for p in procs:
         p.start()
-    results = out.get(timeout=3600)
+    import queue
+    while True:  # a rank that dies ends the benchmark instead of leaving it waiting
+        try:
+            results = out.get(timeout=5)
+            break
+        except queue.Empty:
+            if any(p.exitcode for p in procs):
+                for p in procs:
+                    p.kill()
+                print("a rank failed", file=sys.stderr)
+                return 1
     for p in procs:
         p.join()
     if any(p.exitcode for p in procs):
         print("a rank failed", file=sys.stderr)
         return 1
-    params = sum(v for v in _param_count(args).values())
+    params, push = results.pop("_params"), results.pop("_push_seconds", None)
     tokens = world * args.batch * args.new_tokens
     base = results["plain generate (per-token gathers)"]
     print(f"\n## rollout under ZeRO-3, {world} gloo ranks on CPU: student {args.layers} layers, hidden {args.hidden}, "
@@ -146,18 +201,15 @@ def main(argv=None) -> int:
     for name, sec in results.items():
         print(f"| {name} | {sec:.3f} | {tokens / sec:.1f} | {base / sec:.2f}x |")
     once, step = results["ours, gather once"], results["ours, per-step gathers (lockstep)"]
-    print(json.dumps({"rollout_speedup": round(base / once, 2), "per_step_vs_plain": round(base / step, 2),
+    vllm = results.get("vLLM engine, weights pushed each call")
+    extra = {} if vllm is None else {"vllm_speedup": round(base / vllm, 2), "vllm_vs_gather_once": round(once / vllm, 2),
+                                     "vllm_push_s": round(push, 3)}
+    print(json.dumps({"pair": args.pair, "rollout_speedup": round(base / once, 2), **extra,
+                      "per_step_vs_plain": round(base / step, 2),
                       "tokens_per_s": {k: round(tokens / v, 1) for k, v in results.items()},
                       "params_m": round(params / 1e6, 2), "layers": args.layers, "hidden": args.hidden,
                       "vocab": args.vocab, "batch_per_rank": args.batch, "new_tokens": args.new_tokens}))
     return 0
-
-
-def _param_count(args) -> dict:
-    h, i, L, V = args.hidden, args.hidden * 8 // 3, args.layers, args.vocab
-    kv = h // 4 * 2  # 2 key-value heads of head size h / 4
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
-    return {"embeddings": V * h, "layers": L * per_layer, "head": V * h, "norm": h}
 
 
 if __name__ == "__main__":

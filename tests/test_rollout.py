@@ -259,6 +259,8 @@ def test_replay_buffer_keeps_the_newest_and_samples_distinct_items():
     (["--rollout.schedule=adaptive", "--rollout.student_fraction=0", "--rollout.replay_capacity=8",
       "--rollout.replay_schedule=sometimes"], "rollout.replay_schedule"),
     (["--rollout.schedule=often"], "rollout.schedule"),
+    (["--rollout.engine=fast"], "rollout.engine"),
+    (["--rollout.vllm_kv_cache_mb=0"], "rollout.vllm_kv_cache_mb"),
 ])
 def test_rollout_config_errors_name_the_field(override, field):
     with pytest.raises(ValueError, match=field):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ import torch.distributed as dist
 
 from pipeline import config as C, rollout, vllm_rollout
 from tests.dist_utils import launch_preloaded, run_workers
+from tests.test_faults import refused
 from tests.test_rollout import EOS, eos_prone_student
 from tests.test_train import ENV, REPO, losses
 
@@ -187,3 +190,13 @@ def test_fsdp2_greedy_run_with_vllm_equals_the_hf_engine(tmp_path_factory, stude
     assert sorted(lv) == list(range(1, 9))
     for s in lv:
         assert float(lv[s]) == pytest.approx(float(lh[s]), rel=1e-4), s
+
+
+def test_a_model_shape_vllm_cannot_run_is_refused_before_training(tmp_path):
+    """The debug config's own student has head size 12, which the CPU attention kernels do not take (32 or more):
+    the engine's one-token warm-up at start finds it, and the run stops as an input error, naming the way out."""
+    p = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", ONPOLICY, f"--run_dir={tmp_path}",
+                        "--parallel.backend=none", "--rollout.engine=vllm", "--rollout.vllm_kv_cache_mb=16",
+                        "--logging.progress=false"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    refused(p, "the vLLM engine did not start", "head sizes", "rollout.engine=hf")
+    assert not (tmp_path / "losses.tsv").exists()
