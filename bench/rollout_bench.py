@@ -137,7 +137,10 @@ def worker(rank: int, world: int, port: int, args, out) -> None:
     if rank == 0:
         out.put(results)
     dist.barrier(group)
-    dist.destroy_process_group()
+    if vllm_rollout.import_error() is None:
+        vllm_rollout.shutdown({"student": vengine})  # the process group goes with it
+    else:
+        dist.destroy_process_group()
 
 
 def main(argv=None) -> int:

@@ -577,6 +577,8 @@ def _run(cfg: C.Config, dist_ctx: distributed.Dist, lock: rundir.RunLock, argv: 
             print(f"exported the student to {out}", file=sys.stderr)
     run.metrics.close()
     distributed.barrier(dist_ctx.group)
+    if run.engines:
+        vllm_rollout.shutdown(run.engines)  # the process group goes with them
     distributed.shutdown()
     return 0
 

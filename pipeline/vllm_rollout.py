@@ -34,6 +34,9 @@ INSTALL_HINT = ("install the vllm extra (CPU: `pip install -e '.[vllm]'`, which 
 
 def import_error() -> str | None:
     """Why vLLM cannot be used here (None: it can)."""
+    # vLLM logs every engine's start-up at INFO (and a failed chat-template warm-up, which token-id prompts never
+    # need, with a traceback): a training job's log keeps only its errors unless the user asks for more
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
         import vllm  # noqa: F401 (the import is the check)
     except Exception as e:  # ImportError, or a broken install (e.g. a CUDA-only torchvision beside a CPU torch)
@@ -196,6 +199,14 @@ class Engine:
                                   seed=seed)
         finally:
             self._doze()  # the trainer gets the memory back
+
+
+def shutdown(engines: dict) -> None:
+    """At the end of a run. vLLM's teardown destroys its process groups and the default one (so it cannot happen
+    earlier: the engines stay alive while training); done here, explicitly, instead of by its exit hook after the
+    trainer's own teardown, which would find the groups gone."""
+    for engine in engines.values():
+        engine.llm.llm_engine.engine_core.shutdown()
 
 
 def start(model_config, vocab_size: int, cfg, who: str, rank: int) -> Engine:
