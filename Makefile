@@ -42,7 +42,7 @@ test: setup
 bench: $(BVENV)/.installed
 	$(BPY) bench/loss_bench.py
 
-# generation under ZeRO-3: plain generate() vs our rollout (needs only the main environment)
+# generation under ZeRO-3: plain generate() vs our HF rollout vs the vLLM engine (ARGS="--pair embedded": SmolLM2)
 bench-rollout: setup
 	$(PY) bench/rollout_bench.py $(ARGS)
 

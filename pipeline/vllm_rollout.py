@@ -22,6 +22,7 @@ shape fails only at the first forward (a one-token warm-up at start).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import time
@@ -36,7 +37,7 @@ def import_error() -> str | None:
     """Why vLLM cannot be used here (None: it can)."""
     _quiet()
     try:
-        import vllm  # noqa: F401 (the import is the check)
+        importlib.import_module("vllm")
     except Exception as e:  # ImportError, or a broken install (e.g. a CUDA-only torchvision beside a CPU torch)
         return f"{type(e).__name__}: {e}"
     return None

@@ -103,7 +103,9 @@ def _engine_worker(rank, world, backend, tied, dtype, run_dir):
 
 @pytest.mark.parametrize("backend,tied,dtype", [("deepspeed", True, "float32"), ("fsdp2", False, "float32")])
 def test_vllm_greedy_equals_hf_before_and_after_a_weight_push(tmp_path, backend, tied, dtype):
-    """float32 with a tied output layer: vLLM's CPU path multiplies by a packed (oneDNN) copy of the head."""
+    """A tied output layer under ZeRO-3 (the student's embedding is its vocab-sharded output layer), an untied one
+    under FSDP2. (The stale packed copy of a tied head that the engine re-packs shows on the real SmolLM2 only:
+    tests/test_default.py.)"""
     run_workers(_engine_worker, 2, backend, tied, dtype, str(tmp_path), timeout=400)
 
 
