@@ -490,8 +490,8 @@ def main(argv=None) -> int:
 
 def _run(cfg: C.Config, dist_ctx: distributed.Dist, lock: rundir.RunLock, argv: list[str]) -> int:
     C.validate(cfg, world_size=dist_ctx.world)
-    if cfg.rollout.engine == "vllm" and (why := vllm_rollout.import_error()) is not None:  # before anything
-        raise ValueError(f"rollout.engine = vllm, but vLLM cannot be imported ({why}): {vllm_rollout.INSTALL_HINT}")
+    if cfg.rollout.engine == "vllm":  # before anything is written or loaded
+        vllm_rollout.require()
     # one run per run directory: rank 0 holds the lock; every rank learns whether it got it
     failure = None
     if dist_ctx.is_main:

@@ -67,11 +67,16 @@ def engine_config(model):
     return conf
 
 
-def check_supported(model_config) -> None:
-    """Before any weight loads: vLLM importable and the architecture one it implements (ValueError names the fix)."""
+def require() -> None:
+    """ValueError naming the fix when vLLM cannot be imported."""
     why = import_error()
     if why is not None:
         raise ValueError(f"rollout.engine = vllm, but vLLM cannot be imported ({why}): {INSTALL_HINT}")
+
+
+def check_supported(model_config) -> None:
+    """Before any weight loads: vLLM importable and the architecture one it implements (ValueError names the fix)."""
+    require()
     from vllm import ModelRegistry
     archs = list(getattr(model_config, "architectures", None) or [])
     supported = set(ModelRegistry.get_supported_archs())

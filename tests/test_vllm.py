@@ -176,17 +176,22 @@ def test_zero3_vllm_run_resumes_exactly(tmp_path, student_dir, zero3_run):
                [(want[s]["source"], want[s].get("lengths")) for s in range(1, 9)]
 
 
-def test_fsdp2_greedy_run_with_vllm_equals_the_hf_engine(tmp_path_factory, student_dir):
-    """Greedy rollouts make the engines comparable: the same completions, hence the same losses."""
+def test_fsdp2_greedy_run_with_vllm_resumed_equals_the_hf_engine(tmp_path_factory, student_dir):
+    """Greedy rollouts make the engines comparable: the vLLM run, stopped after step 4 and resumed (the engines start
+    again with dummy weights and get the checkpoint's), has the HF engine's straight run's completions and losses."""
+    args = ["--rollout.temperature=0", "--rollout.gather=once", f"--model.student_path={student_dir}",
+            "--model.student_config="]
     runs = {}
     for engine in ("vllm", "hf"):
         d = tmp_path_factory.mktemp(f"fsdp2_{engine}")
-        launch(d, "fsdp2", f"--rollout.engine={engine}", "--rollout.temperature=0", "--rollout.gather=once",
-               f"--model.student_path={student_dir}", "--model.student_config=")
+        if engine == "vllm":
+            launch(d, "fsdp2", f"--rollout.engine={engine}", *args, "--train.stop_after=4")
+            assert sorted(losses(d)) == [1, 2, 3, 4]
+        launch(d, "fsdp2", f"--rollout.engine={engine}", *args)
         runs[engine] = d
     for rank in (0, 1):
         v, h = rollouts(runs["vllm"], rank), rollouts(runs["hf"], rank)
-        assert [v[s].get("lengths") for s in v] == [h[s].get("lengths") for s in h]
+        assert [v[s].get("lengths") for s in range(1, 9)] == [h[s].get("lengths") for s in range(1, 9)]
         assert {v[s].get("mode") for s in v} >= {"vllm"}
     lv, lh = losses(runs["vllm"]), losses(runs["hf"])
     assert sorted(lv) == list(range(1, 9))
