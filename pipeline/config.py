@@ -694,9 +694,12 @@ def is_safe_to_change(key: str) -> bool:
 
 def config_changes(saved: dict, current: dict) -> tuple[dict, dict]:
     """(unsafe, safe) differences between a checkpoint's resolved config and this launch's, as {field: (saved,
-    now)}; fields missing on one side count as changed."""
+    now)}; fields missing on one side count as changed, except a field newer than the checkpoint left at its
+    default (a new field's default keeps the former behaviour, so upgrading the pipeline mid-run resumes)."""
     a, b = flatten(saved), flatten(current)
-    diff = {k: (a.get(k, "<unset>"), b.get(k, "<unset>")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    defaults = flatten(to_dict(Config()))
+    diff = {k: (a.get(k, "<unset>"), b.get(k, "<unset>")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            and not (k not in a and k in defaults and b.get(k) == defaults[k])}
     unsafe = {k: v for k, v in diff.items() if not is_safe_to_change(k)}
     return unsafe, {k: v for k, v in diff.items() if k not in unsafe}
 

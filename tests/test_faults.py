@@ -216,6 +216,19 @@ def test_resume_refuses_config_drift_records_safe_changes_and_never_overwrites_u
     assert len(history) == 3 and history[2]["overwrite"]
 
 
+def test_a_field_newer_than_the_checkpoint_resumes_at_its_default_only():
+    """A checkpoint from before a field existed (here rollout.engine): resuming with the field at its default is no
+    change; any other value, or a field the checkpoint has and this launch lacks, is."""
+    from pipeline import config as C
+    now = C.to_dict(C.load_config(ONPOLICY, []))
+    old = C.to_dict(C.load_config(ONPOLICY, []))
+    del old["rollout"]["engine"]
+    assert C.config_changes(old, now) == ({}, {})
+    changed = C.to_dict(C.load_config(ONPOLICY, ["--rollout.engine=vllm"]))
+    assert C.config_changes(old, changed)[0] == {"rollout.engine": ("<unset>", "vllm")}
+    assert C.config_changes(now, {k: v for k, v in now.items() if k != "rollout"})[0]  # a field gone: a change
+
+
 # --------------------------------------------------------------------------------------------------------------
 # signals and launchers
 # --------------------------------------------------------------------------------------------------------------
