@@ -105,7 +105,7 @@ class Run:
                                   log=lambda m: _say(dist_ctx, f"{m}; shard group from {why}") if dist_ctx.is_main
                                   else None)
         # one vLLM engine per generating model, started before the first step so that a failure to start is an
-        # input error, not a crash mid-run; alive until the process ends (shutting one down ends the process group)
+        # input error, not a crash mid-run; alive until training ends (shutting one down ends the process group)
         self.engines = {who: vllm_rollout.start(conf, self.vocab, cfg, who, dist_ctx.rank)
                         for who, conf in users.items()}
         heads = self.models.heads
