@@ -177,14 +177,20 @@ def choose_gather(mode: str, body, vocab_size: int, fraction: float, group) -> s
     return "once" if need <= fraction * float(free) else "per_step"
 
 
+def body_and_head(models, who: str):
+    """`who`'s ('student' / 'teacher') model body and this rank's shard of its output layer."""
+    if who == "student":
+        return models.student, models.heads.student
+    return models.teacher, models.heads.teacher
+
+
 def generate(models, who: str, prompts: list, *, rc, max_new: int, eos_id: int, pad_id: int, seed: int,
              group, temperature: float | None = None) -> tuple[list, dict]:
     """The completions (lists of token ids, EOS included when reached) of `who` ('student' or 'teacher') for this
     rank's prompts, and timing stats. Collective: every rank of the group calls it for the same rollout, with its
     own prompts (per_step mode pads to the same number of rows everywhere)."""
+    body, shard = body_and_head(models, who)
     heads = models.heads
-    body = models.student if who == "student" else models.teacher
-    shard = heads.student if who == "student" else heads.teacher
     temperature = rc.temperature if temperature is None else temperature
     t0 = time.perf_counter()
     mode = choose_gather(rc.gather, body, heads.vocab_size, rc.gather_memory_fraction, group) \

@@ -80,7 +80,7 @@ class Run:
         from pipeline import models as M
         from pipeline.parallelize import parallelize
         self.cfg, self.dist = cfg, dist_ctx
-        self.engine = vllm_rollout.resolve(cfg.rollout.engine) if cfg.data.kind == "chat" else "hf"
+        engine = vllm_rollout.resolve(cfg.rollout.engine) if cfg.data.kind == "chat" else "hf"
         self.tokenizer = M.load_tokenizer(cfg)
         M.preflight(cfg, self.tokenizer)  # model configs and tokenizers, before any data or weights load
         self.batches = data.make_batches(cfg, self.tokenizer, dist_ctx.rank, dist_ctx.world)
@@ -93,10 +93,10 @@ class Run:
         r = cfg.rollout
         # the models that generate: the student (on-policy steps, the adaptive schedule, the held-out answers) and
         # the teacher (teacher_fraction)
-        users = {"student": student, "teacher": teacher} if self.engine == "vllm" else {}
-        users = {who: vllm_rollout.engine_config(model) for who, model in users.items()
-                 if (r.teacher_fraction > 0 if who == "teacher" else
-                     r.student_fraction > 0 or r.schedule == "adaptive" or self.eval_data is not None)}
+        wanted = {"student": r.student_fraction > 0 or r.schedule == "adaptive" or self.eval_data is not None,
+                  "teacher": r.teacher_fraction > 0}
+        users = {who: vllm_rollout.engine_config(model) for who, model in (("student", student), ("teacher", teacher))
+                 if engine == "vllm" and wanted[who]}
         for conf in users.values():
             vllm_rollout.check_supported(conf)  # before the models are sharded
         shard, why = distributed.shard_size_for(dist_ctx.world, cfg.parallel.shard_group_size)

