@@ -8,7 +8,8 @@ ends with one JSON line:
     python bench/quality_bench.py [--jobs 2] [--threads 1] [--out runs/study] [--docs docs/results]
     python bench/quality_bench.py --steps 4 --seeds 1 --out runs/study_smoke --docs runs/study_smoke/docs   (smoke)
 
-Finished runs are reused (a rerun after an interruption continues where it stopped). R: AMiD's rank by mean sampled
+Finished runs are reused (a rerun after an interruption continues where it stopped), and each is recorded in
+DOCS/GRID/runs/ (pipeline.study's ledger: commit it, and a rerun on another machine runs only what is missing). R: AMiD's rank by mean sampled
 ROUGE-L among the headline methods (1 = best); S: Spearman correlation of alpha with ROUGE-L over every (alpha, seed)
 of the KL(p, r) ablation (the paper's trend is negative: more negative alpha is better).
 """
@@ -50,11 +51,12 @@ def main(argv=None) -> int:
                     if args.seeds is None or r.seed < args.seeds]
             grid = dataclasses.replace(grid, runs=runs)
         out = os.path.join(args.out, name)
-        counts = study.run_grid(grid, out, jobs=args.jobs, threads=args.threads, log=log)
+        record = os.path.join(args.docs, name, "runs")  # the committed ledger: runs done on any machine count
+        counts = study.run_grid(grid, out, jobs=args.jobs, threads=args.threads, log=log, record=record)
         if counts["failed"]:
             log(f"{counts['failed']} run(s) of {name} failed; see the study.log files under {out}")
             return 1
-        reports[name] = study.report(grid, out, os.path.join(args.docs, name))
+        reports[name] = study.report(grid, out, os.path.join(args.docs, name), record)
         print(f"## {name}\n{reports[name]['table']}", file=sys.stderr)
     head = reports["headline"]["summary"]
     methods = list(head)

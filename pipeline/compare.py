@@ -34,20 +34,21 @@ def main(argv=None) -> int:
         print(f"--methods must name methods of {sorted(losses.METHODS)} (bad: {bad}); --seeds and --steps >= 1",
               file=sys.stderr)
         return 2
-    paths, config = [], args.config
+    inputs, config = study.Inputs(), args.config
     if config is None:
         from pipeline import demo
         teacher, student, train_file, held_file, _ = demo.prepare(args.assets, os.path.join(args.out, "data"))
         config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
-        paths = [f"--model.teacher_path={teacher}", f"--model.student_path={student}",
-                 f"--data.files=[{train_file}]", f"--data.eval_files=[{held_file}]"]
+        inputs = study.Inputs((f"--model.teacher_path={teacher}", f"--model.student_path={student}",
+                               f"--data.files=[{train_file}]", f"--data.eval_files=[{held_file}]"),
+                              (train_file, held_file))
     extra = (f"--train.eval_every={args.eval_every}", *[o for o in overrides if o != "--"])
     runs = [study.RunSpec(m, seed, m, {}, extra, args.steps, os.path.abspath(config))
             for m in methods for seed in range(args.seeds)]
     grid = study.Grid(runs, dict(study.EVAL_DEFAULTS), embedded_pair=False)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
-        counts = study.run_grid(grid, args.out, threads=os.cpu_count() or 1, paths=paths, log=log)
+        counts = study.run_grid(grid, args.out, threads=os.cpu_count() or 1, inputs=inputs, log=log)
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2

@@ -20,6 +20,11 @@ A grid file (relative paths are relative to the repository):
 
 Each run writes RUN_DIR = OUT/NAME/seedS (the training run directory) and RUN_DIR/result.json; `report` writes
 results.md / results.json and PNGs of the learning curves and (for runs tagged with `alpha`) ROUGE-L against alpha.
+
+`--record DIR` (bench/quality_bench.py: docs/results/GRID/runs) also keeps each finished run's identity and result in
+DIR/NAME/seedS.json, a ledger meant to be committed: a run recorded there with the same identity is done on any
+machine, so a study too long for one sitting grows run by run across machines, and its tables are rebuilt from the
+ledger alone.
 """
 from __future__ import annotations
 
@@ -115,9 +120,28 @@ def run_dir(out: str, spec: RunSpec) -> str:
     return os.path.join(out, spec.name, f"seed{spec.seed}")
 
 
-def status(out: str, spec: RunSpec, inputs: dict | None = None) -> str:
-    """done (a result for this exact spec), partial (started: resumes), new; a result or start for a different spec
-    is an error rather than a silent mix."""
+def record_path(record: str, spec: RunSpec) -> str:
+    return os.path.join(record, spec.name, f"seed{spec.seed}.json")
+
+
+def recorded(record: str | None, spec: RunSpec, inputs: dict | None = None) -> dict | None:
+    """The ledger's result of this exact spec, None when the ledger has none; one of a different spec is an error
+    (its grid, job config or prepared inputs changed since)."""
+    p = record_path(record, spec) if record else None
+    if p is None or not os.path.exists(p):
+        return None
+    entry = json.load(open(p))
+    if entry["key"] != spec.key(inputs):
+        raise ValueError(f"{p} records a run of a different spec (the grid, the job config or the prepared data "
+                         f"changed): delete it (or the whole ledger) to rerun")
+    return entry["result"]
+
+
+def status(out: str, spec: RunSpec, inputs: dict | None = None, record: str | None = None) -> str:
+    """done (a result for this exact spec, in the run directory or the ledger), partial (started: resumes), new; a
+    result or start for a different spec is an error rather than a silent mix."""
+    if recorded(record, spec, inputs) is not None:
+        return "done"
     d = run_dir(out, spec)
     if os.path.exists(os.path.join(d, SPEC)):
         if json.load(open(os.path.join(d, SPEC))) != spec.key(inputs):
@@ -127,41 +151,53 @@ def status(out: str, spec: RunSpec, inputs: dict | None = None) -> str:
     return "new"
 
 
-def inputs_of(paths: list[str]) -> dict:
-    """The prepared inputs a run depends on: the overrides and a digest of each data file they name."""
-    import hashlib
-    digests = {}
-    for p in paths:
-        if p.startswith(("--data.files=[", "--data.eval_files=[")):
-            for f in p.split("=[", 1)[1].rstrip("]").split(","):
-                digests[f] = hashlib.sha256(open(f, "rb").read()).hexdigest()[:16]
-    return {"paths": paths, "data": digests} if paths else {}
+@dataclass(frozen=True)
+class Inputs:
+    """What every run of a grid is pointed at: pipeline.train overrides and the data files among them."""
+    overrides: tuple[str, ...] = ()
+    data_files: tuple[str, ...] = ()
+
+    def identity(self) -> dict:
+        """The overrides and a digest of each data file (a rebuilt task is a different input)."""
+        import hashlib
+        digests = {f: hashlib.sha256(open(f, "rb").read()).hexdigest()[:16] for f in self.data_files}
+        return {"paths": list(self.overrides), "data": digests} if self.overrides else {}
 
 
-def prepare_assets(assets_dir: str, log) -> list[str]:
-    """The embedded teacher, the student initialised from its layers and the instruction task: pipeline.train
-    overrides that point the job at them (cached: seconds once built)."""
+def prepare_assets(assets_dir: str, log) -> Inputs:
+    """The embedded teacher, the student initialised from its layers and the instruction task, and the
+    pipeline.train overrides that point the job at them (cached: seconds once built)."""
     from pipeline import demo, instruct_task
     teacher = assets.teacher_checkpoint(assets_dir)
     student = assets.student_from_teacher(teacher, os.path.join(assets_dir, "student-init"), demo.STUDENT_LAYERS)
     train, held = instruct_task.build(os.path.join(assets_dir, "instruct"), teacher, log=log)
-    return [f"--model.teacher_path={teacher}", f"--model.student_path={student}", f"--data.files=[{train}]",
-            f"--data.eval_files=[{held}]"]
+    return Inputs((f"--model.teacher_path={teacher}", f"--model.student_path={student}", f"--data.files=[{train}]",
+                   f"--data.eval_files=[{held}]"), (train, held))
 
 
-def train_command(spec: RunSpec, out: str, paths: list[str]) -> list[str]:
+def train_command(spec: RunSpec, out: str, paths) -> list[str]:
     return [sys.executable, "-m", "pipeline.train", "--config", spec.job, f"--run_dir={run_dir(out, spec)}",
             f"--loss.method={spec.method}", f"--loss.options={json.dumps(spec.options)}",
             f"--train.steps={spec.steps}", f"--train.seed={spec.seed}", f"--data.shuffle_seed={spec.seed}",
             "--logging.progress=false", "--checkpoint.keep_last=1", *paths, *spec.overrides]
 
 
-def execute(spec: RunSpec, out: str, paths: list[str], ev: dict, threads: int, log) -> bool:
-    """Train (resuming a partial run) and evaluate one run; True when its result was written."""
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def execute(spec: RunSpec, out: str, inputs: Inputs, ev: dict, threads: int, log, record: str | None = None) -> bool:
+    """Train (resuming a partial run) and evaluate one run; True when its result was written (and recorded in the
+    ledger `record`)."""
     d = run_dir(out, spec)
     os.makedirs(d, exist_ok=True)
+    key = spec.key(inputs.identity())
     with open(os.path.join(d, SPEC), "w") as f:
-        json.dump(spec.key(inputs_of(paths)), f)
+        json.dump(key, f)
+    paths = inputs.overrides
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(os.path.join(d, "study.log"), "a") as logf:
         if subprocess.run(train_command(spec, out, paths), stdout=logf, stderr=logf, env=env).returncode:
@@ -172,17 +208,20 @@ def execute(spec: RunSpec, out: str, paths: list[str], ev: dict, threads: int, l
         if subprocess.run(cmd, stdout=logf, stderr=logf, env=env).returncode:
             log(f"{spec.name} seed {spec.seed}: evaluation failed; see {d}/study.log")
             return False
+    if record:
+        _write_json(record_path(record, spec), {"key": key, "result": json.load(open(os.path.join(d, RESULT)))})
     return True
 
 
 def run_grid(grid: Grid, out: str, *, jobs: int = 1, threads: int = 1, only=None, assets_dir: str = "runs/assets",
-             log=print, paths: list[str] | None = None) -> dict:
-    """Every run of the grid not done yet, `jobs` at a time; returns {done, ran, failed} counts."""
+             log=print, inputs: Inputs | None = None, record: str | None = None) -> dict:
+    """Every run of the grid not done yet (in `out` or the ledger `record`), `jobs` at a time; returns {done, ran,
+    failed} counts."""
     todo = [s for s in grid.runs if only is None or s.name in only]
-    if paths is None:
-        paths = prepare_assets(assets_dir, log) if grid.embedded_pair else []
-    inputs = inputs_of(paths)
-    states = [status(out, s, inputs) for s in todo]  # spec clashes fail here, before any training
+    if inputs is None:
+        inputs = prepare_assets(assets_dir, log) if grid.embedded_pair else Inputs()
+    identity = inputs.identity()
+    states = [status(out, s, identity, record) for s in todo]  # spec clashes fail here, before any training
     pending = [s for s, state in zip(todo, states) if state != "done"]
     log(f"{len(todo) - len(pending)} of {len(todo)} runs done; {len(pending)} to run, {jobs} at a time")
     if not pending:
@@ -190,7 +229,7 @@ def run_grid(grid: Grid, out: str, *, jobs: int = 1, threads: int = 1, only=None
     lock, failed = threading.Lock(), []
 
     def one(spec):
-        ok = execute(spec, out, paths, grid.eval, threads, log)
+        ok = execute(spec, out, inputs, grid.eval, threads, log, record)
         with lock:
             if not ok:
                 failed.append(spec)
@@ -267,13 +306,21 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return cov / den if den else float("nan")
 
 
-def collect(grid: Grid, out: str) -> dict[str, list[dict]]:
-    """{run name: [result of each finished seed]} in grid order."""
+def collect(grid: Grid, out: str, record: str | None = None) -> dict[str, list[dict]]:
+    """{run name: [result of each finished seed]} in grid order: from the ledger `record` when given (only entries
+    of the grid's current specs: a stale one is an error), else from the run directories under `out`."""
     results: dict[str, list[dict]] = {}
+    identity = None
     for s in grid.runs:
-        p = os.path.join(run_dir(out, s), RESULT)
-        if os.path.exists(p):
-            results.setdefault(s.name, []).append({**json.load(open(p)), "tags": s.tags, "seed": s.seed})
+        if record:
+            if identity is None and os.path.exists(record_path(record, s)):
+                identity = json.load(open(record_path(record, s)))["key"]["inputs"]
+            res = recorded(record, s, identity)
+        else:
+            p = os.path.join(run_dir(out, s), RESULT)
+            res = json.load(open(p)) if os.path.exists(p) else None
+        if res is not None:
+            results.setdefault(s.name, []).append({**res, "tags": s.tags, "seed": s.seed})
     return results
 
 
@@ -348,8 +395,8 @@ def plots(results: dict[str, list[dict]], docs: str) -> list[str]:
     return written
 
 
-def report(grid: Grid, out: str, docs: str | None = None) -> dict:
-    results = collect(grid, out)
+def report(grid: Grid, out: str, docs: str | None = None, record: str | None = None) -> dict:
+    results = collect(grid, out, record)
     docs = docs or out
     os.makedirs(docs, exist_ok=True)
     md = table(results)
@@ -376,9 +423,11 @@ def main(argv=None) -> int:
     r.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)), help="threads per run")
     r.add_argument("--only", help="comma-separated run names")
     r.add_argument("--assets", default="runs/assets")
+    r.add_argument("--record", help="the ledger of finished runs (see above)")
     p = sub.add_parser("report")
     p.add_argument("grid")
     p.add_argument("--out")
+    p.add_argument("--record", help="build the tables from this ledger instead of the run directories")
     p.add_argument("--docs", help="where the table and figures go (default: --out)")
     e = sub.add_parser("evaluate")
     e.add_argument("--run-dir", required=True)
@@ -407,15 +456,19 @@ def main(argv=None) -> int:
         only = set(args.only.split(",")) if args.only else None
         try:
             counts = run_grid(grid, out, jobs=args.jobs, threads=args.threads, only=only, assets_dir=args.assets,
-                              log=log)
+                              log=log, record=args.record)
         except ValueError as err:
             print(err, file=sys.stderr)
             return 2
-        rep = report(grid, out)
+        rep = report(grid, out, record=args.record)
         print(rep["table"])
         print(json.dumps(counts))
         return 1 if counts["failed"] else 0
-    rep = report(grid, out, args.docs)
+    try:
+        rep = report(grid, out, args.docs, args.record)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
     print(rep["table"])
     return 0
 

@@ -103,7 +103,8 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
     proc.wait()
     assert not os.path.exists(os.path.join(out, "fkl", "seed0", study.RESULT))
 
-    r = _study("run", grid, "--out", out, "--threads", "1")
+    ledger = str(tmp_path / "ledger")
+    r = _study("run", grid, "--out", out, "--threads", "1", "--record", ledger)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "0 of 2 runs done; 2 to run" in r.stderr
     assert "resumed from" in open(os.path.join(out, "fkl", "seed0", "study.log")).read()
@@ -121,6 +122,17 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
 
     r = _study("run", _grid(tmp_path, steps=10), "--out", out)                 # same names, another spec
     assert r.returncode == 2 and "different spec" in r.stderr
+
+    # another machine: no run directories, only the committed ledger; nothing reruns and the tables come back whole
+    fresh = str(tmp_path / "fresh")
+    r = _study("run", _grid(tmp_path), "--out", fresh, "--record", ledger)    # the grid file as it was
+    assert r.returncode == 0 and "2 of 2 runs done; 0 to run" in r.stderr, r.stderr[-3000:]
+    assert not os.path.exists(os.path.join(fresh, "fkl"))
+    assert open(os.path.join(fresh, "results.md")).read() == open(os.path.join(out, "results.md")).read()
+    entry = json.load(open(os.path.join(ledger, "amid_kl", "seed0.json")))
+    assert entry["result"] == json.load(open(os.path.join(out, "amid_kl", "seed0", study.RESULT)))
+    r = _study("run", _grid(tmp_path, steps=10), "--out", fresh, "--record", ledger)
+    assert r.returncode == 2 and "records a run of a different spec" in r.stderr
 
 
 def test_grid_errors_name_the_field(tmp_path):
@@ -141,13 +153,14 @@ def test_a_changed_data_file_is_a_different_spec(tmp_path):
     train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
     train.write_text('{"prompt": "a", "response": "b"}\n')
     held.write_text('{"prompt": "c", "response": "d"}\n')
-    paths = ["--model.teacher_path=t", f"--data.files=[{train}]", f"--data.eval_files=[{held}]"]
+    inputs = study.Inputs(("--model.teacher_path=t", f"--data.files=[{train}]", f"--data.eval_files=[{held}]"),
+                          (str(train), str(held)))
     spec = study.load_grid(os.path.join(REPO, "bench", "study", "curve.yaml")).runs[0]
     out = str(tmp_path / "out")
     os.makedirs(study.run_dir(out, spec))
     with open(os.path.join(study.run_dir(out, spec), study.SPEC), "w") as f:
-        json.dump(spec.key(study.inputs_of(paths)), f)
-    assert study.status(out, spec, study.inputs_of(paths)) == "partial"
+        json.dump(spec.key(inputs.identity()), f)
+    assert study.status(out, spec, inputs.identity()) == "partial"
     train.write_text('{"prompt": "a", "response": "another answer"}\n')           # the teacher answered anew
     with pytest.raises(ValueError, match="different spec"):
-        study.status(out, spec, study.inputs_of(paths))
+        study.status(out, spec, inputs.identity())
