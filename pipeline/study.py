@@ -170,7 +170,8 @@ def prepare_assets(assets_dir: str, log) -> Inputs:
     from pipeline import demo, instruct_task
     teacher = assets.teacher_checkpoint(assets_dir)
     student = assets.student_from_teacher(teacher, os.path.join(assets_dir, "student-init"), demo.STUDENT_LAYERS)
-    train, held = instruct_task.build(os.path.join(assets_dir, "instruct"), teacher, log=log)
+    train, held = instruct_task.build(os.path.join(assets_dir, "instruct"), teacher, log=log,
+                                      teacher_id=assets.teacher_source())
     return Inputs((f"--model.teacher_path={teacher}", f"--model.student_path={student}", f"--data.files=[{train}]",
                    f"--data.eval_files=[{held}]"), (train, held))
 
@@ -222,7 +223,8 @@ def run_grid(grid: Grid, out: str, *, jobs: int = 1, threads: int = 1, only=None
         inputs = prepare_assets(assets_dir, log) if grid.embedded_pair else Inputs()
     identity = inputs.identity()
     states = [status(out, s, identity, record) for s in todo]  # spec clashes fail here, before any training
-    pending = [s for s, state in zip(todo, states) if state != "done"]
+    # seed-major: every run's first seed before any second one, so a grid cut short still has a whole table
+    pending = sorted((s for s, state in zip(todo, states) if state != "done"), key=lambda s: s.seed)
     log(f"{len(todo) - len(pending)} of {len(todo)} runs done; {len(pending)} to run, {jobs} at a time")
     if not pending:
         return {"done": len(todo), "ran": 0, "failed": 0}

@@ -45,6 +45,33 @@ def test_teacher_answers_are_generated_once_per_prompt_set(tmp_path, monkeypatch
     assert calls == [140]                                                     # reused
     T.build(str(tmp_path), "teacher", 100, 40, seed=1, log=lambda m: None)    # another prompt set: answered anew
     assert calls == [140, 140]
+    # a packaged copy of the same (teacher, prompt set) is copied, not answered; of another teacher, ignored
+    T.build(str(tmp_path / "pkg"), "t", 100, 40, seed=0, log=lambda m: None, teacher_id="gguf:1")
+    new = T.build(str(tmp_path / "new"), "t", 100, 40, seed=0, log=lambda m: None, teacher_id="gguf:1",
+                  packaged=str(tmp_path / "pkg"))
+    assert calls == [140, 140, 140] and open(new[0]).read() == open(tmp_path / "pkg" / "train.jsonl").read()
+    T.build(str(tmp_path / "other"), "t", 100, 40, seed=0, log=lambda m: None, teacher_id="gguf:2",
+            packaged=str(tmp_path / "pkg"))
+    assert calls == [140, 140, 140, 140]
+
+
+def test_the_packaged_teacher_answers_are_the_default_task_of_the_embedded_teacher(tmp_path):
+    """configs/assets/instruct/ holds the embedded teacher's answers to exactly the default prompt set (a change to
+    the prompt builder must regenerate them: python -m pipeline.instruct_task, then copy runs/assets/instruct/)."""
+    from pipeline import assets
+    train, held = T.build_prompts(1000, 200, seed=0)
+    shipped = [[json.loads(line) for line in open(os.path.join(T.PACKAGED, f))]
+               for f in ("train.jsonl", "heldout.jsonl")]
+    assert [r["prompt"] for r in shipped[0]] == [r["prompt"] for r in train]
+    assert [r["prompt"] for r in shipped[1]] == [r["prompt"] for r in held]
+    assert all(r["response"].strip() for r in shipped[0] + shipped[1])
+    manifest = json.load(open(os.path.join(T.PACKAGED, "manifest.json")))
+    assert manifest["teacher"] == assets.teacher_source()
+    calls = []
+    built = T.build(str(tmp_path), "unused", log=calls.append,
+                    teacher_id=assets.teacher_source())                        # copied: no teacher runs
+    assert calls == [f"instruction task: the packaged teacher answers ({T.PACKAGED})"]
+    assert open(built[1]).read() == open(os.path.join(T.PACKAGED, "heldout.jsonl")).read()
 
 
 def test_rouge_l_on_fixed_strings():
