@@ -116,6 +116,10 @@ class LossConfig:
     offline_teacher: str | None = None
     """A teacher cache written by `python -m pipeline.precompute_teacher` over data.store: train against the
     teacher's stored top-k log-probs plus one bucket for the rest of the vocabulary; no teacher model is loaded."""
+    teacher_cache: str | None = None
+    """Instruction data: a cache of the teacher's hidden states at the dataset's response positions, written by
+    `python -m pipeline.teacher_cache`; steps on dataset responses then skip the teacher's forward (exact: the loss
+    is the same). The teacher still loads for generations and evaluations."""
     taid: TaidConfig = field(default_factory=TaidConfig)
     """TAID's t schedule (method: taid)."""
 
@@ -478,6 +482,9 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
         if not 0.0 <= lc.lam_end <= 1.0:
             raise ValueError(f"loss.lam_end must be in [0, 1], got {lc.lam_end}")
     _positive("loss.ce_weight", lc.ce_weight, allow_zero=True)
+    if lc.teacher_cache is not None and (d.kind != "chat" or d.store or lc.offline_teacher):
+        raise ValueError("loss.teacher_cache is for instruction data read from data.files (data.kind chat, no "
+                         "data.store) with a live teacher (no loss.offline_teacher)")
     if lc.offline_teacher is not None:
         if not d.store:
             raise ValueError("loss.offline_teacher is computed over a token store: set data.store")
@@ -672,7 +679,7 @@ SAFE_TO_CHANGE = (
     "train.steps", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.schedule", "optim.grad_clip",
     "optim.clip_scope", "data.eval_files", "data.eval_blocks", "loss.chunk_size", "loss.chunk_memory_mb", "loss.compile",
     "parallel.teacher", "parallel.teacher_replicate_fraction", "train.activation_checkpointing", "rollout.gather",
-    "rollout.gather_memory_fraction", "rollout.vllm_kv_cache_mb", "rollout.vllm_sleep",
+    "rollout.gather_memory_fraction", "rollout.vllm_kv_cache_mb", "rollout.vllm_sleep", "loss.teacher_cache",
 )
 
 

@@ -268,11 +268,12 @@ class Batch:
     loss_mask: Tensor
     teacher_logprobs: Tensor | None = None  # [B, T-1, k]: the teacher's stored top-k (loss.offline_teacher)
     teacher_ids: Tensor | None = None       # [B, T-1, k]
+    teacher_hidden: Tensor | None = None    # [loss rows, H]: the teacher's stored hidden states (loss.teacher_cache)
 
     def to(self, device) -> "Batch":
         move = (lambda t: None if t is None else t.to(device))
         return Batch(*(move(t) for t in (self.tokens, self.attention_mask, self.loss_mask, self.teacher_logprobs,
-                                         self.teacher_ids)))
+                                         self.teacher_ids, self.teacher_hidden)))
 
 
 def text_batch(block) -> Batch:

@@ -176,11 +176,32 @@ def prepare_assets(assets_dir: str, log) -> Inputs:
                    f"--data.eval_files=[{held}]"), (train, held))
 
 
-def train_command(spec: RunSpec, out: str, paths) -> list[str]:
+def teacher_caches(specs: list[RunSpec], inputs: Inputs, assets_dir: str, threads: int, log) -> dict:
+    """{(job, overrides): a teacher cache of its training examples} for the instruction jobs among `specs`
+    (pipeline.teacher_cache, computed once per machine: the runs then skip the teacher's forward on the dataset's
+    responses). An exact substitute for that forward, like the thread count, so not part of a run's identity."""
+    import hashlib
+    import torch
+    from pipeline import config as C, data, models as M, teacher_cache as TC
+    torch.set_num_threads(threads)
+    out = {}
+    for job, overrides in dict.fromkeys((s.job, s.overrides) for s in specs):
+        cfg = C.load_config(job, [*inputs.overrides, *overrides])
+        if cfg.data.kind != "chat" or cfg.data.store:
+            continue
+        examples = data.load_examples(cfg.data, M.load_tokenizer(cfg))
+        name = hashlib.sha256(json.dumps([open(job).read(), *inputs.overrides, *overrides]).encode()).hexdigest()[:12]
+        out[(job, overrides)] = TC.build(cfg, examples, os.path.join(assets_dir, "teacher_cache", name),
+                                         log=lambda m: m.startswith(f"teacher cache: {len(examples)}/") and log(m))
+    return out
+
+
+def train_command(spec: RunSpec, out: str, paths, cache: str | None = None) -> list[str]:
     return [sys.executable, "-m", "pipeline.train", "--config", spec.job, f"--run_dir={run_dir(out, spec)}",
             f"--loss.method={spec.method}", f"--loss.options={json.dumps(spec.options)}",
             f"--train.steps={spec.steps}", f"--train.seed={spec.seed}", f"--data.shuffle_seed={spec.seed}",
-            "--logging.progress=false", "--checkpoint.keep_last=1", *paths, *spec.overrides]
+            "--logging.progress=false", "--checkpoint.keep_last=1", *paths, *spec.overrides,
+            *([f"--loss.teacher_cache={cache}"] if cache else [])]
 
 
 def _write_json(path: str, obj) -> None:
@@ -190,7 +211,8 @@ def _write_json(path: str, obj) -> None:
     os.replace(path + ".tmp", path)
 
 
-def execute(spec: RunSpec, out: str, inputs: Inputs, ev: dict, threads: int, log, record: str | None = None) -> bool:
+def execute(spec: RunSpec, out: str, inputs: Inputs, ev: dict, threads: int, log, record: str | None = None,
+            cache: str | None = None) -> bool:
     """Train (resuming a partial run) and evaluate one run; True when its result was written (and recorded in the
     ledger `record`)."""
     d = run_dir(out, spec)
@@ -201,7 +223,7 @@ def execute(spec: RunSpec, out: str, inputs: Inputs, ev: dict, threads: int, log
     paths = inputs.overrides
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(os.path.join(d, "study.log"), "a") as logf:
-        if subprocess.run(train_command(spec, out, paths), stdout=logf, stderr=logf, env=env).returncode:
+        if subprocess.run(train_command(spec, out, paths, cache), stdout=logf, stderr=logf, env=env).returncode:
             log(f"{spec.name} seed {spec.seed}: training failed; see {d}/study.log")
             return False
         cmd = [sys.executable, "-m", "pipeline.study", "evaluate", "--run-dir", d, "--config", spec.job,
@@ -228,10 +250,11 @@ def run_grid(grid: Grid, out: str, *, jobs: int = 1, threads: int = 1, only=None
     log(f"{len(todo) - len(pending)} of {len(todo)} runs done; {len(pending)} to run, {jobs} at a time")
     if not pending:
         return {"done": len(todo), "ran": 0, "failed": 0}
+    caches = teacher_caches(pending, inputs, assets_dir, threads * jobs, log) if grid.embedded_pair else {}
     lock, failed = threading.Lock(), []
 
     def one(spec):
-        ok = execute(spec, out, inputs, grid.eval, threads, log, record)
+        ok = execute(spec, out, inputs, grid.eval, threads, log, record, caches.get((spec.job, spec.overrides)))
         with lock:
             if not ok:
                 failed.append(spec)

@@ -15,6 +15,7 @@ if __name__ == "__main__":  # before the slow imports below: a SIGUSR1 / SIGTERM
     signals.install()
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -90,6 +91,11 @@ class Run:
             self.eval_data = _heldout(cfg, self.tokenizer, dist_ctx)
         student, teacher, self.vocab = M.build_models(cfg, self.tokenizer)
         self.student_config = student.config
+        self.teacher_cache = None  # loss.teacher_cache: checked against every training example before any step
+        if cfg.loss.teacher_cache:
+            from pipeline.teacher_cache import TeacherHidden
+            self.teacher_cache = TeacherHidden(cfg.loss.teacher_cache)
+            self.teacher_cache.check(cfg, self.batches.blocks, int(teacher.config.hidden_size))
         r = cfg.rollout
         # the models that generate: the student (on-policy steps, the adaptive schedule, the held-out answers) and
         # the teacher (teacher_fraction)
@@ -214,6 +220,9 @@ def step_batches(run: Run) -> tuple[list, dict]:
     B = cfg.train.micro_batch_size
     batches = [data.collate([p for p, _ in pairs[i:i + B]], [c for _, c in pairs[i:i + B]], run.pad_id)
                for i in range(0, len(pairs), B)]
+    if source == "dataset" and run.teacher_cache is not None:  # every rank alike: the step's source is shared
+        batches = [dataclasses.replace(b, teacher_hidden=run.teacher_cache.states_of(pairs[i * B:(i + 1) * B]))
+                   for i, b in enumerate(batches)]
     info["response_len"] = sum(len(c) for _, c in pairs) / len(pairs)
     return batches, info
 
@@ -283,11 +292,14 @@ def train_step(run: Run, stats_wanted: bool = True) -> dict:
                 keep(mb.teacher_ids.reshape(n, k)), token_weight=weight, group=lay.shard_group,
                 vocab_start=heads.start, chunk_size=run.chunk_size, n_max=rows_max, **overrides)
         else:
-            ht = models.teacher_hidden(inputs, attn)                       # [B, T-1, Ht]
+            if mb.teacher_hidden is not None:  # loss.teacher_cache: the stored states of exactly the loss rows
+                ht_rows = mb.teacher_hidden.to(hs.dtype)
+            else:
+                ht_rows = keep(models.teacher_hidden(inputs, attn).reshape(n, -1))  # [rows, Ht]
             # ATKD's per-sequence scope
             groups = torch.arange(inputs.shape[0], device=dev).repeat_interleave(inputs.shape[1])
             loss = fused_linear_loss(
-                run.loss_fn, keep(hs.reshape(n, -1)), keep(ht.reshape(n, -1)), heads.student, heads.teacher,
+                run.loss_fn, keep(hs.reshape(n, -1)), ht_rows, heads.student, heads.teacher,
                 token_weight=weight, targets=keep(targets.reshape(n)), groups=keep(groups),
                 n_groups=inputs.shape[0], group=lay.shard_group, vocab_start=heads.start, chunk_size=run.chunk_size,
                 compile=cfg.loss.compile, ce_weight=cfg.loss.ce_weight, precision=cfg.loss.matmul_precision,

@@ -191,3 +191,16 @@ def test_a_changed_data_file_is_a_different_spec(tmp_path):
     train.write_text('{"prompt": "a", "response": "another answer"}\n')           # the teacher answered anew
     with pytest.raises(ValueError, match="different spec"):
         study.status(out, spec, inputs.identity())
+
+
+def test_a_grid_computes_one_teacher_cache_per_instruction_job(tmp_path):
+    """The runner's teacher caches: one per distinct (job, overrides) of instruction data, none for text jobs; the
+    train command points the run at it."""
+    grid = study.load_grid(_grid(tmp_path))
+    text = study.RunSpec("text", 0, "fkl", {}, (), 2, os.path.join(REPO, "pipeline", "configs", "debug_cpu.yaml"))
+    caches = study.teacher_caches(grid.runs + [text], study.Inputs(), str(tmp_path / "assets"), 1, lambda m: None)
+    assert list(caches) == [(grid.runs[0].job, grid.runs[0].overrides)]      # both runs share the job's cache
+    cache = caches[(grid.runs[0].job, grid.runs[0].overrides)]
+    assert os.path.exists(os.path.join(cache, "index.json"))
+    cmd = study.train_command(grid.runs[0], str(tmp_path / "out"), (), cache)
+    assert f"--loss.teacher_cache={cache}" in cmd
