@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     extra = (f"--train.eval_every={args.eval_every}", *[o for o in overrides if o != "--"])
     runs = [study.RunSpec(m, seed, m, {}, extra, args.steps, os.path.abspath(config))
             for m in methods for seed in range(args.seeds)]
-    grid = study.Grid(runs, dict(study.EVAL_DEFAULTS), embedded_pair=False)
+    grid = study.Grid(runs, embedded_pair=False)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
         counts = study.run_grid(grid, args.out, threads=os.cpu_count() or 1, inputs=inputs, log=log)

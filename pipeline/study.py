@@ -44,6 +44,7 @@ from pipeline import assets, losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT, SPEC = "result.json", "spec.json"
+EVAL_DEFAULTS = {"sample_seeds": 5, "kl_prompts": 64, "max_new_tokens": 64}
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,22 +57,22 @@ class RunSpec:
     steps: int
     job: str
     tags: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=lambda: dict(EVAL_DEFAULTS))
 
     def key(self, inputs: dict | None = None) -> dict:
-        """What makes two runs the same run (a finished result is reused only for an equal key); `inputs`: the
-        prepared models and data (their paths and the data files' digests)."""
+        """What makes two runs the same run (a finished result is reused only for an equal key): the training and
+        the evaluation that produced the result; `inputs`: the prepared models and data (their paths and the data
+        files' digests)."""
         return {"method": self.method, "options": self.options, "overrides": list(self.overrides),
-                "steps": self.steps, "seed": self.seed, "job": open(self.job).read(), "inputs": inputs or {}}
+                "steps": self.steps, "seed": self.seed, "job": open(self.job).read(), "eval": self.eval,
+                "inputs": inputs or {}}
 
 
 @dataclass(frozen=True)
 class Grid:
     runs: list[RunSpec]
-    eval: dict
     embedded_pair: bool = True
 
-
-EVAL_DEFAULTS = {"sample_seeds": 5, "kl_prompts": 64, "max_new_tokens": 64}
 
 
 def _path(p: str, base: str) -> str:
@@ -108,12 +109,12 @@ def load_grid(path: str) -> Grid:
         overrides = tuple(g.get("overrides") or []) + tuple(r.get("overrides") or [])
         for seed in range(g["seeds"]):
             runs.append(RunSpec(name, seed, r["method"], dict(r.get("options") or {}), overrides, g["steps"], job,
-                                dict(r.get("tags") or {})))
+                                dict(r.get("tags") or {}), ev))
     if not runs:
         raise ValueError(f"{path}: no runs")
     if not isinstance(g.get("embedded_pair", True), bool):
         raise ValueError(f"{path}: embedded_pair must be true or false")
-    return Grid(runs, ev, g.get("embedded_pair", True))
+    return Grid(runs, g.get("embedded_pair", True))
 
 
 def run_dir(out: str, spec: RunSpec) -> str:
@@ -211,7 +212,7 @@ def _write_json(path: str, obj) -> None:
     os.replace(path + ".tmp", path)
 
 
-def execute(spec: RunSpec, out: str, inputs: Inputs, ev: dict, threads: int, log, record: str | None = None,
+def execute(spec: RunSpec, out: str, inputs: Inputs, threads: int, log, record: str | None = None,
             cache: str | None = None) -> bool:
     """Train (resuming a partial run) and evaluate one run; True when its result was written (and recorded in the
     ledger `record`)."""
@@ -227,7 +228,7 @@ def execute(spec: RunSpec, out: str, inputs: Inputs, ev: dict, threads: int, log
             log(f"{spec.name} seed {spec.seed}: training failed; see {d}/study.log")
             return False
         cmd = [sys.executable, "-m", "pipeline.study", "evaluate", "--run-dir", d, "--config", spec.job,
-               "--eval", json.dumps(ev), "--", *paths, *spec.overrides]
+               "--eval", json.dumps(spec.eval), "--", *paths, *spec.overrides]
         if subprocess.run(cmd, stdout=logf, stderr=logf, env=env).returncode:
             log(f"{spec.name} seed {spec.seed}: evaluation failed; see {d}/study.log")
             return False
@@ -254,7 +255,7 @@ def run_grid(grid: Grid, out: str, *, jobs: int = 1, threads: int = 1, only=None
     lock, failed = threading.Lock(), []
 
     def one(spec):
-        ok = execute(spec, out, inputs, grid.eval, threads, log, record, caches.get((spec.job, spec.overrides)))
+        ok = execute(spec, out, inputs, threads, log, record, caches.get((spec.job, spec.overrides)))
         with lock:
             if not ok:
                 failed.append(spec)
