@@ -56,6 +56,8 @@ def build(cfg, examples: list, out: str, batch: int = 8, log=print) -> str:
     if os.path.exists(index_path) and {k: v for k, v in json.load(open(index_path)).items() if k in want} == want:
         return out
     os.makedirs(out, exist_ok=True)
+    if os.path.exists(index_path):  # a cache of other examples: unfinished until the new index is written
+        os.remove(index_path)
     m = cfg.model
     teacher = M.build_model(m.teacher_path, m.teacher_config, m.dtype, m.init_seed + 1).eval().requires_grad_(False)
     M.detach_head(teacher, copy=False)
