@@ -19,8 +19,8 @@ from tests.test_faults import refused
 from tests.test_train import ENV, REPO, losses
 
 ONPOLICY = "pipeline/configs/debug_onpolicy.yaml"
-RUN = ["--train.steps=8", "--train.micro_batch_size=2", "--train.grad_accum=2", "--train.eval_every=4",
-       "--checkpoint.every=4", "--logging.progress=false", "--checkpoint.export=false", "--rollout.max_new_tokens=12",
+RUN = ["--train.steps=6", "--train.micro_batch_size=2", "--train.grad_accum=2", "--train.eval_every=0",
+       "--checkpoint.every=6", "--logging.progress=false", "--checkpoint.export=false", "--rollout.max_new_tokens=12",
        "--loss.options={alpha: -3.0, lam: 0.1, divergence: kl, order: pr}"]
 
 
@@ -33,7 +33,7 @@ def cache(tmp_path_factory):
     cfg = _cfg()
     examples = data.load_examples(cfg.data, M.load_tokenizer(cfg))
     out = str(tmp_path_factory.mktemp("teacher_cache"))
-    TC.build(cfg, examples, out, batch=3, log=lambda m: None)  # 3: batches with and without padding
+    TC.build(cfg, examples, out, batch=8, log=lambda m: None)  # padded batches (checked one example at a time)
     return out, examples
 
 
@@ -73,7 +73,7 @@ def test_training_on_the_cache_equals_training_with_the_live_teacher(cache, tmp_
         return losses(tmp_path / name)
 
     live, cached = launch("live"), launch("cached", f"--loss.teacher_cache={out}")
-    assert sorted(live) == sorted(cached) == list(range(1, 9))
+    assert sorted(live) == sorted(cached) == list(range(1, 7))
     for step in live:
         assert float(cached[step]) == pytest.approx(float(live[step]), rel=1e-5, abs=1e-7), step
     sources = [json.loads(line)["source"] for line in (tmp_path / "cached" / "rollouts_rank0.jsonl").open()]
