@@ -9,10 +9,11 @@ ends with one JSON line:
     python bench/quality_bench.py --steps 4 --seeds 1 --out runs/study_smoke --docs runs/study_smoke/docs   (smoke)
 
 Finished runs are reused (a rerun after an interruption continues where it stopped), and each is recorded in
-DOCS/GRID/runs/ (pipeline.study's ledger: commit it, and a rerun on another machine runs only what is missing).
-Both grids run seed by seed (every run of seed 0, then of seed 1, ...), the tables rewritten after each seed. R: AMiD's rank by mean sampled
-ROUGE-L among the headline methods (1 = best); S: Spearman correlation of alpha with ROUGE-L over every (alpha, seed)
-of the KL(p, r) ablation (the paper's trend is negative: more negative alpha is better).
+DOCS/GRID/ledger/ (pipeline.study's ledger: commit it, and a rerun on another machine runs only what is missing).
+Both grids run seed by seed (every run of seed 0, then of seed 1, ...), the tables rewritten after each seed.
+R: AMiD's rank by mean sampled ROUGE-L among the headline methods (1 = best); S: Spearman correlation of alpha with
+ROUGE-L over every (alpha, seed) of the KL(p, r) ablation (the paper's trend is negative: more negative alpha is
+better).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
             grid = dataclasses.replace(grid, runs=runs)
         grids[name] = grid
     out = {name: os.path.join(args.out, name) for name in grids}
-    record = {name: os.path.join(args.docs, name, "runs") for name in grids}  # the committed ledgers
+    record = {name: os.path.join(args.docs, name, "ledger") for name in grids}  # the committed ledgers
     reports = {}
     # seed by seed across both grids, the tables rewritten after each: a bench cut short leaves every run of its
     # first seeds in the ledgers and in docs/ (the next machine runs only the rest)

@@ -21,7 +21,7 @@ A grid file (relative paths are relative to the repository):
 Each run writes RUN_DIR = OUT/NAME/seedS (the training run directory) and RUN_DIR/result.json; `report` writes
 results.md / results.json and PNGs of the learning curves and (for runs tagged with `alpha`) ROUGE-L against alpha.
 
-`--record DIR` (bench/quality_bench.py: docs/results/GRID/runs) also keeps each finished run's identity and result in
+`--record DIR` (bench/quality_bench.py: docs/results/GRID/ledger) also keeps each finished run's identity and result in
 DIR/NAME/seedS.json, a ledger meant to be committed: a run recorded there with the same identity is done on any
 machine, so a study too long for one sitting grows run by run across machines, and its tables are rebuilt from the
 ledger alone.
@@ -365,7 +365,9 @@ def table(results: dict[str, list[dict]]) -> str:
     s, metrics = summary(results), _metrics(results)
     lines = ["| run | seeds | " + " | ".join(m[1] for m in metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for name, row in s.items():
-        cells = [f"{row[k][0]:.{dg}f} ± {row[k][1]:.{dg}f}" for k, _, dg in metrics]
+        # one seed has no spread to show
+        cells = [f"{row[k][0]:.{dg}f}" + (f" ± {row[k][1]:.{dg}f}" if row["seeds"] > 1 else "")
+                 for k, _, dg in metrics]
         lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
