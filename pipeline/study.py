@@ -192,8 +192,7 @@ def teacher_caches(specs: list[RunSpec], inputs: Inputs, assets_dir: str, thread
             continue
         examples = data.load_examples(cfg.data, M.load_tokenizer(cfg))
         # named for what it holds: jobs with the same teacher and examples share one
-        name = hashlib.sha256(json.dumps([TC.identity(cfg), [TC.digest(p, r) for p, r in examples]]).encode()
-                              ).hexdigest()[:12]
+        name = hashlib.sha256(json.dumps(TC.fingerprint(cfg, examples), sort_keys=True).encode()).hexdigest()[:12]
         out[(job, overrides)] = TC.build(cfg, examples, os.path.join(assets_dir, "teacher_cache", name),
                                          log=lambda m: m.startswith(f"teacher cache: {len(examples)}/") and log(m))
     return out

@@ -45,13 +45,18 @@ def identity(cfg) -> dict:
             "dtype": m.dtype}
 
 
+def fingerprint(cfg, examples: list) -> dict:
+    """What a cache of `examples` holds: the teacher's identity and a digest of every example's tokens."""
+    return {**identity(cfg), "examples": hashlib.sha256("".join(digest(p, r) for p, r in examples).encode())
+            .hexdigest()[:24]}
+
+
 def build(cfg, examples: list, out: str, batch: int = 8, log=print) -> str:
     """Compute the cache of `examples` (data.load_examples' (prompt ids, response ids)) under `out`; reused when
     it holds exactly these examples for this teacher."""
     from pipeline import data, models as M
     from pipeline.parallelize import causal_without_mask_reads, frozen_forward
-    want = {**identity(cfg), "examples": hashlib.sha256("".join(digest(p, r) for p, r in examples).encode())
-            .hexdigest()[:24]}
+    want = fingerprint(cfg, examples)
     index_path = os.path.join(out, INDEX)
     if os.path.exists(index_path) and {k: v for k, v in json.load(open(index_path)).items() if k in want} == want:
         return out
