@@ -35,9 +35,10 @@ demo: setup
 	$(PY) -m pipeline.demo
 
 # two workers (the machines here have 2 cores and many tests wait on subprocesses), a test file per worker at a time
-# (so module-scoped runs and the test Slurm cluster are built once)
+# (so module-scoped runs and the test Slurm cluster are built once), in the order tests/conftest.py gives (the
+# slowest files first; --no-loadscope-reorder keeps xdist from reordering them by test count)
 test: setup
-	PIPELINE_REQUIRE_VLLM=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
+	PIPELINE_REQUIRE_VLLM=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 bench: $(BVENV)/.installed
 	$(BPY) bench/loss_bench.py

@@ -110,13 +110,16 @@ runs:
     return str(path)
 
 
-def _study(*args, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "pipeline.study", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600, **kw)
+def _study(capsys, *args):
+    """pipeline.study's command line in this process (its runs are still pipeline.train subprocesses): (exit code,
+    stdout, stderr)."""
+    capsys.readouterr()
+    rc = study.main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
 
 
-def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_changed_spec(tmp_path):
+def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_changed_spec(tmp_path, capsys):
     grid, out = _grid(tmp_path), str(tmp_path / "out")
     # interrupt the grid while its first run trains: killed after the first checkpoint
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.study", "run", grid, "--out", out, "--threads", "1"],
@@ -131,9 +134,9 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
     assert not os.path.exists(os.path.join(out, "fkl", "seed0", study.RESULT))
 
     ledger = str(tmp_path / "ledger")
-    r = _study("run", grid, "--out", out, "--threads", "1", "--record", ledger)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "0 of 2 runs done; 2 to run" in r.stderr
+    rc, _, err = _study(capsys, "run", grid, "--out", out, "--threads", "1", "--record", ledger)
+    assert rc == 0, err[-3000:]
+    assert "0 of 2 runs done; 2 to run" in err
     assert "resumed from" in open(os.path.join(out, "fkl", "seed0", "study.log")).read()
     for name in ("fkl", "amid_kl"):
         res = json.load(open(os.path.join(out, name, "seed0", study.RESULT)))
@@ -143,23 +146,23 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
     assert "| amid_kl | 1 |" in open(os.path.join(out, "results.md")).read()
     assert os.path.exists(os.path.join(out, "curves.png")) and os.path.exists(os.path.join(out, "alpha_trend.png"))
 
-    r = _study("run", grid, "--out", out, "--threads", "1")                    # all done: nothing runs
-    assert r.returncode == 0 and "2 of 2 runs done; 0 to run" in r.stderr
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"done": 2, "ran": 0, "failed": 0}
+    rc, stdout, err = _study(capsys, "run", grid, "--out", out, "--threads", "1")  # all done: nothing runs
+    assert rc == 0 and "2 of 2 runs done; 0 to run" in err
+    assert json.loads(stdout.strip().splitlines()[-1]) == {"done": 2, "ran": 0, "failed": 0}
 
-    r = _study("run", _grid(tmp_path, steps=10), "--out", out)                 # same names, another spec
-    assert r.returncode == 2 and "different spec" in r.stderr
+    rc, _, err = _study(capsys, "run", _grid(tmp_path, steps=10), "--out", out)  # same names, another spec
+    assert rc == 2 and "different spec" in err
 
     # another machine: no run directories, only the committed ledger; nothing reruns and the tables come back whole
     fresh = str(tmp_path / "fresh")
-    r = _study("run", _grid(tmp_path), "--out", fresh, "--record", ledger)    # the grid file as it was
-    assert r.returncode == 0 and "2 of 2 runs done; 0 to run" in r.stderr, r.stderr[-3000:]
+    rc, _, err = _study(capsys, "run", _grid(tmp_path), "--out", fresh, "--record", ledger)  # the grid as it was
+    assert rc == 0 and "2 of 2 runs done; 0 to run" in err, err[-3000:]
     assert not os.path.exists(os.path.join(fresh, "fkl"))
     assert open(os.path.join(fresh, "results.md")).read() == open(os.path.join(out, "results.md")).read()
     entry = json.load(open(os.path.join(ledger, "amid_kl", "seed0.json")))
     assert entry["result"] == json.load(open(os.path.join(out, "amid_kl", "seed0", study.RESULT)))
-    r = _study("run", _grid(tmp_path, steps=10), "--out", fresh, "--record", ledger)
-    assert r.returncode == 2 and "records a run of a different spec" in r.stderr
+    rc, _, err = _study(capsys, "run", _grid(tmp_path, steps=10), "--out", fresh, "--record", ledger)
+    assert rc == 2 and "records a run of a different spec" in err
 
 
 def test_grid_errors_name_the_field(tmp_path):
