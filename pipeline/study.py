@@ -333,6 +333,55 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return cov / den if den else float("nan")
 
 
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile (p > 0.5) by bisection on its CDF, the density integrated with Simpson's rule (no scipy
+    here); df 1 and 2 have closed forms the tests compare against."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x: float, n: int = 4000) -> float:
+        h = x / n
+        f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        hi *= 2
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired(results: dict[str, list[dict]], key: str = "rouge_l") -> dict:
+    """Every run against the grid's first run (the headline grid's: AMiD), paired by training seed (the same data
+    order, so the luck the seeds share drops out of the spread): per run the seeds both have, the mean and sample std
+    of run - reference, its 95% t-interval (None with one seed) and how many seeds the run is better in."""
+    names = [n for n in results if all(key in r for r in results[n])]
+    if len(names) < 2:
+        return {}
+    ref = {r["seed"]: r[key] for r in results[names[0]]}
+    runs = {}
+    for name in names[1:]:
+        d = [r[key] - ref[r["seed"]] for r in results[name] if r["seed"] in ref]
+        if d:
+            m, sd = mean_std(d)
+            half = t_quantile(0.975, len(d) - 1) * sd / math.sqrt(len(d)) if len(d) > 1 else None
+            runs[name] = {"seeds": len(d), "mean": m, "std": sd, "ci95": None if half is None else (m - half, m + half),
+                          "better": sum(x > 0 for x in d)}
+    return {"reference": names[0], "metric": key, "runs": runs}
+
+
+def paired_table(p: dict) -> str:
+    ref, col = p["reference"], dict((k, c) for k, c, _ in METRICS)[p["metric"]]
+    lines = [f"Paired by training seed against {ref}: {col} of the run minus {ref}'s\n",
+             f"| run | seeds | difference (mean ± std) | 95% interval | seeds better than {ref} |", "|---|---|---|---|---|"]
+    for name, r in p["runs"].items():
+        ci = "—" if r["ci95"] is None else f"{r['ci95'][0]:+.2f} to {r['ci95'][1]:+.2f}"
+        lines.append(f"| {name} | {r['seeds']} | {r['mean']:+.2f} ± {r['std']:.2f} | {ci} | {r['better']} of "
+                     f"{r['seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
 def collect(grid: Grid, out: str, record: str | None = None) -> dict[str, list[dict]]:
     """{run name: [result of each finished seed]} in grid order: from the ledger `record` when given (only entries
     of the grid's current specs: a stale one is an error), else from the run directories under `out`."""
@@ -430,16 +479,19 @@ def report(grid: Grid, out: str, docs: str | None = None, record: str | None = N
     os.makedirs(docs, exist_ok=True)
     md = table(results)
     trend = alpha_trend(results)
+    pairs = paired(results)
     with open(os.path.join(docs, "results.md"), "w") as f:
         f.write(f"{grid.runs[0].steps} steps per run; mean ± sample std over training seeds\n\n{md}")
+        if pairs:
+            f.write("\n" + paired_table(pairs))
         for fam, t in trend.items():
             f.write(f"\nalpha trend ({fam}): Spearman(alpha, ROUGE-L) = {t['spearman']:.3f}\n")
     summ = summary(results)
     per_seed = {name: [{k: v for k, v in r.items() if k != "curves"} for r in runs] for name, runs in results.items()}
     with open(os.path.join(docs, "results.json"), "w") as f:
-        json.dump({"summary": summ, "alpha_trend": trend, "runs": per_seed}, f, indent=1)
+        json.dump({"summary": summ, "paired": pairs, "alpha_trend": trend, "runs": per_seed}, f, indent=1)
     plots(results, docs)
-    return {"summary": summ, "alpha_trend": trend, "table": md}
+    return {"summary": summ, "paired": pairs, "alpha_trend": trend, "table": md}
 
 
 def main(argv=None) -> int:

@@ -94,6 +94,35 @@ def test_spearman():
     assert study.spearman([1, 1, 2, 2], [1, 2, 3, 4]) == pytest.approx(0.8944271909999159)  # scipy's value, ties
 
 
+def test_t_quantile_matches_the_closed_forms_and_tends_to_the_normal():
+    import math
+    assert study.t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-9)   # Cauchy
+    p = 0.975
+    assert study.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9)
+    qs = [study.t_quantile(0.975, df) for df in (1, 2, 3, 5, 10, 30, 10000)]
+    assert all(a > b for a, b in zip(qs, qs[1:])) and qs[-1] == pytest.approx(1.95996, abs=1e-3)
+    assert qs[4] == pytest.approx(2.228, abs=1e-3) and qs[5] == pytest.approx(2.042, abs=1e-3)  # printed tables
+
+
+def test_paired_differences_pair_by_seed_not_by_order():
+    res = {"ref": [{"seed": 0, "rouge_l": 10.0}, {"seed": 1, "rouge_l": 12.0}, {"seed": 2, "rouge_l": 11.0}],
+           # listed in another order and missing seed 1: paired on seeds 2 and 0 only
+           "a": [{"seed": 2, "rouge_l": 14.0}, {"seed": 0, "rouge_l": 11.0}],
+           "b": [{"seed": 1, "rouge_l": 9.0}],
+           "same": [{"seed": s, "rouge_l": v} for s, v in ((0, 10.0), (1, 12.0), (2, 11.0))]}
+    p = study.paired(res)
+    assert p["reference"] == "ref" and set(p["runs"]) == {"a", "b", "same"}
+    a = p["runs"]["a"]
+    assert a["seeds"] == 2 and a["mean"] == pytest.approx(2.0) and a["std"] == pytest.approx(2 ** 0.5)
+    half = study.t_quantile(0.975, 1) * 2 ** 0.5 / 2 ** 0.5
+    assert a["ci95"] == pytest.approx((2.0 - half, 2.0 + half)) and a["better"] == 2
+    assert p["runs"]["b"] == {"seeds": 1, "mean": -3.0, "std": 0.0, "ci95": None, "better": 0}
+    assert p["runs"]["same"]["mean"] == 0.0 and p["runs"]["same"]["ci95"] == (0.0, 0.0)
+    md = study.paired_table(p)
+    assert "| a | 2 | +2.00 ± 1.41 |" in md and "| b | 1 | -3.00 ± 0.00 | — | 0 of 1 |" in md
+    assert study.paired({"ref": res["ref"]}) == {}
+
+
 def _grid(tmp_path, steps=8):
     path = tmp_path / "grid.yaml"
     path.write_text(f"""
