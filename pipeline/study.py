@@ -178,19 +178,20 @@ def prepare_assets(assets_dir: str, log) -> Inputs:
 
 
 def teacher_caches(specs: list[RunSpec], inputs: Inputs, assets_dir: str, threads: int, log) -> dict:
-    """{(job, overrides): a teacher cache of its training examples} for the instruction jobs among `specs`
-    (pipeline.teacher_cache, computed once per machine: the runs then skip the teacher's forward on the dataset's
-    responses). An exact substitute for that forward, like the thread count, so not part of a run's identity."""
+    """{(job, overrides): a teacher cache of its training and held-out examples} for the instruction jobs among
+    `specs` (pipeline.teacher_cache, computed once per machine: the runs then skip the teacher's forward on the
+    dataset's responses and on the held-out references). An exact substitute for that forward, like the thread
+    count, so not part of a run's identity."""
     import hashlib
     import torch
-    from pipeline import config as C, data, models as M, teacher_cache as TC
+    from pipeline import config as C, models as M, teacher_cache as TC
     torch.set_num_threads(threads)
     out = {}
     for job, overrides in dict.fromkeys((s.job, s.overrides) for s in specs):
         cfg = C.load_config(job, [*inputs.overrides, *overrides])
         if cfg.data.kind != "chat" or cfg.data.store:
             continue
-        examples = data.load_examples(cfg.data, M.load_tokenizer(cfg))
+        examples = TC.examples_of(cfg, M.load_tokenizer(cfg))
         # named for what it holds: jobs with the same teacher and examples share one
         name = hashlib.sha256(json.dumps(TC.fingerprint(cfg, examples), sort_keys=True).encode()).hexdigest()[:12]
         out[(job, overrides)] = TC.build(cfg, examples, os.path.join(assets_dir, "teacher_cache", name),

@@ -51,6 +51,16 @@ def fingerprint(cfg, examples: list) -> dict:
             .hexdigest()[:24]}
 
 
+def examples_of(cfg, tokenizer) -> list:
+    """What a run's cache should hold: every training example and the held-out examples the run's evaluations
+    score (data.eval_files' first data.eval_blocks; their teacher-forced KL then skips the teacher too)."""
+    from pipeline import data
+    d = cfg.data
+    held = data.load_examples(d, tokenizer, files=d.eval_files, what="data.eval_files")[: d.eval_blocks] \
+        if d.eval_files else []
+    return data.load_examples(d, tokenizer) + held
+
+
 def build(cfg, examples: list, out: str, batch: int = 8, log=print) -> str:
     """Compute the cache of `examples` (data.load_examples' (prompt ids, response ids)) under `out`; reused when
     it holds exactly these examples for this teacher."""
@@ -120,6 +130,9 @@ class TeacherHidden:
                              f"examples (other data, or data.seq_len / max_prompt_len / the chat template changed "
                              f"how they tokenise): recompute it with python -m pipeline.teacher_cache for this config")
 
+    def holds(self, pairs: list) -> bool:
+        return all(digest(p, r) in self.rows for p, r in pairs)
+
     def states_of(self, pairs: list) -> Tensor:
         """[response tokens of every pair, hidden] float32, pair after pair (collate's loss rows, in order)."""
         parts = [self.states[o:o + n] for o, n in (self.rows[digest(p, r)] for p, r in pairs)]
@@ -127,7 +140,7 @@ class TeacherHidden:
 
 
 def main(argv=None) -> int:
-    from pipeline import config as C, data, models as M
+    from pipeline import config as C, models as M
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", required=True)
@@ -138,7 +151,7 @@ def main(argv=None) -> int:
         if cfg.data.kind != "chat" or cfg.data.store or args.batch < 1:
             raise ValueError("the teacher cache is for instruction data from data.files (data.kind chat, no "
                              "data.store), with --batch >= 1")
-        examples = data.load_examples(cfg.data, M.load_tokenizer(cfg))
+        examples = examples_of(cfg, M.load_tokenizer(cfg))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -369,20 +369,26 @@ def _log_rollout(run: Run, info: dict, loss_tokens: int) -> None:
 
 
 @torch.no_grad()
-def heldout_kl(run: Run, batch: data.Batch, with_ce: bool = False):
+def heldout_kl(run: Run, batch: data.Batch, with_ce: bool = False, teacher_rows: torch.Tensor | None = None):
     """Token-mean KL(teacher || student) over the loss tokens of this rank's share of a held-out set (global: every
-    rank returns the same number); with_ce: (KL, the student's cross-entropy on the batch's tokens)."""
+    rank returns the same number); with_ce: (KL, the student's cross-entropy on the batch's tokens). teacher_rows:
+    the teacher's stored states of the batch's loss rows, in order (loss.teacher_cache): its body is skipped."""
     heads = run.models.heads
     batch = batch.to(run.dist.device)
     count = torch.tensor([float(batch.loss_mask.sum())], device=run.dist.device)
     distributed.all_reduce_sum(count, run.dist.group)
     inputs, attn = batch.tokens[:, :-1], batch.attention_mask[:, :-1]
-    hs, ht = run.models.student_hidden(inputs, attn), run.models.teacher_hidden(inputs, attn)
     n = inputs.numel()
-    args = (losses.make_loss("fkl"), hs.reshape(n, -1), ht.reshape(n, -1), heads.student.detach(), heads.teacher)
-    kw = dict(token_weight=batch.loss_mask.reshape(n).float() / count.clamp(min=1.0),
-              targets=batch.tokens[:, 1:].reshape(n), group=run.layout.shard_group, vocab_start=heads.start,
-              chunk_size=run.chunk_size, precision=run.cfg.loss.matmul_precision)
+    hs, weight = run.models.student_hidden(inputs, attn).reshape(n, -1), batch.loss_mask.reshape(n).float()
+    targets = batch.tokens[:, 1:].reshape(n)
+    if teacher_rows is None:
+        ht = run.models.teacher_hidden(inputs, attn).reshape(n, -1)
+    else:  # only the loss rows are scored (the others weigh 0 either way)
+        rows = batch.loss_mask.reshape(n).nonzero().squeeze(1)
+        hs, weight, targets, ht = hs[rows], weight[rows], targets[rows], teacher_rows.to(hs.device, hs.dtype)
+    args = (losses.make_loss("fkl"), hs, ht, heads.student.detach(), heads.teacher)
+    kw = dict(token_weight=weight / count.clamp(min=1.0), targets=targets, group=run.layout.shard_group,
+              vocab_start=heads.start, chunk_size=run.chunk_size, precision=run.cfg.loss.matmul_precision)
     # each shard group computes its share of the global value; the world sum (over 1/S copies) is the value
     values = torch.stack([fused_linear_loss(*args, **kw)] + ([fused_linear_loss(*args, ce_weight=1.0, **kw)]
                                                             if with_ce else [])) / run.layout.shard_size
@@ -398,7 +404,10 @@ def evaluate_heldout(run: Run) -> dict:
         return {"eval/kl": heldout_kl(run, data.text_batch(run.eval_data))}
     pairs = run.eval_data
     prompts = [p for p, _ in pairs]
-    kl, ce = heldout_kl(run, data.collate(prompts, [r for _, r in pairs], run.pad_id), with_ce=True)
+    cache = run.teacher_cache  # a cache without the held-out examples (built before they were added) runs the teacher
+    stored = cache.states_of(pairs) if cache is not None and cache.holds(pairs) else None
+    kl, ce = heldout_kl(run, data.collate(prompts, [r for _, r in pairs], run.pad_id), with_ce=True,
+                        teacher_rows=stored)
     out = {"eval/kl": kl}
     answers, _ = generate(run, "student", prompts, eos_id=run.tokenizer.eos_token_id, seed=0, temperature=0.0)
     out["eval/kl_student_answers"] = heldout_kl(run, data.collate(prompts, answers, run.pad_id))

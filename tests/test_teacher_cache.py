@@ -19,7 +19,7 @@ from tests.test_faults import refused
 from tests.test_train import ENV, REPO, losses
 
 ONPOLICY = "pipeline/configs/debug_onpolicy.yaml"
-RUN = ["--train.steps=6", "--train.micro_batch_size=2", "--train.grad_accum=2", "--train.eval_every=0",
+RUN = ["--train.steps=6", "--train.micro_batch_size=2", "--train.grad_accum=2", "--train.eval_every=3",
        "--checkpoint.every=6", "--logging.progress=false", "--checkpoint.export=false", "--rollout.max_new_tokens=12",
        "--loss.options={alpha: -3.0, lam: 0.1, divergence: kl, order: pr}"]
 
@@ -31,7 +31,8 @@ def _cfg(*extra):
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     cfg = _cfg()
-    examples = data.load_examples(cfg.data, M.load_tokenizer(cfg))
+    examples = TC.examples_of(cfg, M.load_tokenizer(cfg))  # training and held-out
+    assert len(examples) == len(data.load_examples(cfg.data, M.load_tokenizer(cfg))) + cfg.data.eval_blocks
     out = str(tmp_path_factory.mktemp("teacher_cache"))
     TC.build(cfg, examples, out, batch=8, log=lambda m: None)  # padded batches (checked one example at a time)
     return out, examples
@@ -72,10 +73,18 @@ def test_training_on_the_cache_equals_training_with_the_live_teacher(cache, tmp_
         assert p.returncode == 0, p.stderr[-6000:]
         return losses(tmp_path / name)
 
+    def evals(name):  # step -> (held-out KL, KL on own answers, answer length, CE)
+        return {int(s): [float(v) for v in vs] for s, *vs in
+                (line.split("\t") for line in (tmp_path / name / "eval.tsv").read_text().splitlines())}
+
     live, cached = launch("live"), launch("cached", f"--loss.teacher_cache={out}")
     assert sorted(live) == sorted(cached) == list(range(1, 7))
     for step in live:
         assert float(cached[step]) == pytest.approx(float(live[step]), rel=1e-5, abs=1e-7), step
+    # the held-out references' KL and CE from the stored states (only their loss rows), the rest as live
+    assert sorted(evals("live")) == sorted(evals("cached")) == [0, 3, 6]
+    for step, want in evals("live").items():
+        assert evals("cached")[step] == pytest.approx(want, rel=1e-5, abs=1e-7), step
     sources = [json.loads(line)["source"] for line in (tmp_path / "cached" / "rollouts_rank0.jsonl").open()]
     assert "dataset" in sources and (backend == "none" or "student" in sources)
     if backend == "none":  # the states are really read: a cache of other states trains otherwise
@@ -86,6 +95,7 @@ def test_training_on_the_cache_equals_training_with_the_live_teacher(cache, tmp_
         states.flush()
         moved = launch("moved", f"--loss.teacher_cache={other}")
         assert abs(float(moved[1]) - float(live[1])) > 1e-3 * abs(float(live[1]))
+        assert abs(evals("moved")[0][0] - evals("live")[0][0]) > 1e-3 * evals("live")[0][0]  # step 0: same student
 
 
 def test_a_cache_that_does_not_fit_the_run_is_refused_before_training(cache, tmp_path):
