@@ -93,9 +93,9 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
 @torch.no_grad()
 def response_divergences(student, teacher, batch, batch_size: int = 8) -> dict:
     """Token means over the response tokens of a data.collate batch: KL(p || q), KL(q || p), teacher top-1
-    agreement (p teacher, q student, full logits)."""
+    agreement, and the student's entropy H(q) (p teacher, q student, full logits; nats)."""
     fkl, rkl = losses.make_loss("fkl"), losses.make_loss("rkl")
-    n, totals = 0.0, torch.zeros(3, dtype=torch.float64)
+    n, totals = 0.0, torch.zeros(4, dtype=torch.float64)
     for i in range(0, batch.tokens.shape[0], batch_size):
         tokens, attn = batch.tokens[i:i + batch_size, :-1], batch.attention_mask[i:i + batch_size, :-1]
         mask = batch.loss_mask[i:i + batch_size].bool()
@@ -103,19 +103,21 @@ def response_divergences(student, teacher, batch, batch_size: int = 8) -> dict:
         zt = teacher(input_ids=tokens, attention_mask=attn).logits.float()
         v = min(zs.shape[-1], zt.shape[-1])
         zs, zt = zs[..., :v][mask], zt[..., :v][mask]
-        totals += torch.stack([fkl(zs, zt).sum(), rkl(zs, zt).sum(),
-                               losses.top1_agreement(zs, zt).sum()]).double()
+        logq = torch.log_softmax(zs, -1)
+        totals += torch.stack([fkl(zs, zt).sum(), rkl(zs, zt).sum(), losses.top1_agreement(zs, zt).sum(),
+                               -(logq.exp() * logq).sum()]).double()
         n += float(mask.sum())
-    kl_pq, kl_qp, agree = (totals / max(n, 1.0)).tolist()
-    return {"fkl": kl_pq, "rkl": kl_qp, "top1_agreement": agree}
+    kl_pq, kl_qp, agree, entropy = (totals / max(n, 1.0)).tolist()
+    return {"fkl": kl_pq, "rkl": kl_qp, "top1_agreement": agree, "entropy": entropy}
 
 
 def instruct_scores(student, teacher, tokenizer, rows: list[dict], d, *, sample_seeds: int = 5,
                     max_new_tokens: int = 64, kl_prompts: int = 64, batch_size: int = 50) -> dict:
     """What the method studies compare, on held-out {prompt, response} rows (response: the teacher's answer):
     ROUGE-L of greedy answers and of answers sampled at temperature 1 with `sample_seeds` seeds (their mean, as the
-    AMiD paper's 5 evaluation seeds), held-out forward and reverse KL and top-1 agreement on the references
-    (teacher-forced, first `kl_prompts` rows), and forward KL on the student's own greedy answers. `d`: the
+    AMiD paper's 5 evaluation seeds), held-out forward and reverse KL, top-1 agreement and the student's entropy on
+    the references (teacher-forced, first `kl_prompts` rows; how sharp the student is decides how far its samples at
+    temperature 1 stray from its greedy answer), and forward KL on the student's own greedy answers. `d`: the
     DataConfig whose chat format and lengths the training used."""
     prompts, refs = [r["prompt"] for r in rows], [r["response"] for r in rows]
 
@@ -140,6 +142,7 @@ def instruct_scores(student, teacher, tokenizer, rows: list[dict], d, *, sample_
     mean = sum(sampled) / len(sampled) if sampled else float("nan")
     return {"rouge_l": mean, "rouge_l_seeds": sampled, "rouge_l_greedy": rouge_l(greedy, refs),
             "heldout_fkl": on_refs["fkl"], "heldout_rkl": on_refs["rkl"], "top1_agreement": on_refs["top1_agreement"],
+            "student_entropy": on_refs["entropy"],
             "own_answers_fkl": on_own["fkl"], "answer_words": sum(len(a.split()) for a in greedy) / len(greedy),
             "sample": {"prompt": prompts[-1], "reference": refs[-1], "greedy": greedy[-1]}}
 

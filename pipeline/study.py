@@ -299,12 +299,13 @@ def evaluate_run(d: str, config: str, overrides: list[str], ev: dict) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------------------
-# (key, column, digits); a table shows the ones every run has (chat jobs: the first six; text jobs: KL, agreement,
-# perplexity)
+# (key, column, digits); a table shows the ones every run has (chat jobs: all but held-out KL and perplexity, the
+# entropy once every run was evaluated since it was added; text jobs: held-out KL, agreement, perplexity)
 METRICS = [("rouge_l", "ROUGE-L (sampled, mean of seeds)", 2), ("rouge_l_greedy", "ROUGE-L (greedy)", 2),
            ("heldout_fkl", "held-out KL(p‖q)", 3), ("heldout_rkl", "held-out KL(q‖p)", 3),
            ("own_answers_fkl", "KL(p‖q) on own answers", 3), ("kl_to_teacher", "held-out KL", 3),
-           ("top1_agreement", "top-1 agreement", 3), ("perplexity", "perplexity", 1)]
+           ("top1_agreement", "top-1 agreement", 3), ("student_entropy", "student entropy on references (nats)", 3),
+           ("perplexity", "perplexity", 1)]
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -83,6 +84,35 @@ def test_evaluate_on_tiny_models():
     assert same["perplexity"] == pytest.approx(float(ce.exp()), rel=1e-5)
     assert evaluate.rouge_l(["the cat sat"], ["the cat sat"]) == pytest.approx(100.0)
     assert evaluate.rouge_l(["dogs bark"], ["the cat sat"]) == pytest.approx(0.0)
+
+
+def test_response_divergences_equal_a_float64_reference_over_the_response_tokens_only():
+    """The study's teacher-forced metrics on a padded batch of (prompt, response) pairs, against probabilities in
+    float64 at exactly the positions that predict a response token."""
+    from pipeline import data
+    g = torch.Generator().manual_seed(1)
+    pairs = [(torch.randint(1, 64, (n,), generator=g).tolist(), torch.randint(1, 64, (m,), generator=g).tolist())
+             for n, m in ((3, 4), (5, 2), (2, 6))]
+    batch = data.collate([p for p, _ in pairs], [r for _, r in pairs], 0)
+    s, t = _tiny(0), _tiny(1)
+    got = evaluate.response_divergences(s, t, batch, batch_size=2)
+    want, n = torch.zeros(4, dtype=torch.float64), 0
+    with torch.no_grad():
+        for p, r in pairs:                                   # one pair at a time: no padding at all
+            ids = torch.tensor([p + r])[:, :-1]
+            rows = slice(len(p) - 1, len(p) - 1 + len(r))  # the positions whose targets are the response
+            lq = torch.log_softmax(s(ids).logits[0, rows].double(), -1)
+            lp = torch.log_softmax(t(ids).logits[0, rows].double(), -1)
+            want += torch.stack([(lp.exp() * (lp - lq)).sum(), (lq.exp() * (lq - lp)).sum(),
+                                 (lq.argmax(-1) == lp.argmax(-1)).double().sum(), -(lq.exp() * lq).sum()])
+            n += len(r)
+    want /= n
+    for i, k in enumerate(("fkl", "rkl", "top1_agreement", "entropy")):
+        assert got[k] == pytest.approx(float(want[i]), rel=1e-5, abs=1e-6), k
+    assert 0 < got["entropy"] < math.log(64) and got["fkl"] > 0 and got["rkl"] > 0
+    same = evaluate.response_divergences(s, s, batch)
+    assert same["fkl"] == pytest.approx(0.0, abs=1e-6) and same["top1_agreement"] == 1.0
+    assert same["entropy"] == pytest.approx(got["entropy"], rel=1e-6)  # the student's alone
 
 
 def test_compare_runs_a_method_with_two_seeds_into_a_table_and_curves(tmp_path):
