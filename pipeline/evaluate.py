@@ -111,6 +111,17 @@ def response_divergences(student, teacher, batch, batch_size: int = 8) -> dict:
     return {"fkl": kl_pq, "rkl": kl_qp, "top1_agreement": agree, "entropy": entropy}
 
 
+def answers(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, seed: int | None,
+            batch_size: int = 50) -> list[str]:
+    """Responses to `prompts` in batches of `batch_size`: greedy at temperature 0, else sampled, batch i of a seed
+    seeded by seed * 1000 + its first index (so an answer does not depend on how many batches ran before)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        out += generate_batch(model, tokenizer, prompts[i:i + batch_size], max_new_tokens, temperature,
+                              None if seed is None else seed * 1000 + i)
+    return out
+
+
 def instruct_scores(student, teacher, tokenizer, rows: list[dict], d, *, sample_seeds: int = 5,
                     max_new_tokens: int = 64, kl_prompts: int = 64, batch_size: int = 50) -> dict:
     """What the method studies compare, on held-out {prompt, response} rows (response: the teacher's answer):
@@ -120,16 +131,9 @@ def instruct_scores(student, teacher, tokenizer, rows: list[dict], d, *, sample_
     temperature 1 stray from its greedy answer), and forward KL on the student's own greedy answers. `d`: the
     DataConfig whose chat format and lengths the training used."""
     prompts, refs = [r["prompt"] for r in rows], [r["response"] for r in rows]
-
-    def answers(temperature: float, seed: int | None) -> list[str]:
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            out += generate_batch(student, tokenizer, prompts[i:i + batch_size], max_new_tokens, temperature,
-                                  None if seed is None else seed * 1000 + i)
-        return out
-
-    greedy = answers(0.0, None)
-    sampled = [rouge_l(answers(1.0, 10 * (s + 1)), refs) for s in range(sample_seeds)]  # the paper's seeds 10-50
+    greedy = answers(student, tokenizer, prompts, max_new_tokens, 0.0, None, batch_size)
+    sampled = [rouge_l(answers(student, tokenizer, prompts, max_new_tokens, 1.0, 10 * (s + 1), batch_size), refs)
+               for s in range(sample_seeds)]  # the paper's seeds 10-50
     pad = M.pad_id(tokenizer)
     n = min(kl_prompts, len(rows))
     ref_ex = [data.tokenize_example({d.prompt_field: p, d.response_field: r}, tokenizer, d, "pairs")

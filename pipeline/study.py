@@ -4,6 +4,7 @@ table and figures. A run whose result exists is skipped; an interrupted run resu
 
     python -m pipeline.study run GRID.yaml [--out runs/study/GRID] [--jobs 2] [--threads 1] [--only a,b]
     python -m pipeline.study report --out runs/study/GRID [--docs docs/results/GRID]
+    python -m pipeline.study temperatures GRID --runs fkl,amid [--seed 0] [--temperatures 1.0,0.7,0.5]
 
 A grid file (relative paths are relative to the repository):
 
@@ -20,6 +21,9 @@ A grid file (relative paths are relative to the repository):
 
 Each run writes RUN_DIR = OUT/NAME/seedS (the training run directory) and RUN_DIR/result.json; `report` writes
 results.md / results.json and PNGs of the learning curves and (for runs tagged with `alpha`) ROUGE-L against alpha.
+
+`temperatures` is a diagnostic beside the protocol: ROUGE-L of finished runs' students sampled at other temperatures
+(the evaluation's first sampling seed, so temperature 1 repeats a result's first rouge_l_seeds value).
 
 `--record DIR` (bench/quality_bench.py: docs/results/GRID/ledger) also keeps each finished run's identity and result in
 DIR/NAME/seedS.json, a ledger meant to be committed: a run recorded there with the same identity is done on any
@@ -296,6 +300,34 @@ def evaluate_run(d: str, config: str, overrides: list[str], ev: dict) -> dict:
     return {**scores, "curves": curves}
 
 
+def temperatures(grid: Grid, out: str, names: list[str], seed: int, temps: list[float], assets_dir: str,
+                 log=print) -> dict:
+    """A diagnostic beside the protocol: ROUGE-L of the finished runs' students (training seed `seed`) answering the
+    held-out prompts sampled at each temperature, with the evaluation's first sampling seed (10), so temperature 1
+    repeats the first of a result's rouge_l_seeds. {run: {temperature: ROUGE-L}}."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from pipeline import config as C, evaluate, models as M
+    specs = {s.name: s for s in grid.runs if s.seed == seed and s.name in names}
+    missing = [n for n in names if n not in specs or not os.path.isdir(os.path.join(run_dir(out, specs[n]), "student"))]
+    if missing:
+        raise ValueError(f"no finished student of {missing} with training seed {seed} under {out}")
+    inputs = prepare_assets(assets_dir, log) if grid.embedded_pair else Inputs()
+    table = {}
+    for name in names:
+        spec = specs[name]
+        cfg = C.load_config(spec.job, [*inputs.overrides, *spec.overrides])
+        rows = [json.loads(line) for f in cfg.data.eval_files for line in open(f)]
+        prompts, refs = [r["prompt"] for r in rows], [r["response"] for r in rows]
+        student = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir(out, spec), "student"),
+                                                       dtype=torch.float32).eval()
+        tok = M.load_tokenizer(cfg)
+        table[name] = {t: evaluate.rouge_l(evaluate.answers(student, tok, prompts, spec.eval["max_new_tokens"], t, 10),
+                                           refs) for t in temps}
+        log(f"{name}: " + ", ".join(f"T={t}: {v:.2f}" for t, v in table[name].items()))
+    return table
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------------------
@@ -512,6 +544,13 @@ def main(argv=None) -> int:
     p.add_argument("--out")
     p.add_argument("--record", help="build the tables from this ledger instead of the run directories")
     p.add_argument("--docs", help="where the table and figures go (default: --out)")
+    t = sub.add_parser("temperatures", help="ROUGE-L of finished runs' students sampled at other temperatures")
+    t.add_argument("grid")
+    t.add_argument("--out")
+    t.add_argument("--runs", required=True, help="comma-separated run names")
+    t.add_argument("--seed", type=int, default=0, help="the training seed whose students answer")
+    t.add_argument("--temperatures", default="1.0,0.7,0.5")
+    t.add_argument("--assets", default="runs/assets")
     e = sub.add_parser("evaluate")
     e.add_argument("--run-dir", required=True)
     e.add_argument("--config", required=True)
@@ -547,6 +586,17 @@ def main(argv=None) -> int:
         print(rep["table"])
         print(json.dumps(counts))
         return 1 if counts["failed"] else 0
+    if args.cmd == "temperatures":
+        try:
+            temps = [float(x) for x in args.temperatures.split(",")]
+            if any(x <= 0 for x in temps):
+                raise ValueError("--temperatures must be positive (0 would be greedy, which results already hold)")
+            table = temperatures(grid, out, args.runs.split(","), args.seed, temps, args.assets, log)
+        except ValueError as err:
+            print(err, file=sys.stderr)
+            return 2
+        print(json.dumps(table))
+        return 0
     try:
         rep = report(grid, out, args.docs, args.record)
     except ValueError as err:

@@ -175,6 +175,15 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
     assert "| amid_kl | 1 |" in open(os.path.join(out, "results.md")).read()
     assert os.path.exists(os.path.join(out, "curves.png")) and os.path.exists(os.path.join(out, "alpha_trend.png"))
 
+    # the temperature diagnostic: at temperature 1 it repeats the evaluation's first sampling seed
+    rc, stdout, err = _study(capsys, "temperatures", grid, "--out", out, "--runs", "fkl", "--temperatures", "1.0,0.5")
+    assert rc == 0, err[-3000:]
+    fkl = json.load(open(os.path.join(out, "fkl", "seed0", study.RESULT)))
+    assert fkl["rouge_l_seeds"][0] != fkl["rouge_l_seeds"][1]  # the seeds' answers differ: the check below can fail
+    assert json.loads(stdout.strip().splitlines()[-1])["fkl"]["1.0"] == pytest.approx(fkl["rouge_l_seeds"][0])
+    rc, _, err = _study(capsys, "temperatures", grid, "--out", out, "--runs", "fkl,nope")
+    assert rc == 2 and "no finished student of ['nope']" in err
+
     rc, stdout, err = _study(capsys, "run", grid, "--out", out, "--threads", "1")  # all done: nothing runs
     assert rc == 0 and "2 of 2 runs done; 0 to run" in err
     assert json.loads(stdout.strip().splitlines()[-1]) == {"done": 2, "ran": 0, "failed": 0}
