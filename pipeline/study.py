@@ -513,11 +513,12 @@ def report(grid: Grid, out: str, docs: str | None = None, record: str | None = N
     os.makedirs(docs, exist_ok=True)
     md = table(results)
     trend = alpha_trend(results)
-    pairs = paired(results)
+    # sampled (the protocol) and greedy: the two readings the verdict weighs; a text job has neither
+    pairs = {k: p for k in ("rouge_l", "rouge_l_greedy") if (p := paired(results, k))}
     with open(os.path.join(docs, "results.md"), "w") as f:
         f.write(f"{grid.runs[0].steps} steps per run; mean ± sample std over training seeds\n\n{md}")
-        if pairs:
-            f.write("\n" + paired_table(pairs))
+        for p in pairs.values():
+            f.write("\n" + paired_table(p))
         for fam, t in trend.items():
             f.write(f"\nalpha trend ({fam}): Spearman(alpha, ROUGE-L) = {t['spearman']:.3f}\n")
     summ = summary(results)
