@@ -122,6 +122,11 @@ def answers(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatu
     return out
 
 
+def sampling_seeds(n: int) -> list[int]:
+    """The evaluation's sampling seeds: the AMiD paper's 10, 20, ... (five seeds: 10-50)."""
+    return [10 * (s + 1) for s in range(n)]
+
+
 def instruct_scores(student, teacher, tokenizer, rows: list[dict], d, *, sample_seeds: int = 5,
                     max_new_tokens: int = 64, kl_prompts: int = 64, batch_size: int = 50) -> dict:
     """What the method studies compare, on held-out {prompt, response} rows (response: the teacher's answer):
@@ -132,8 +137,8 @@ def instruct_scores(student, teacher, tokenizer, rows: list[dict], d, *, sample_
     DataConfig whose chat format and lengths the training used."""
     prompts, refs = [r["prompt"] for r in rows], [r["response"] for r in rows]
     greedy = answers(student, tokenizer, prompts, max_new_tokens, 0.0, None, batch_size)
-    sampled = [rouge_l(answers(student, tokenizer, prompts, max_new_tokens, 1.0, 10 * (s + 1), batch_size), refs)
-               for s in range(sample_seeds)]  # the paper's seeds 10-50
+    sampled = [rouge_l(answers(student, tokenizer, prompts, max_new_tokens, 1.0, seed, batch_size), refs)
+               for seed in sampling_seeds(sample_seeds)]
     pad = M.pad_id(tokenizer)
     n = min(kl_prompts, len(rows))
     ref_ex = [data.tokenize_example({d.prompt_field: p, d.response_field: r}, tokenizer, d, "pairs")

@@ -303,7 +303,7 @@ def evaluate_run(d: str, config: str, overrides: list[str], ev: dict) -> dict:
 def temperatures(grid: Grid, out: str, names: list[str], seed: int, temps: list[float], assets_dir: str,
                  log=print) -> dict:
     """A diagnostic beside the protocol: ROUGE-L of the finished runs' students (training seed `seed`) answering the
-    held-out prompts sampled at each temperature, with the evaluation's first sampling seed (10), so temperature 1
+    held-out prompts sampled at each temperature, with the evaluation's first sampling seed, so temperature 1
     repeats the first of a result's rouge_l_seeds. {run: {temperature: ROUGE-L}}."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -313,7 +313,7 @@ def temperatures(grid: Grid, out: str, names: list[str], seed: int, temps: list[
     if missing:
         raise ValueError(f"no finished student of {missing} with training seed {seed} under {out}")
     inputs = prepare_assets(assets_dir, log) if grid.embedded_pair else Inputs()
-    table = {}
+    table, first_seed = {}, evaluate.sampling_seeds(1)[0]
     for name in names:
         spec = specs[name]
         cfg = C.load_config(spec.job, [*inputs.overrides, *spec.overrides])
@@ -322,7 +322,7 @@ def temperatures(grid: Grid, out: str, names: list[str], seed: int, temps: list[
         student = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir(out, spec), "student"),
                                                        dtype=torch.float32).eval()
         tok = M.load_tokenizer(cfg)
-        table[name] = {t: evaluate.rouge_l(evaluate.answers(student, tok, prompts, spec.eval["max_new_tokens"], t, 10),
+        table[name] = {t: evaluate.rouge_l(evaluate.answers(student, tok, prompts, spec.eval["max_new_tokens"], t, first_seed),
                                            refs) for t in temps}
         log(f"{name}: " + ", ".join(f"T={t}: {v:.2f}" for t, v in table[name].items()))
     return table
@@ -590,6 +590,11 @@ def main(argv=None) -> int:
     if args.cmd == "temperatures":
         try:
             temps = [float(x) for x in args.temperatures.split(",")]
+        except ValueError:
+            print(f"--temperatures {args.temperatures!r}: give comma-separated numbers, e.g. 1.0,0.7,0.5",
+                  file=sys.stderr)
+            return 2
+        try:
             if any(x <= 0 for x in temps):
                 raise ValueError("--temperatures must be positive (0 would be greedy, which results already hold)")
             table = temperatures(grid, out, args.runs.split(","), args.seed, temps, args.assets, log)

@@ -88,6 +88,12 @@ def test_rouge_l_on_fixed_strings():
     assert evaluate.rouge_l([p for p, _ in pairs], [r for _, r in pairs]) == pytest.approx(want)
 
 
+def test_the_sampling_seeds_are_the_papers():
+    # the ledger's results were sampled with these seeds: changing them silently changes what a run measures
+    from pipeline import evaluate
+    assert evaluate.sampling_seeds(5) == [10, 20, 30, 40, 50] and evaluate.sampling_seeds(1) == [10]
+
+
 def test_spearman():
     assert study.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert study.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -186,6 +192,8 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
     assert json.loads(stdout.strip().splitlines()[-1])["fkl"]["1.0"] == pytest.approx(fkl["rouge_l_seeds"][0])
     rc, _, err = _study(capsys, "temperatures", grid, "--out", out, "--runs", "fkl,nope")
     assert rc == 2 and "no finished student of ['nope']" in err
+    rc, _, err = _study(capsys, "temperatures", grid, "--out", out, "--runs", "fkl", "--temperatures", "1.0,abc")
+    assert rc == 2 and "--temperatures '1.0,abc': give comma-separated numbers" in err
 
     rc, stdout, err = _study(capsys, "run", grid, "--out", out, "--threads", "1")  # all done: nothing runs
     assert rc == 0 and "2 of 2 runs done; 0 to run" in err
