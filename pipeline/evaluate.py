@@ -122,6 +122,14 @@ def answers(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatu
     return out
 
 
+def pair_divergences(student, teacher, tokenizer, prompts: list[str], responses: list[str], d) -> dict:
+    """response_divergences on (prompt, response) pairs laid out as training lays them out (`d`: the DataConfig of
+    the run's chat format and lengths)."""
+    ex = [data.tokenize_example({d.prompt_field: p, d.response_field: r}, tokenizer, d, "pairs")
+          for p, r in zip(prompts, responses)]
+    return response_divergences(student, teacher, data.collate(*zip(*ex), M.pad_id(tokenizer)))
+
+
 def sampling_seeds(n: int) -> list[int]:
     """The evaluation's sampling seeds: the AMiD paper's 10, 20, ... (five seeds: 10-50)."""
     return [10 * (s + 1) for s in range(n)]
@@ -139,15 +147,10 @@ def instruct_scores(student, teacher, tokenizer, rows: list[dict], d, *, sample_
     greedy = answers(student, tokenizer, prompts, max_new_tokens, 0.0, None, batch_size)
     sampled = [rouge_l(answers(student, tokenizer, prompts, max_new_tokens, 1.0, seed, batch_size), refs)
                for seed in sampling_seeds(sample_seeds)]
-    pad = M.pad_id(tokenizer)
     n = min(kl_prompts, len(rows))
-    ref_ex = [data.tokenize_example({d.prompt_field: p, d.response_field: r}, tokenizer, d, "pairs")
-              for p, r in zip(prompts[:n], refs[:n])]
+    on_refs = pair_divergences(student, teacher, tokenizer, prompts[:n], refs[:n], d)
     # an empty answer has no response tokens to score (tokenize_example drops it): score "." in its place
-    own_ex = [data.tokenize_example({d.prompt_field: p, d.response_field: a or "."}, tokenizer, d, "pairs")
-              for p, a in zip(prompts[:n], greedy[:n])]
-    on_refs = response_divergences(student, teacher, data.collate(*zip(*ref_ex), pad))
-    on_own = response_divergences(student, teacher, data.collate(*zip(*own_ex), pad))
+    on_own = pair_divergences(student, teacher, tokenizer, prompts[:n], [a or "." for a in greedy[:n]], d)
     mean = sum(sampled) / len(sampled) if sampled else float("nan")
     return {"rouge_l": mean, "rouge_l_seeds": sampled, "rouge_l_greedy": rouge_l(greedy, refs),
             "heldout_fkl": on_refs["fkl"], "heldout_rkl": on_refs["rkl"], "top1_agreement": on_refs["top1_agreement"],

@@ -5,6 +5,7 @@ table and figures. A run whose result exists is skipped; an interrupted run resu
     python -m pipeline.study run GRID.yaml [--out runs/study/GRID] [--jobs 2] [--threads 1] [--only a,b]
     python -m pipeline.study report --out runs/study/GRID [--docs docs/results/GRID]
     python -m pipeline.study temperatures GRID --runs fkl,amid [--seed 0] [--temperatures 1.0,0.7,0.5]
+    python -m pipeline.study backfill GRID [--out runs/study/GRID] [--record LEDGER]
 
 A grid file (relative paths are relative to the repository):
 
@@ -23,7 +24,9 @@ Each run writes RUN_DIR = OUT/NAME/seedS (the training run directory) and RUN_DI
 results.md / results.json and PNGs of the learning curves and (for runs tagged with `alpha`) ROUGE-L against alpha.
 
 `temperatures` is a diagnostic beside the protocol: ROUGE-L of finished runs' students sampled at other temperatures
-(the evaluation's first sampling seed, so temperature 1 repeats a result's first rouge_l_seeds value).
+(the evaluation's first sampling seed, so temperature 1 repeats a result's first rouge_l_seeds value). `backfill`
+adds the student's entropy on the references to results recorded before the evaluation measured it (from the runs'
+students on this machine, after checking that the recorded held-out KLs come back).
 
 `--record DIR` (bench/quality_bench.py: docs/results/GRID/ledger) also keeps each finished run's identity and result in
 DIR/NAME/seedS.json, a ledger meant to be committed: a run recorded there with the same identity is done on any
@@ -278,16 +281,10 @@ def run_grid(grid: Grid, out: str, *, jobs: int = 1, threads: int = 1, only=None
 def evaluate_run(d: str, config: str, overrides: list[str], ev: dict) -> dict:
     """A chat job: evaluate.instruct_scores on data.eval_files' prompts; a text job: held-out KL, agreement and
     perplexity on 32 sequences of data.eval_files (else the tail of the training data). Plus the run's curves."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from pipeline import config as C, evaluate, models as M
+    from pipeline import config as C, evaluate
     cfg = C.load_config(config, overrides)
     if cfg.data.kind == "chat":
-        tokenizer = M.load_tokenizer(cfg)
-        rows = [json.loads(line) for f in cfg.data.eval_files for line in open(f)]
-        student = AutoModelForCausalLM.from_pretrained(os.path.join(d, "student"), dtype=torch.float32).eval()
-        teacher = M.build_model(cfg.model.teacher_path, cfg.model.teacher_config, "float32",
-                                cfg.model.init_seed + 1).eval()
+        student, teacher, tokenizer, rows = _chat_eval_inputs(d, cfg)
         scores = evaluate.instruct_scores(student, teacher, tokenizer, rows, cfg.data, **ev)
     else:
         scores = evaluate.evaluate_checkpoint(os.path.join(d, "student"), cfg, 32)
@@ -298,6 +295,63 @@ def evaluate_run(d: str, config: str, overrides: list[str], ev: dict) -> dict:
             step, *vals = line.split("\t")
             curves[step] = dict(zip(names, map(float, vals)))  # str keys, as JSON keeps them
     return {**scores, "curves": curves}
+
+
+def _chat_eval_inputs(d: str, cfg):
+    """The finished run's student, the job's teacher and tokenizer, and the held-out {prompt, response} rows."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from pipeline import models as M
+    student = AutoModelForCausalLM.from_pretrained(os.path.join(d, "student"), dtype=torch.float32).eval()
+    teacher = M.build_model(cfg.model.teacher_path, cfg.model.teacher_config, "float32", cfg.model.init_seed + 1).eval()
+    rows = [json.loads(line) for f in cfg.data.eval_files for line in open(f)]
+    return student, teacher, M.load_tokenizer(cfg), rows
+
+
+# what each recorded held-out metric is in evaluate.response_divergences' terms: a backfill recomputes them all and
+# writes nothing unless the recorded ones come back (the same student, teacher and references)
+_ON_REFERENCES = {"heldout_fkl": "fkl", "heldout_rkl": "rkl", "top1_agreement": "top1_agreement"}
+
+
+def backfill(grid: Grid, out: str, record: str | None, assets_dir: str, log=print) -> list[str]:
+    """Adds `student_entropy` (which the evaluation records since after the first runs were recorded) to finished
+    chat-job results that lack it, from each run's student on this machine, in its run directory's result and in the
+    ledger `record`. The references' divergences are recomputed as the evaluation computes them; a recorded held-out
+    KL or agreement that does not come back is an error and nothing of that run is written. Returns the runs
+    completed ("name seedS"); a run without its student here is logged and left as it is."""
+    from pipeline import config as C, evaluate
+    inputs = prepare_assets(assets_dir, log) if grid.embedded_pair else Inputs()
+    identity, done = inputs.identity(), []
+    for spec in grid.runs:
+        d = run_dir(out, spec)
+        local_path = os.path.join(d, RESULT)
+        local = json.load(open(local_path)) if status(out, spec, identity) == "done" else None
+        entry = recorded(record, spec, identity)  # a stale entry is an error, as everywhere
+        res = entry if entry is not None else local
+        if res is None or (all("student_entropy" in r for r in (entry, local) if r is not None)):
+            continue
+        cfg = C.load_config(spec.job, [*inputs.overrides, *spec.overrides])
+        if cfg.data.kind != "chat":
+            continue
+        if not os.path.isdir(os.path.join(d, "student")):
+            log(f"{spec.name} seed {spec.seed}: no student under {d} on this machine; left without student_entropy")
+            continue
+        student, teacher, tokenizer, rows = _chat_eval_inputs(d, cfg)
+        n = min({**EVAL_DEFAULTS, **spec.eval}["kl_prompts"], len(rows))
+        got = evaluate.pair_divergences(student, teacher, tokenizer, [r["prompt"] for r in rows[:n]],
+                                        [r["response"] for r in rows[:n]], cfg.data)
+        for key, ours in _ON_REFERENCES.items():
+            if not math.isclose(res[key], got[ours], rel_tol=1e-4, abs_tol=1e-6):
+                raise ValueError(f"{spec.name} seed {spec.seed}: {key} recomputed from {d}/student is {got[ours]:.6g}, "
+                                 f"recorded {res[key]:.6g}: not the recorded run's student; nothing written")
+        if local is not None:
+            _write_json(local_path, {**local, "student_entropy": got["entropy"]})
+        if entry is not None:
+            p = record_path(record, spec)
+            _write_json(p, {**json.load(open(p)), "result": {**entry, "student_entropy": got["entropy"]}})
+        log(f"{spec.name} seed {spec.seed}: student_entropy {got['entropy']:.4f}")
+        done.append(f"{spec.name} seed{spec.seed}")
+    return done
 
 
 def temperatures(grid: Grid, out: str, names: list[str], seed: int, temps: list[float], assets_dir: str,
@@ -468,6 +522,17 @@ def alpha_trend(results: dict[str, list[dict]]) -> dict:
     return {k: {"points": sorted(v["points"]), "spearman": spearman(v["xs"], v["ys"])} for k, v in fams.items()}
 
 
+def entropy_vs_rouge(results: dict[str, list[dict]]) -> dict | None:
+    """Rank correlation of the student's entropy on the references with sampled ROUGE-L over every (run, seed) that
+    has both: how much of a sampled ranking is the students' sharpness (at temperature 1 a flat student pays for
+    every unlikely token it samples). None below 3 results."""
+    pts = [(r["student_entropy"], r["rouge_l"]) for runs in results.values() for r in runs
+           if "student_entropy" in r and "rouge_l" in r]
+    if len(pts) < 3:
+        return None
+    return {"spearman": spearman([e for e, _ in pts], [v for _, v in pts]), "results": len(pts)}
+
+
 def plots(results: dict[str, list[dict]], docs: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -521,12 +586,16 @@ def report(grid: Grid, out: str, docs: str | None = None, record: str | None = N
             f.write("\n" + paired_table(p))
         for fam, t in trend.items():
             f.write(f"\nalpha trend ({fam}): Spearman(alpha, ROUGE-L) = {t['spearman']:.3f}\n")
+        if sharp := entropy_vs_rouge(results):
+            f.write(f"\nSpearman(student entropy on the references, sampled ROUGE-L) over {sharp['results']} results "
+                    f"(every run and seed) = {sharp['spearman']:.3f}\n")
     summ = summary(results)
     per_seed = {name: [{k: v for k, v in r.items() if k != "curves"} for r in runs] for name, runs in results.items()}
     with open(os.path.join(docs, "results.json"), "w") as f:
-        json.dump({"summary": summ, "paired": pairs, "alpha_trend": trend, "runs": per_seed}, f, indent=1)
+        json.dump({"summary": summ, "paired": pairs, "alpha_trend": trend, "entropy_vs_rouge_l": sharp,
+                   "runs": per_seed}, f, indent=1)
     plots(results, docs)
-    return {"summary": summ, "paired": pairs, "alpha_trend": trend, "table": md}
+    return {"summary": summ, "paired": pairs, "alpha_trend": trend, "entropy_vs_rouge_l": sharp, "table": md}
 
 
 def main(argv=None) -> int:
@@ -552,6 +621,12 @@ def main(argv=None) -> int:
     t.add_argument("--seed", type=int, default=0, help="the training seed whose students answer")
     t.add_argument("--temperatures", default="1.0,0.7,0.5")
     t.add_argument("--assets", default="runs/assets")
+    b = sub.add_parser("backfill", help="add student_entropy to results recorded before the evaluation measured it")
+    b.add_argument("grid")
+    b.add_argument("--out")
+    b.add_argument("--record", help="the ledger to complete too")
+    b.add_argument("--assets", default="runs/assets")
+    b.add_argument("--threads", type=int, default=1)
     e = sub.add_parser("evaluate")
     e.add_argument("--run-dir", required=True)
     e.add_argument("--config", required=True)
@@ -587,6 +662,16 @@ def main(argv=None) -> int:
         print(rep["table"])
         print(json.dumps(counts))
         return 1 if counts["failed"] else 0
+    if args.cmd == "backfill":
+        import torch
+        torch.set_num_threads(max(1, args.threads))
+        try:
+            done = backfill(grid, out, args.record, args.assets, log)
+        except ValueError as err:
+            print(err, file=sys.stderr)
+            return 2
+        print(json.dumps({"completed": done}))
+        return 0
     if args.cmd == "temperatures":
         try:
             temps = [float(x) for x in args.temperatures.split(",")]

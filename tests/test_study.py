@@ -94,6 +94,16 @@ def test_the_sampling_seeds_are_the_papers():
     assert evaluate.sampling_seeds(5) == [10, 20, 30, 40, 50] and evaluate.sampling_seeds(1) == [10]
 
 
+def test_entropy_vs_rouge_pools_every_run_and_seed():
+    res = {"flat": [{"student_entropy": 5.0, "rouge_l": 9.0}, {"student_entropy": 4.5, "rouge_l": 10.0}],
+           "sharp": [{"student_entropy": 2.0, "rouge_l": 14.0}, {"rouge_l": 15.0}],  # recorded before the entropy
+           "mid": [{"student_entropy": 3.0, "rouge_l": 12.0}]}
+    assert study.entropy_vs_rouge(res) == {"spearman": pytest.approx(-1.0), "results": 4}
+    res["mid"][0]["rouge_l"] = 8.0                                    # now the second-flattest is the lowest
+    assert study.entropy_vs_rouge(res)["spearman"] == pytest.approx(study.spearman([5, 4.5, 2, 3], [9, 10, 14, 8]))
+    assert study.entropy_vs_rouge({"a": res["flat"]}) is None         # two results: no correlation to speak of
+
+
 def test_spearman():
     assert study.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert study.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -212,6 +222,33 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
     assert entry["result"] == json.load(open(os.path.join(out, "amid_kl", "seed0", study.RESULT)))
     rc, _, err = _study(capsys, "run", _grid(tmp_path, steps=10), "--out", fresh, "--record", ledger)
     assert rc == 2 and "records a run of a different spec" in err
+
+    # results recorded before the evaluation measured the student's entropy: backfill recomputes it from the students
+    grid = _grid(tmp_path)  # the grid as it was (the file was rewritten with steps=10 above)
+    paths = {n: (os.path.join(ledger, n, "seed0.json"), os.path.join(out, n, "seed0", study.RESULT))
+             for n in ("fkl", "amid_kl")}
+    want = {n: json.load(open(lp))["result"]["student_entropy"] for n, (lp, _) in paths.items()}
+    assert want["fkl"] != want["amid_kl"]
+    for lp, rp in paths.values():
+        e, r = json.load(open(lp)), json.load(open(rp))
+        del e["result"]["student_entropy"], r["student_entropy"]
+        json.dump(e, open(lp, "w")), json.dump(r, open(rp, "w"))
+    rc, stdout, err = _study(capsys, "backfill", grid, "--out", fresh, "--record", ledger)  # no students there
+    assert rc == 0 and json.loads(stdout)["completed"] == [] and "no student under" in err, err[-3000:]
+    rc, stdout, err = _study(capsys, "backfill", grid, "--out", out, "--record", ledger)
+    assert rc == 0 and json.loads(stdout)["completed"] == ["fkl seed0", "amid_kl seed0"], err[-3000:]
+    for n, (lp, rp) in paths.items():
+        assert json.load(open(lp))["result"]["student_entropy"] == pytest.approx(want[n], rel=1e-5)
+        assert json.load(open(rp))["student_entropy"] == pytest.approx(want[n], rel=1e-5)
+    # a recorded KL that does not come back (another student): refused, nothing written
+    lp = paths["amid_kl"][0]
+    e = json.load(open(lp))
+    del e["result"]["student_entropy"]
+    e["result"]["heldout_fkl"] *= 1.01
+    json.dump(e, open(lp, "w"))
+    rc, _, err = _study(capsys, "backfill", grid, "--out", out, "--record", ledger)
+    assert rc == 2 and "amid_kl seed 0: heldout_fkl recomputed" in err and "not the recorded run's student" in err
+    assert "student_entropy" not in json.load(open(lp))["result"]
 
 
 def test_grid_errors_name_the_field(tmp_path):
