@@ -3,7 +3,7 @@
 ends with one JSON line:
 
     {"methods": [...], "rouge_l": {...}, "heldout_fkl": {...}, "heldout_rkl": {...}, "seeds": N,
-     "amid_rank_rouge_l": R, "alpha_trend_spearman": S, "minutes": M}
+     "amid_rank_rouge_l": R, "alpha_trend_spearman": S, "entropy_rouge_l_spearman": E, "minutes": M}
 
     python bench/quality_bench.py [--jobs 2] [--threads 1] [--out runs/study] [--docs docs/results]
     python bench/quality_bench.py --steps 4 --seeds 1 --out runs/study_smoke --docs runs/study_smoke/docs   (smoke)
@@ -13,7 +13,8 @@ DOCS/GRID/ledger/ (pipeline.study's ledger: commit it, and a rerun on another ma
 Both grids run seed by seed (every run of seed 0, then of seed 1, ...), the tables rewritten after each seed.
 R: AMiD's rank by mean sampled ROUGE-L among the headline methods (1 = best); S: Spearman correlation of alpha with
 ROUGE-L over every (alpha, seed) of the KL(p, r) ablation (the paper's trend is negative: more negative alpha is
-better).
+better); E: Spearman correlation of the headline students' entropy on the references with their sampled ROUGE-L
+over every (run, seed) (how much of the sampled ranking is sharpness).
 """
 from __future__ import annotations
 
@@ -81,6 +82,8 @@ def main(argv=None) -> int:
               "seeds": min(head[m]["seeds"] for m in methods),
               "amid_rank_rouge_l": ranking.index("amid") + 1 if "amid" in ranking else None,
               "alpha_trend_spearman": round(next(iter(trend.values()))["spearman"], 3) if trend else None,
+              "entropy_rouge_l_spearman": (round(sharp["spearman"], 3)
+                                           if (sharp := reports["headline"]["entropy_vs_rouge_l"]) else None),
               "minutes": round((time.time() - t0) / 60, 1)}
     print(json.dumps(result))
     return 0
