@@ -297,13 +297,15 @@ def evaluate_run(d: str, config: str, overrides: list[str], ev: dict) -> dict:
     return {**scores, "curves": curves}
 
 
-def _chat_eval_inputs(d: str, cfg):
-    """The finished run's student, the job's teacher and tokenizer, and the held-out {prompt, response} rows."""
+def _chat_eval_inputs(d: str, cfg, with_teacher: bool = True):
+    """The finished run's student, the job's teacher (None without `with_teacher`) and tokenizer, and the held-out
+    {prompt, response} rows."""
     import torch
     from transformers import AutoModelForCausalLM
     from pipeline import models as M
     student = AutoModelForCausalLM.from_pretrained(os.path.join(d, "student"), dtype=torch.float32).eval()
-    teacher = M.build_model(cfg.model.teacher_path, cfg.model.teacher_config, "float32", cfg.model.init_seed + 1).eval()
+    teacher = M.build_model(cfg.model.teacher_path, cfg.model.teacher_config, "float32",
+                            cfg.model.init_seed + 1).eval() if with_teacher else None
     rows = [json.loads(line) for f in cfg.data.eval_files for line in open(f)]
     return student, teacher, M.load_tokenizer(cfg), rows
 
@@ -359,9 +361,7 @@ def temperatures(grid: Grid, out: str, names: list[str], seed: int, temps: list[
     """A diagnostic beside the protocol: ROUGE-L of the finished runs' students (training seed `seed`) answering the
     held-out prompts sampled at each temperature, with the evaluation's first sampling seed, so temperature 1
     repeats the first of a result's rouge_l_seeds. {run: {temperature: ROUGE-L}}."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from pipeline import config as C, evaluate, models as M
+    from pipeline import config as C, evaluate
     specs = {s.name: s for s in grid.runs if s.seed == seed and s.name in names}
     missing = [n for n in names if n not in specs or not os.path.isdir(os.path.join(run_dir(out, specs[n]), "student"))]
     if missing:
@@ -371,11 +371,8 @@ def temperatures(grid: Grid, out: str, names: list[str], seed: int, temps: list[
     for name in names:
         spec = specs[name]
         cfg = C.load_config(spec.job, [*inputs.overrides, *spec.overrides])
-        rows = [json.loads(line) for f in cfg.data.eval_files for line in open(f)]
+        student, _, tok, rows = _chat_eval_inputs(run_dir(out, spec), cfg, with_teacher=False)
         prompts, refs = [r["prompt"] for r in rows], [r["response"] for r in rows]
-        student = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir(out, spec), "student"),
-                                                       dtype=torch.float32).eval()
-        tok = M.load_tokenizer(cfg)
         table[name] = {t: evaluate.rouge_l(evaluate.answers(student, tok, prompts, spec.eval["max_new_tokens"], t, first_seed),
                                            refs) for t in temps}
         log(f"{name}: " + ", ".join(f"T={t}: {v:.2f}" for t, v in table[name].items()))
