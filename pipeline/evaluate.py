@@ -130,6 +130,12 @@ def pair_divergences(student, teacher, tokenizer, prompts: list[str], responses:
     return response_divergences(student, teacher, data.collate(*zip(*ex), M.pad_id(tokenizer)))
 
 
+# instruct_scores' result keys for the references' teacher-forced divergences (in the result's order), each with its
+# response_divergences key; `study backfill` checks a recorded result against a recomputation through the same table.
+ON_REFERENCES = {"heldout_fkl": "fkl", "heldout_rkl": "rkl", "top1_agreement": "top1_agreement",
+                 "student_entropy": "entropy"}
+
+
 def sampling_seeds(n: int) -> list[int]:
     """The evaluation's sampling seeds: the AMiD paper's 10, 20, ... (five seeds: 10-50)."""
     return [10 * (s + 1) for s in range(n)]
@@ -153,8 +159,7 @@ def instruct_scores(student, teacher, tokenizer, rows: list[dict], d, *, sample_
     on_own = pair_divergences(student, teacher, tokenizer, prompts[:n], [a or "." for a in greedy[:n]], d)
     mean = sum(sampled) / len(sampled) if sampled else float("nan")
     return {"rouge_l": mean, "rouge_l_seeds": sampled, "rouge_l_greedy": rouge_l(greedy, refs),
-            "heldout_fkl": on_refs["fkl"], "heldout_rkl": on_refs["rkl"], "top1_agreement": on_refs["top1_agreement"],
-            "student_entropy": on_refs["entropy"],
+            **{key: on_refs[ours] for key, ours in ON_REFERENCES.items()},
             "own_answers_fkl": on_own["fkl"], "answer_words": sum(len(a.split()) for a in greedy) / len(greedy),
             "sample": {"prompt": prompts[-1], "reference": refs[-1], "greedy": greedy[-1]}}
 
