@@ -16,9 +16,12 @@ A grid file (relative paths are relative to the repository):
     overrides: [--optim.lr=5e-4]                 # for every run (pipeline.train's --section.key=value)
     embedded_pair: true                          # point the job at the embedded pair and the instruction task
                                                  # (false: the job config and overrides name models and data)
-    runs:                                        # name: {method, options, overrides, tags}
+    runs:                                        # name: {method, options, overrides, tags, init}
       fkl: {method: fkl}
       amid_kl_a-5: {method: amid, options: {alpha: -5, lam: 0.1, divergence: kl}, tags: {alpha: -5, family: kl}}
+      # a warm start: begin from the final student of another grid's run of the same seed (finished on this
+      # machine, in `out`, default runs/study/GRID); that run's identity is part of this one's
+      amid_warm: {method: amid, init: {grid: bench/study/headline.yaml, run: fkl}}
 
 Each run writes RUN_DIR = OUT/NAME/seedS (the training run directory) and RUN_DIR/result.json; `report` writes
 results.md / results.json and PNGs of the learning curves and (for runs tagged with `alpha`) ROUGE-L against alpha.
@@ -65,14 +68,21 @@ class RunSpec:
     job: str
     tags: dict = field(default_factory=dict)
     eval: dict = field(default_factory=lambda: dict(EVAL_DEFAULTS))
+    init: RunSpec | None = None
+    """The run (of another grid, the same seed) whose final student this one starts from, instead of the job's."""
+    init_out: str | None = None
+    """Where that grid's runs are (its student: run_dir(init_out, init)/student)."""
 
     def key(self, inputs: dict | None = None) -> dict:
         """What makes two runs the same run (a finished result is reused only for an equal key): the training and
         the evaluation that produced the result; `inputs`: the prepared models and data (their paths and the data
-        files' digests)."""
-        return {"method": self.method, "options": self.options, "overrides": list(self.overrides),
-                "steps": self.steps, "seed": self.seed, "job": open(self.job).read(), "eval": self.eval,
-                "inputs": inputs or {}}
+        files' digests); a warm-started run's starting run, by its own key."""
+        key = {"method": self.method, "options": self.options, "overrides": list(self.overrides),
+               "steps": self.steps, "seed": self.seed, "job": open(self.job).read(), "eval": self.eval,
+               "inputs": inputs or {}}
+        if self.init is not None:  # only then: the keys of runs recorded before warm starts existed stay valid
+            key["init"] = self.init.key(inputs)
+        return key
 
 
 @dataclass(frozen=True)
@@ -86,8 +96,37 @@ def _path(p: str, base: str) -> str:
     return p if os.path.isabs(p) else os.path.join(base, p)
 
 
-def load_grid(path: str) -> Grid:
+def default_out(grid_path: str) -> str:
+    """Where a grid's runs go unless told: runs/study/GRID (GRID: the file's name without .yaml)."""
+    return os.path.join("runs", "study", os.path.splitext(os.path.basename(grid_path))[0])
+
+
+def _init_of(path: str, name: str, init, seeds: int, embedded_pair: bool, chain: tuple) -> dict:
+    """{seed: (the starting run's RunSpec, its grid's out directory)} for a run's `init: {grid, run[, out]}`."""
+    if not isinstance(init, dict) or not {"grid", "run"} <= set(init) or set(init) - {"grid", "run", "out"}:
+        raise ValueError(f"{path}: run {name!r}: init takes {{grid: GRID.yaml, run: NAME, out: DIR (default "
+                         f"runs/study/GRID)}}: the run whose final student this one starts from")
+    base_path = _path(init["grid"], REPO)
+    if os.path.abspath(base_path) in chain:
+        raise ValueError(f"{path}: run {name!r}: init names {init['grid']}, which starts from this grid: a cycle")
+    base = load_grid(base_path, chain)
+    if base.embedded_pair != embedded_pair:
+        raise ValueError(f"{path}: run {name!r}: {init['grid']} has embedded_pair {base.embedded_pair}, this grid "
+                         f"{embedded_pair}: a student is continued on the inputs it was trained on")
+    runs = {s.seed: s for s in base.runs if s.name == init["run"]}
+    if not runs:
+        raise ValueError(f"{path}: run {name!r}: {init['grid']} has no run {init['run']!r}")
+    if len(runs) < seeds:
+        raise ValueError(f"{path}: run {name!r}: {init['grid']} runs {init['run']!r} with {len(runs)} seed(s), "
+                         f"this grid needs {seeds}")
+    out = init.get("out") or default_out(base_path)
+    return {seed: (spec, out) for seed, spec in runs.items()}
+
+
+def load_grid(path: str, _chain: tuple = ()) -> Grid:
     """The grid file, checked before anything runs: a ValueError names the run and the field to fix."""
+    if not os.path.isfile(path):
+        raise ValueError(f"grid file {path!r} does not exist")
     g = yaml.safe_load(open(path)) or {}
     unknown = set(g) - {"job", "steps", "seeds", "eval", "overrides", "runs", "embedded_pair"}
     if unknown:
@@ -103,29 +142,39 @@ def load_grid(path: str) -> Grid:
     ev = {**EVAL_DEFAULTS, **(g.get("eval") or {})}
     if set(ev) != set(EVAL_DEFAULTS):
         raise ValueError(f"{path}: eval takes {sorted(EVAL_DEFAULTS)}, got {sorted(ev)}")
+    embedded_pair = g.get("embedded_pair", True)
+    if not isinstance(embedded_pair, bool):
+        raise ValueError(f"{path}: embedded_pair must be true or false")
     runs = []
     for name, r in (g["runs"] or {}).items():
         r = r or {}
-        bad = set(r) - {"method", "options", "overrides", "tags"}
+        bad = set(r) - {"method", "options", "overrides", "tags", "init"}
         if bad or "method" not in r:
-            raise ValueError(f"{path}: run {name!r} needs `method` and takes options, overrides, tags (got {sorted(r)})")
+            raise ValueError(f"{path}: run {name!r} needs `method` and takes options, overrides, tags, init (got "
+                             f"{sorted(r)})")
         try:
             losses.resolve_options(r["method"], r.get("options") or {})
         except ValueError as e:
             raise ValueError(f"{path}: run {name!r}: {e}") from None
         overrides = tuple(g.get("overrides") or []) + tuple(r.get("overrides") or [])
+        init = {} if r.get("init") is None else _init_of(path, name, r["init"], g["seeds"], embedded_pair,
+                                                          _chain + (os.path.abspath(path),))
         for seed in range(g["seeds"]):
+            base, base_out = init.get(seed, (None, None))
             runs.append(RunSpec(name, seed, r["method"], dict(r.get("options") or {}), overrides, g["steps"], job,
-                                dict(r.get("tags") or {}), ev))
+                                dict(r.get("tags") or {}), ev, base, base_out))
     if not runs:
         raise ValueError(f"{path}: no runs")
-    if not isinstance(g.get("embedded_pair", True), bool):
-        raise ValueError(f"{path}: embedded_pair must be true or false")
-    return Grid(runs, g.get("embedded_pair", True))
+    return Grid(runs, embedded_pair)
 
 
 def run_dir(out: str, spec: RunSpec) -> str:
     return os.path.join(out, spec.name, f"seed{spec.seed}")
+
+
+def init_student(spec: RunSpec) -> str:
+    """The student a warm-started run starts from."""
+    return os.path.join(run_dir(spec.init_out, spec.init), "student")
 
 
 def record_path(record: str, spec: RunSpec) -> str:
@@ -211,6 +260,8 @@ def train_command(spec: RunSpec, out: str, paths, cache: str | None = None) -> l
             f"--loss.method={spec.method}", f"--loss.options={json.dumps(spec.options)}",
             f"--train.steps={spec.steps}", f"--train.seed={spec.seed}", f"--data.shuffle_seed={spec.seed}",
             "--logging.progress=false", "--checkpoint.keep_last=1", *paths, *spec.overrides,
+            *([f"--model.student_path={init_student(spec)}", "--model.student_config=null"]
+              if spec.init is not None else []),
             *([f"--loss.teacher_cache={cache}"] if cache else [])]
 
 
@@ -257,6 +308,13 @@ def run_grid(grid: Grid, out: str, *, jobs: int = 1, threads: int = 1, only=None
     states = [status(out, s, identity, record) for s in todo]  # spec clashes fail here, before any training
     # seed-major: every run's first seed before any second one, so a grid cut short still has a whole table
     pending = sorted((s for s, state in zip(todo, states) if state != "done"), key=lambda s: s.seed)
+    for s in pending:  # a warm start needs its starting run finished here (a ledger holds no students)
+        if s.init is not None and not (status(s.init_out, s.init, identity) == "done"
+                                       and os.path.isdir(init_student(s))):
+            raise ValueError(f"{s.name} seed {s.seed} starts from {s.init.name} seed {s.seed}'s student, which is not "
+                             f"finished in {run_dir(s.init_out, s.init)} on this machine: run that grid's "
+                             f"{s.init.name!r} there first (pipeline.study run GRID --only {s.init.name}), or point "
+                             f"init.out at its runs")
     log(f"{len(todo) - len(pending)} of {len(todo)} runs done; {len(pending)} to run, {jobs} at a time")
     if not pending:
         return {"done": len(todo), "ran": 0, "failed": 0}
@@ -641,7 +699,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError, yaml.YAMLError) as err:
         print(f"grid error: {err}", file=sys.stderr)
         return 2
-    out = args.out or os.path.join("runs", "study", os.path.splitext(os.path.basename(args.grid))[0])
+    out = args.out or default_out(args.grid)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     if args.cmd == "run":
         if args.jobs < 1 or args.threads < 1:

@@ -205,6 +205,22 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
     rc, _, err = _study(capsys, "temperatures", grid, "--out", out, "--runs", "fkl", "--temperatures", "1.0,abc")
     assert rc == 2 and "--temperatures '1.0,abc': give comma-separated numbers" in err
 
+    # a warm start: a run of another grid continues fkl's final student; its step-0 evaluation is that student's last
+    warm = tmp_path / "warm.yaml"
+    warm.write_text(open(grid).read().replace("steps: 8", "steps: 2").split("runs:")[0]
+                    + f"runs:\n  amid_kl: {{method: amid, options: {{alpha: -3.0, divergence: kl}}, "
+                      f"init: {{grid: {grid}, run: fkl, out: {out}}}}}\n")
+    rc, _, err = _study(capsys, "run", str(warm), "--out", str(tmp_path / "warm_out"), "--threads", "1")
+    assert rc == 0, err[-3000:]
+    warm_res = json.load(open(tmp_path / "warm_out" / "amid_kl" / "seed0" / study.RESULT))
+    base_curves = json.load(open(os.path.join(out, "fkl", "seed0", study.RESULT)))["curves"]
+    assert warm_res["curves"]["0"] == pytest.approx(base_curves["8"], rel=1e-4)
+    assert warm_res["curves"]["0"]["kl"] < 0.9 * base_curves["0"]["kl"]    # not the job's own initial student
+    warm.write_text(warm.read_text().replace(f"out: {out}", f"out: {tmp_path / 'nowhere'}"))
+    rc, _, err = _study(capsys, "run", str(warm), "--out", str(tmp_path / "warm_out2"), "--threads", "1")
+    assert rc == 2 and "starts from fkl seed 0's student, which is not finished" in err, err[-3000:]
+    assert not os.path.exists(tmp_path / "warm_out2" / "amid_kl")              # refused before anything ran
+
     rc, stdout, err = _study(capsys, "run", grid, "--out", out, "--threads", "1")  # all done: nothing runs
     assert rc == 0 and "2 of 2 runs done; 0 to run" in err
     assert json.loads(stdout.strip().splitlines()[-1]) == {"done": 2, "ran": 0, "failed": 0}
@@ -260,7 +276,19 @@ def test_grid_errors_name_the_field(tmp_path):
     bad.write_text("job: nowhere.yaml\nsteps: 2\nseeds: 1\nruns: {x: {method: fkl}}\n")
     with pytest.raises(ValueError, match="does not exist"):
         study.load_grid(str(bad))
-    for g in ("headline", "alpha", "onpolicy", "curve"):                        # the shipped grids load
+    bad.write_text("job: pipeline/configs/debug_onpolicy.yaml\nsteps: 2\nseeds: 1\nruns: {x: {method: fkl, "
+                   "init: {grid: bench/study/headline.yaml}}}\n")
+    with pytest.raises(ValueError, match="run 'x': init takes"):
+        study.load_grid(str(bad))
+    bad.write_text(f"job: pipeline/configs/debug_onpolicy.yaml\nsteps: 2\nseeds: 1\nruns: {{x: {{method: fkl, "
+                   f"init: {{grid: {bad}, run: x}}}}}}\n")
+    with pytest.raises(ValueError, match="a cycle"):
+        study.load_grid(str(bad))
+    bad.write_text("job: pipeline/configs/debug_onpolicy.yaml\nsteps: 2\nseeds: 5\nruns: {x: {method: fkl, "
+                   "init: {grid: bench/study/headline.yaml, run: fkl}}}\n")
+    with pytest.raises(ValueError, match="with 3 seed\\(s\\), this grid needs 5"):
+        study.load_grid(str(bad))
+    for g in ("headline", "alpha", "onpolicy", "curve", "warm"):                # the shipped grids load
         assert study.load_grid(os.path.join(REPO, "bench", "study", g + ".yaml")).runs
 
 
