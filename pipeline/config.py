@@ -245,8 +245,13 @@ class RolloutConfig:
     schedule: str = "fixed"
     """fixed: the fractions above; adaptive: DistiLLM's adaptive off-policy scheduler (AMiD's official setting): the
     on-policy share starts at adaptive_init and rises by adaptive_step whenever the held-out cross-entropy on dataset
-    responses (every train.eval_every steps) has risen by adaptive_eps since the last rise; on-policy steps generate
+    responses (every adaptive_every steps) has risen by adaptive_eps since the last rise; on-policy steps generate
     while the replay buffer fills, then mostly replay (replay_schedule)."""
+    adaptive_every: int = 0
+    """adaptive: measure the held-out cross-entropy every this many steps (0: at each train.eval_every evaluation).
+    The measurement alone is teacher-forced on data.eval_files' responses, without the evaluation's generated
+    answers and the teacher's pass over them: a fraction of an evaluation's cost, so the schedule can follow the loss
+    more often than the curves are drawn (DistiLLM measures once per epoch)."""
     adaptive_init: float = 0.0
     """adaptive: the on-policy share at step 0 (DistiLLM: 0, i.e. off-policy until the first rise)."""
     adaptive_step: float = 0.1
@@ -597,15 +602,19 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
     _positive("rollout.replay_capacity", r.replay_capacity, allow_zero=True)
     if r.schedule not in ("fixed", "adaptive"):
         raise ValueError(f"rollout.schedule must be fixed or adaptive, got {r.schedule!r}")
+    if r.adaptive_every and r.schedule != "adaptive":
+        raise ValueError("rollout.adaptive_every paces rollout.schedule adaptive's measurements: set the schedule to "
+                         "adaptive or leave adaptive_every at 0")
     if r.schedule == "adaptive":
         if d.kind != "chat":
             raise ValueError("rollout.schedule adaptive schedules student generations: set data.kind to chat")
         if r.student_fraction or r.teacher_fraction or r.replay_ratio:
             raise ValueError("rollout.schedule adaptive sets the on-policy and replay shares itself: leave "
                              "rollout.student_fraction, teacher_fraction and replay_ratio at 0")
-        if not (d.eval_files and tr.eval_every):
+        _positive("rollout.adaptive_every", r.adaptive_every, allow_zero=True)
+        if not (d.eval_files and (tr.eval_every or r.adaptive_every)):
             raise ValueError("rollout.schedule adaptive follows the held-out cross-entropy: set data.eval_files and "
-                             "train.eval_every")
+                             "train.eval_every (or rollout.adaptive_every)")
         if r.replay_capacity < tr.micro_batch_size * tr.grad_accum:
             raise ValueError(f"rollout.schedule adaptive needs rollout.replay_capacity >= one step's generations per "
                              f"rank ({tr.micro_batch_size * tr.grad_accum}), got {r.replay_capacity}")

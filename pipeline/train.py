@@ -87,7 +87,7 @@ class Run:
         self.batches = data.make_batches(cfg, self.tokenizer, dist_ctx.rank, dist_ctx.world)
         # held-out data too is read before any model loads, so a bad file fails fast
         self.eval_data = None  # this rank's held-out blocks [n, seq_len] (text) or (prompt, response) pairs (chat)
-        if cfg.data.eval_files and cfg.train.eval_every:
+        if cfg.data.eval_files and (cfg.train.eval_every or cfg.rollout.adaptive_every):
             self.eval_data = _heldout(cfg, self.tokenizer, dist_ctx)
         student, teacher, self.vocab = M.build_models(cfg, self.tokenizer)
         self.student_config = student.config
@@ -396,10 +396,10 @@ def heldout_kl(run: Run, batch: data.Batch, with_ce: bool = False, teacher_rows:
     return (kl, rest[0] - kl) if with_ce else kl
 
 
-def evaluate_heldout(run: Run) -> dict:
+def evaluate_heldout(run: Run, answers: bool = True) -> dict:
     """text: KL over the held-out blocks. chat: KL and the student's cross-entropy on the held-out responses
-    (teacher-forced), and KL on the student's own greedy answers to the held-out prompts (the divergence the
-    on-policy job is meant to shrink)."""
+    (teacher-forced), and (`answers`) KL on the student's own greedy answers to the held-out prompts (the divergence
+    the on-policy job is meant to shrink)."""
     if run.cfg.data.kind == "text":
         return {"eval/kl": heldout_kl(run, data.text_batch(run.eval_data))}
     pairs = run.eval_data
@@ -408,6 +408,8 @@ def evaluate_heldout(run: Run) -> dict:
     stored = cache.states_of(pairs) if cache is not None and cache.holds(pairs) else None
     kl, ce = heldout_kl(run, data.collate(prompts, [r for _, r in pairs], run.pad_id), with_ce=True,
                         teacher_rows=stored)
+    if not answers:
+        return {"eval/kl": kl, "eval/ce": ce}
     out = {"eval/kl": kl}
     answers, _ = generate(run, "student", prompts, eos_id=run.tokenizer.eos_token_id, seed=0, temperature=0.0)
     out["eval/kl_student_answers"] = heldout_kl(run, data.collate(prompts, answers, run.pad_id))
@@ -417,11 +419,19 @@ def evaluate_heldout(run: Run) -> dict:
 
 
 def _log_eval(run: Run) -> None:
-    values = evaluate_heldout(run)
-    if run.schedule is not None:  # DistiLLM's statistic: the student's held-out cross-entropy on dataset responses
+    """The held-out evaluation due at this step, if any: every train.eval_every steps the whole one (into eval.tsv and
+    the metrics); else, every rollout.adaptive_every steps, only the cross-entropy the adaptive schedule follows
+    (into the metrics). The schedule takes the cross-entropy at its own measurement steps only."""
+    every, adaptive_every = run.cfg.train.eval_every, run.cfg.rollout.adaptive_every
+    full = bool(every) and run.step % every == 0
+    measure = run.schedule is not None and (run.step % adaptive_every == 0 if adaptive_every else full)
+    if not (full or measure):
+        return
+    values = evaluate_heldout(run, answers=full)
+    if measure:  # DistiLLM's statistic: the student's held-out cross-entropy on dataset responses
         run.schedule.update(values["eval/ce"])
     run.metrics.log(run.step, values)
-    if run.dist.is_main:  # step, held-out KL[, KL on the student's own answers, their mean length, held-out CE]
+    if full and run.dist.is_main:  # step, held-out KL[, KL on the student's own answers, their mean length, CE]
         with open(os.path.join(run.cfg.run_dir, "eval.tsv"), "a") as f:
             f.write("\t".join([str(run.step)] + [repr(v) for v in values.values()]) + "\n")
 
@@ -572,7 +582,7 @@ def _run(cfg: C.Config, dist_ctx: distributed.Dist, lock: rundir.RunLock, argv: 
                     f"safety.max_consecutive_skips = {cfg.safety.max_consecutive_skips}); stopped at step "
                     f"{run.step}. The last good weights are in checkpoint step_{run.step:08d}, nothing non-finite "
                     f"was written. Lower optim.lr (or check the data and the teacher), then relaunch to resume")
-        if run.eval_data is not None and run.step % cfg.train.eval_every == 0:
+        if run.eval_data is not None:
             _log_eval(run)
         every = cfg.checkpoint.every
         if every and run.step % every == 0:

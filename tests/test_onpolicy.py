@@ -117,6 +117,14 @@ def test_the_debug_onpolicy_config_learns_on_heldout_prompts(tmp_path):
     assert sources == {"student", "dataset"}
 
 
+def scalars(run_dir, tag: str) -> dict:
+    """{step: value} of a tensorboard scalar of the run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
 ADAPTIVE = ["--train.steps=8", "--train.micro_batch_size=2", "--train.grad_accum=2", "--train.eval_every=2",
             "--data.eval_blocks=4", "--rollout.student_fraction=0", "--rollout.schedule=adaptive",
             "--rollout.adaptive_init=0.6", "--rollout.adaptive_eps=0.0", "--rollout.replay_capacity=8",
@@ -142,3 +150,13 @@ def test_adaptive_schedule_runs_in_step_and_resumes_exactly(tmp_path):
     launch(split, "deepspeed", *ADAPTIVE)
     assert losses(split) == losses(full)
     assert [rollouts(split, 0)[s]["source"] for s in range(1, 9)] == sources
+    # the schedule's measurements paced apart from the evaluations: the same cross-entropy at the same steps (2, 4,
+    # ...), so the same run, with the whole evaluation only every 4 steps
+    paced = tmp_path / "paced"
+    launch(paced, "deepspeed", *ADAPTIVE, "--train.eval_every=4", "--rollout.adaptive_every=2")
+    assert [int(line.split("\t")[0]) for line in (paced / "eval.tsv").read_text().splitlines()] == [0, 4, 8]
+    assert losses(paced) == losses(full)
+    assert [rollouts(paced, 0)[s]["source"] for s in range(1, 9)] == sources
+    thresholds = scalars(full, "rollout/adaptive_threshold")
+    assert scalars(paced, "rollout/adaptive_threshold") == thresholds
+    assert thresholds[3] > thresholds[2]            # the rise that step 2's measurement (no evaluation there) made
