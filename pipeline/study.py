@@ -368,8 +368,6 @@ def _chat_eval_inputs(d: str, cfg, with_teacher: bool = True):
     return student, teacher, M.load_tokenizer(cfg), rows
 
 
-# what each recorded held-out metric is in evaluate.response_divergences' terms: a backfill recomputes them all and
-# writes nothing unless the recorded ones come back (the same student, teacher and references)
 def backfill(grid: Grid, out: str, record: str | None, assets_dir: str, log=print) -> list[str]:
     """Adds `student_entropy` (which the evaluation records since after the first runs were recorded) to finished
     chat-job results that lack it, from each run's student on this machine, in its run directory's result and in the

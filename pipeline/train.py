@@ -396,10 +396,10 @@ def heldout_kl(run: Run, batch: data.Batch, with_ce: bool = False, teacher_rows:
     return (kl, rest[0] - kl) if with_ce else kl
 
 
-def evaluate_heldout(run: Run, answers: bool = True) -> dict:
+def evaluate_heldout(run: Run, with_answers: bool = True) -> dict:
     """text: KL over the held-out blocks. chat: KL and the student's cross-entropy on the held-out responses
-    (teacher-forced), and (`answers`) KL on the student's own greedy answers to the held-out prompts (the divergence
-    the on-policy job is meant to shrink)."""
+    (teacher-forced), and (`with_answers`) KL on the student's own greedy answers to the held-out prompts (the
+    divergence the on-policy job is meant to shrink)."""
     if run.cfg.data.kind == "text":
         return {"eval/kl": heldout_kl(run, data.text_batch(run.eval_data))}
     pairs = run.eval_data
@@ -408,7 +408,7 @@ def evaluate_heldout(run: Run, answers: bool = True) -> dict:
     stored = cache.states_of(pairs) if cache is not None and cache.holds(pairs) else None
     kl, ce = heldout_kl(run, data.collate(prompts, [r for _, r in pairs], run.pad_id), with_ce=True,
                         teacher_rows=stored)
-    if not answers:
+    if not with_answers:
         return {"eval/kl": kl, "eval/ce": ce}
     out = {"eval/kl": kl}
     answers, _ = generate(run, "student", prompts, eos_id=run.tokenizer.eos_token_id, seed=0, temperature=0.0)
@@ -427,7 +427,7 @@ def _log_eval(run: Run) -> None:
     measure = run.schedule is not None and (run.step % adaptive_every == 0 if adaptive_every else full)
     if not (full or measure):
         return
-    values = evaluate_heldout(run, answers=full)
+    values = evaluate_heldout(run, with_answers=full)
     if measure:  # DistiLLM's statistic: the student's held-out cross-entropy on dataset responses
         run.schedule.update(values["eval/ce"])
     run.metrics.log(run.step, values)
