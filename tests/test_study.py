@@ -288,7 +288,7 @@ def test_grid_errors_name_the_field(tmp_path):
                    "init: {grid: bench/study/headline.yaml, run: fkl}}}\n")
     with pytest.raises(ValueError, match="with 3 seed\\(s\\), this grid needs 5"):
         study.load_grid(str(bad))
-    for g in ("headline", "alpha", "onpolicy", "curve", "warm"):                # the shipped grids load
+    for g in ("headline", "alpha", "onpolicy", "curve", "warm", "lr"):          # the shipped grids load
         assert study.load_grid(os.path.join(REPO, "bench", "study", g + ".yaml")).runs
 
 
