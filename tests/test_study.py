@@ -269,25 +269,17 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
 
 def test_grid_errors_name_the_field(tmp_path):
     bad = tmp_path / "g.yaml"
-    bad.write_text("job: pipeline/configs/debug_onpolicy.yaml\nsteps: 2\nseeds: 1\nruns:\n  x: {method: amid, "
-                   "options: {lam: 2}}\n")
-    with pytest.raises(ValueError, match="run 'x': amid: lam"):
-        study.load_grid(str(bad))
-    bad.write_text("job: nowhere.yaml\nsteps: 2\nseeds: 1\nruns: {x: {method: fkl}}\n")
-    with pytest.raises(ValueError, match="does not exist"):
-        study.load_grid(str(bad))
-    bad.write_text("job: pipeline/configs/debug_onpolicy.yaml\nsteps: 2\nseeds: 1\nruns: {x: {method: fkl, "
-                   "init: {grid: bench/study/headline.yaml}}}\n")
-    with pytest.raises(ValueError, match="run 'x': init takes"):
-        study.load_grid(str(bad))
-    bad.write_text(f"job: pipeline/configs/debug_onpolicy.yaml\nsteps: 2\nseeds: 1\nruns: {{x: {{method: fkl, "
-                   f"init: {{grid: {bad}, run: x}}}}}}\n")
-    with pytest.raises(ValueError, match="a cycle"):
-        study.load_grid(str(bad))
-    bad.write_text("job: pipeline/configs/debug_onpolicy.yaml\nsteps: 2\nseeds: 5\nruns: {x: {method: fkl, "
-                   "init: {grid: bench/study/headline.yaml, run: fkl}}}\n")
-    with pytest.raises(ValueError, match="with 3 seed\\(s\\), this grid needs 5"):
-        study.load_grid(str(bad))
+    job = "pipeline/configs/debug_onpolicy.yaml"
+    for job_, seeds, run, match in [
+            (job, 1, "{method: amid, options: {lam: 2}}", "run 'x': amid: lam"),
+            ("nowhere.yaml", 1, "{method: fkl}", "does not exist"),
+            (job, 1, "{method: fkl, init: {grid: bench/study/headline.yaml}}", "run 'x': init takes"),
+            (job, 1, f"{{method: fkl, init: {{grid: {bad}, run: x}}}}", "a cycle"),
+            (job, 5, "{method: fkl, init: {grid: bench/study/headline.yaml, run: fkl}}",
+             "with 3 seed\\(s\\), this grid needs 5")]:
+        bad.write_text(f"job: {job_}\nsteps: 2\nseeds: {seeds}\nruns: {{x: {run}}}\n")
+        with pytest.raises(ValueError, match=match):
+            study.load_grid(str(bad))
     for g in ("headline", "alpha", "onpolicy", "curve", "warm", "lr"):          # the shipped grids load
         assert study.load_grid(os.path.join(REPO, "bench", "study", g + ".yaml")).runs
 
