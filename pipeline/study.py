@@ -517,8 +517,9 @@ def paired_table(p: dict) -> str:
              f"| run | seeds | difference (mean ± std) | 95% interval | seeds better than {ref} |", "|---|---|---|---|---|"]
     for name, r in p["runs"].items():
         ci = "—" if r["ci95"] is None else f"{r['ci95'][0]:+.2f} to {r['ci95'][1]:+.2f}"
-        lines.append(f"| {name} | {r['seeds']} | {r['mean']:+.2f} ± {r['std']:.2f} | {ci} | {r['better']} of "
-                     f"{r['seeds']} |")
+        # one seed has no spread: a "± 0.00" there would read as a measured one
+        spread = f" ± {r['std']:.2f}" if r["seeds"] > 1 else ""
+        lines.append(f"| {name} | {r['seeds']} | {r['mean']:+.2f}{spread} | {ci} | {r['better']} of {r['seeds']} |")
     return "\n".join(lines) + "\n"
 
 

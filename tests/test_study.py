@@ -135,7 +135,7 @@ def test_paired_differences_pair_by_seed_not_by_order():
     assert p["runs"]["b"] == {"seeds": 1, "mean": -3.0, "std": 0.0, "ci95": None, "better": 0}
     assert p["runs"]["same"]["mean"] == 0.0 and p["runs"]["same"]["ci95"] == (0.0, 0.0)
     md = study.paired_table(p)
-    assert "| a | 2 | +2.00 ± 1.41 |" in md and "| b | 1 | -3.00 ± 0.00 | — | 0 of 1 |" in md
+    assert "| a | 2 | +2.00 ± 1.41 |" in md and "| b | 1 | -3.00 | — | 0 of 1 |" in md
     assert study.paired({"ref": res["ref"]}) == {}
 
 
