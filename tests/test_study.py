@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pipeline import evaluate, instruct_task as T, study
+from pipeline import checkpoint, evaluate, instruct_task as T, study
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,12 +166,14 @@ def _study(capsys, *args):
 
 def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_changed_spec(tmp_path, capsys):
     grid, out = _grid(tmp_path), str(tmp_path / "out")
-    # interrupt the grid while its first run trains: killed after the first checkpoint
+    # interrupt the grid while its first run trains: killed after the first checkpoint is complete (its directory is
+    # renamed into place before COMPLETE is written; a kill between the two leaves nothing to resume from)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.study", "run", grid, "--out", out, "--threads", "1"],
                             cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 300
-    while not glob.glob(os.path.join(out, "fkl", "seed0", "checkpoints", "step_*[0-9]")) and time.time() < deadline:
+    done = os.path.join(out, "fkl", "seed0", "checkpoints", "step_*[0-9]", checkpoint.MARKER)
+    while not glob.glob(done) and time.time() < deadline:
         assert proc.poll() is None, "the grid ended before its first checkpoint"
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
