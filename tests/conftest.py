@@ -2,7 +2,8 @@
 that take minutes go first, longest first, so the suite does not end with one worker running a long file while the
 other waits. xdist's own reordering (most tests first) put the vLLM and default-pair files last, about three minutes
 of one idle worker. The order below: each file's share of the 60 slowest test phases of `pytest --durations=60`
-(test_slurm.py about 300 s, test_default.py 250 s, test_faults.py 200 s, ...), largest first."""
+(test_slurm.py about 270 s before its cluster scheduled every second, 160-260 s since; test_vllm.py 175 s,
+test_default.py 150 s, test_faults.py 140 s, ...), largest first."""
 from __future__ import annotations
 
 import os

@@ -232,8 +232,9 @@ def test_topk_with_k_equal_vocab_is_the_full_loss():
 
 
 def test_fused_compiled_matches_eager():
-    """compile=True (Inductor-fused chunk loss, padded last chunk) gives the eager values and gradients."""
-    for name, opts in [("amid", {}), ("gjsd", {}), ("atkd", {})]:
+    """compile=True (Inductor-fused chunk loss, padded last chunk) gives the eager values and gradients: a mixture
+    loss and ATKD's top/bottom split (each compile costs ~20 s on a cold cache, so not every mixture loss)."""
+    for name, opts in [("amid", {}), ("atkd", {})]:
         loss_fn = L.make_loss(name, **opts)
         hs, ht, ws, wt, weight, targets, _ = _fused_problem(1, seed=5)
         outs = []

@@ -34,6 +34,9 @@ JobCompLoc=$DIR/log/jobcomp.txt
 MpiDefault=none
 SwitchType=switch/none
 SchedulerType=sched/backfill
+# a requeued job waits for its begin time and then for a scheduling pass (backfill every 30 s, the main loop every
+# 60 s by default): pass every second, and start batch jobs at once, so the tests wait on their jobs, not the queue
+SchedulerParameters=bf_interval=1,sched_interval=1,batch_sched_delay=0
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
