@@ -10,7 +10,8 @@ ends with one JSON line:
 
 Finished runs are reused (a rerun after an interruption continues where it stopped), and each is recorded in
 DOCS/GRID/ledger/ (pipeline.study's ledger: commit it, and a rerun on another machine runs only what is missing).
-Both grids run seed by seed (every run of seed 0, then of seed 1, ...), the tables rewritten after each seed.
+Both grids run in one pool, seed by seed (every run of seed 0, then of seed 1, ...), the tables rewritten after
+each run.
 R: AMiD's rank by mean sampled ROUGE-L among the headline methods (1 = best); S: Spearman correlation of alpha with
 ROUGE-L over every (alpha, seed) of the KL(p, r) ablation (the paper's trend is negative: more negative alpha is
 better); E: Spearman correlation of the headline students' entropy on the references with their sampled ROUGE-L
@@ -57,18 +58,20 @@ def main(argv=None) -> int:
     out = {name: os.path.join(args.out, name) for name in grids}
     record = {name: os.path.join(args.docs, name, "ledger") for name in grids}  # the committed ledgers
     reports = {}
-    # seed by seed across both grids, the tables rewritten after each: a bench cut short leaves every run of its
-    # first seeds in the ledgers and in docs/ (the next machine runs only the rest)
-    for seed in sorted({r.seed for g in grids.values() for r in g.runs}):
-        for name, grid in grids.items():
-            part = dataclasses.replace(grid, runs=[r for r in grid.runs if r.seed == seed])
-            counts = study.run_grid(part, out[name], jobs=args.jobs, threads=args.threads, log=log,
-                                    record=record[name])
-            if counts["failed"]:
-                log(f"{counts['failed']} run(s) of {name} failed; see the study.log files under {out[name]}")
-                return 1
+
+    def rewrite(spec=None):  # the tables and figures, from every result so far (ledger included)
         for name, grid in grids.items():
             reports[name] = study.report(grid, out[name], os.path.join(args.docs, name), record[name])
+
+    # one pool over both grids, seed-major (every run of seed 0, then of seed 1, ...), the tables rewritten after
+    # each run: a bench cut short leaves every finished run in the ledgers and in docs/ (the next machine runs only
+    # the rest), and a grid's odd last run of a seed shares the cores with the next run rather than an idle core
+    counts = study.run_grids([(grids[name], out[name], record[name]) for name in grids], jobs=args.jobs,
+                             threads=args.threads, log=log, on_done=rewrite)
+    if counts["failed"]:
+        log(f"{counts['failed']} run(s) failed; see the study.log files under {args.out}")
+        return 1
+    rewrite()
     for name in grids:
         print(f"## {name}\n{reports[name]['table']}", file=sys.stderr)
     head = reports["headline"]["summary"]

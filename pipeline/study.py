@@ -46,7 +46,7 @@ import os
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import yaml
 
@@ -89,7 +89,6 @@ class RunSpec:
 class Grid:
     runs: list[RunSpec]
     embedded_pair: bool = True
-
 
 
 def _path(p: str, base: str) -> str:
@@ -301,14 +300,29 @@ def run_grid(grid: Grid, out: str, *, jobs: int = 1, threads: int = 1, only=None
              log=print, inputs: Inputs | None = None, record: str | None = None) -> dict:
     """Every run of the grid not done yet (in `out` or the ledger `record`), `jobs` at a time; returns {done, ran,
     failed} counts."""
-    todo = [s for s in grid.runs if only is None or s.name in only]
+    if only is not None:
+        grid = replace(grid, runs=[s for s in grid.runs if s.name in only])
+    return run_grids([(grid, out, record)], jobs=jobs, threads=threads, assets_dir=assets_dir, log=log,
+                     inputs=inputs)
+
+
+def run_grids(parts: list[tuple[Grid, str, str | None]], *, jobs: int = 1, threads: int = 1,
+              assets_dir: str = "runs/assets", log=print, inputs: Inputs | None = None, on_done=None) -> dict:
+    """The runs not done yet of several (grid, out, record) parts in one pool of `jobs`, seed-major across the parts
+    (every part's seed 0 before any seed 1): a part's odd last run shares the cores with the next part's first
+    instead of running beside an idle one. `on_done(spec)` after each finished run. Returns {done, ran, failed}."""
+    todo = [(s, out, record) for grid, out, record in parts for s in grid.runs]
+    embedded = any(grid.embedded_pair for grid, _, _ in parts)
+    if embedded and not all(grid.embedded_pair for grid, _, _ in parts):
+        raise ValueError("grids run together must all use the embedded pair or none")
     if inputs is None:
-        inputs = prepare_assets(assets_dir, log) if grid.embedded_pair else Inputs()
+        inputs = prepare_assets(assets_dir, log) if embedded else Inputs()
     identity = inputs.identity()
-    states = [status(out, s, identity, record) for s in todo]  # spec clashes fail here, before any training
+    # spec clashes fail here, before any training
+    states = [status(out, s, identity, record) for s, out, record in todo]
     # seed-major: every run's first seed before any second one, so a grid cut short still has a whole table
-    pending = sorted((s for s, state in zip(todo, states) if state != "done"), key=lambda s: s.seed)
-    for s in pending:  # a warm start needs its starting run finished here (a ledger holds no students)
+    pending = sorted((t for t, state in zip(todo, states) if state != "done"), key=lambda t: t[0].seed)
+    for s, _, _ in pending:  # a warm start needs its starting run finished here (a ledger holds no students)
         if s.init is not None and not (status(s.init_out, s.init, identity) == "done"
                                        and os.path.isdir(init_student(s))):
             raise ValueError(f"{s.name} seed {s.seed} starts from {s.init.name} seed {s.seed}'s student, which is not "
@@ -318,15 +332,18 @@ def run_grid(grid: Grid, out: str, *, jobs: int = 1, threads: int = 1, only=None
     log(f"{len(todo) - len(pending)} of {len(todo)} runs done; {len(pending)} to run, {jobs} at a time")
     if not pending:
         return {"done": len(todo), "ran": 0, "failed": 0}
-    caches = teacher_caches(pending, inputs, assets_dir, threads * jobs, log) if grid.embedded_pair else {}
+    caches = teacher_caches([s for s, _, _ in pending], inputs, assets_dir, threads * jobs, log) if embedded else {}
     lock, failed = threading.Lock(), []
 
-    def one(spec):
+    def one(item):
+        spec, out, record = item
         ok = execute(spec, out, inputs, threads, log, record, caches.get((spec.job, spec.overrides)))
         with lock:
             if not ok:
                 failed.append(spec)
             log(f"{'done' if ok else 'FAILED'}: {spec.name} seed {spec.seed}")
+            if ok and on_done is not None:
+                on_done(spec)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(one, pending))

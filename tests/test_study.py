@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -315,3 +316,40 @@ def test_a_grid_computes_one_teacher_cache_per_instruction_job(tmp_path):
     assert os.path.exists(os.path.join(cache, "index.json"))
     cmd = study.train_command(grid.runs[0], str(tmp_path / "out"), (), cache)
     assert f"--loss.teacher_cache={cache}" in cmd
+
+
+def test_grids_run_in_one_pool_seed_major_so_an_odd_last_run_never_idles_a_core(tmp_path, monkeypatch):
+    """run_grids over two grids: a grid's odd last run of seed 0 runs beside the other grid's first run (not beside
+    an idle slot), seeds stay in order across the grids, at most `jobs` runs at once, and on_done follows each. The
+    runs themselves are replaced by a recorder: this is the scheduler's contract; test_grid_resumes... trains."""
+    def spec(name, seed):
+        return study.RunSpec(name, seed, "fkl", {}, (), 2, "pipeline/configs/debug_onpolicy.yaml")
+    a = study.Grid([spec(n, s) for s in (0, 1) for n in ("a1", "a2", "a3")], embedded_pair=False)
+    b = study.Grid([spec(n, s) for s in (0, 1) for n in ("b1",)], embedded_pair=False)
+    lock, running, events = threading.Lock(), [], []
+    b1_started, overlapped = threading.Event(), []
+
+    def execute(s, out, inputs, threads, log, record=None, cache=None):
+        with lock:
+            running.append(s.name)
+            events.append(("start", s.name, s.seed, tuple(running), out))
+        if (s.name, s.seed) == ("b1", 0):
+            b1_started.set()
+        if (s.name, s.seed) == ("a3", 0):  # the first grid's odd run: the second grid's first starts beside it
+            overlapped.append(b1_started.wait(timeout=10))
+        time.sleep(0.05)
+        with lock:
+            running.remove(s.name)
+        return s.name != "b1" or s.seed == 0  # b1 seed 1 fails
+
+    monkeypatch.setattr(study, "execute", execute)
+    finished = []
+    counts = study.run_grids([(a, str(tmp_path / "a"), None), (b, str(tmp_path / "b"), None)], jobs=2,
+                             log=lambda m: None, on_done=lambda s: finished.append((s.name, s.seed)))
+    assert counts == {"done": 7, "ran": 8, "failed": 1}
+    starts = [(name, seed) for _, name, seed, _, _ in events]
+    assert starts == [("a1", 0), ("a2", 0), ("a3", 0), ("b1", 0), ("a1", 1), ("a2", 1), ("a3", 1), ("b1", 1)]
+    assert max(len(r) for *_, r, _ in events) == 2
+    assert overlapped == [True]
+    assert all(out.endswith("/a") == name.startswith("a") for _, name, _, _, out in events)
+    assert sorted(finished) == sorted(set(starts) - {("b1", 1)})
