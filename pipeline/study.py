@@ -46,6 +46,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field, replace
 
 import yaml
@@ -277,22 +278,30 @@ def execute(spec: RunSpec, out: str, inputs: Inputs, threads: int, log, record: 
     ledger `record`)."""
     d = run_dir(out, spec)
     os.makedirs(d, exist_ok=True)
+    resumed = os.path.exists(os.path.join(d, SPEC))  # started before: this machine sees only the last leg's time
     key = spec.key(inputs.identity())
     with open(os.path.join(d, SPEC), "w") as f:
         json.dump(key, f)
     paths = inputs.overrides
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(os.path.join(d, "study.log"), "a") as logf:
+        t0 = time.time()
         if subprocess.run(train_command(spec, out, paths, cache), stdout=logf, stderr=logf, env=env).returncode:
             log(f"{spec.name} seed {spec.seed}: training failed; see {d}/study.log")
             return False
+        t1 = time.time()
         cmd = [sys.executable, "-m", "pipeline.study", "evaluate", "--run-dir", d, "--config", spec.job,
                "--eval", json.dumps(spec.eval), "--", *paths, *spec.overrides]
         if subprocess.run(cmd, stdout=logf, stderr=logf, env=env).returncode:
             log(f"{spec.name} seed {spec.seed}: evaluation failed; see {d}/study.log")
             return False
+    # what the run cost, kept with its result so the README's cost figures come from the ledger, not from file times
+    result = {**json.load(open(os.path.join(d, RESULT))),
+              "seconds": {"train": round(t1 - t0, 1), "evaluate": round(time.time() - t1, 1), "threads": threads,
+                          "resumed": resumed}}
+    _write_json(os.path.join(d, RESULT), result)
     if record:
-        _write_json(record_path(record, spec), {"key": key, "result": json.load(open(os.path.join(d, RESULT)))})
+        _write_json(record_path(record, spec), {"key": key, "result": result})
     return True
 
 
@@ -603,6 +612,18 @@ def entropy_vs_rouge(results: dict[str, list[dict]]) -> dict | None:
     return {"spearman": spearman([e for e, _ in pts], [v for _, v in pts]), "results": len(pts)}
 
 
+def run_time(results: dict[str, list[dict]]) -> dict | None:
+    """Minutes of training and of evaluation per run (mean, min, max) over the results that recorded them in one go
+    (a resumed run's recorded time is only its last part); None when none did."""
+    legs = [r["seconds"] for runs in results.values() for r in runs
+            if "seconds" in r and not r["seconds"]["resumed"]]
+    if not legs:
+        return None
+    stats = lambda xs: (sum(xs) / len(xs), min(xs), max(xs))  # noqa: E731
+    return {"runs": len(legs), "threads": sorted({leg["threads"] for leg in legs}),
+            **{k: stats([leg[k] / 60 for leg in legs]) for k in ("train", "evaluate")}}
+
+
 def plots(results: dict[str, list[dict]], docs: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -659,11 +680,17 @@ def report(grid: Grid, out: str, docs: str | None = None, record: str | None = N
         if sharp := entropy_vs_rouge(results):
             f.write(f"\nSpearman(student entropy on the references, sampled ROUGE-L) over {sharp['results']} results "
                     f"(every run and seed) = {sharp['spearman']:.3f}\n")
+        if cost := run_time(results):
+            threads = "/".join(map(str, cost["threads"]))
+            f.write(f"\nRun time over the {cost['runs']} runs that recorded it in one go ({threads} thread(s) a run), "
+                    f"minutes mean (min-max): training {cost['train'][0]:.1f} "
+                    f"({cost['train'][1]:.1f}-{cost['train'][2]:.1f}), evaluation {cost['evaluate'][0]:.1f} "
+                    f"({cost['evaluate'][1]:.1f}-{cost['evaluate'][2]:.1f})\n")
     summ = summary(results)
     per_seed = {name: [{k: v for k, v in r.items() if k != "curves"} for r in runs] for name, runs in results.items()}
     with open(os.path.join(docs, "results.json"), "w") as f:
         json.dump({"summary": summ, "paired": pairs, "alpha_trend": trend, "entropy_vs_rouge_l": sharp,
-                   "runs": per_seed}, f, indent=1)
+                   "run_time_minutes": cost, "runs": per_seed}, f, indent=1)
     plots(results, docs)
     return {"summary": summ, "paired": pairs, "alpha_trend": trend, "entropy_vs_rouge_l": sharp, "table": md}
 

@@ -191,11 +191,16 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
         assert len(res["rouge_l_seeds"]) == 2 and 0.0 <= res["rouge_l"] <= 100.0
         assert res["heldout_fkl"] > 0 and res["heldout_rkl"] > 0 and res["own_answers_fkl"] > 0
         assert set(res["curves"]) == {"0", "4", "8"}                          # step 0: the starting point
+        # what it cost, in the result and the ledger: fkl was resumed, so its time here is only the last leg
+        assert res["seconds"]["resumed"] == (name == "fkl") and res["seconds"]["threads"] == 1
+        assert res["seconds"]["train"] > 0 and res["seconds"]["evaluate"] > 0
+        assert json.load(open(os.path.join(ledger, name, "seed0.json")))["result"]["seconds"] == res["seconds"]
     md = open(os.path.join(out, "results.md")).read()
     assert "| amid_kl | 1 |" in md
     for col in ("ROUGE-L (sampled, mean of seeds)", "ROUGE-L (greedy)"):               # amid_kl against fkl
         assert f"against fkl: {col} of the run minus fkl's" in md and md.count("| amid_kl | 1 | ") == 3
     assert os.path.exists(os.path.join(out, "curves.png")) and os.path.exists(os.path.join(out, "alpha_trend.png"))
+    assert "Run time over the 1 runs that recorded it in one go (1 thread(s) a run)" in md  # amid_kl alone
 
     # the temperature diagnostic: at temperature 1 it repeats the evaluation's first sampling seed
     rc, stdout, err = _study(capsys, "temperatures", grid, "--out", out, "--runs", "fkl", "--temperatures", "1.0,0.5")
