@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     if counts["failed"]:
         log(f"{counts['failed']} run(s) failed; see the study.log files under {args.out}")
         return 1
-    rewrite()
+    if not reports:  # nothing ran (each finished run already rewrote them, the last with every result)
+        rewrite()
     for name in grids:
         print(f"## {name}\n{reports[name]['table']}", file=sys.stderr)
     head = reports["headline"]["summary"]
