@@ -682,7 +682,8 @@ def report(grid: Grid, out: str, docs: str | None = None, record: str | None = N
                     f"(every run and seed) = {sharp['spearman']:.3f}\n")
         if cost := run_time(results):
             threads = "/".join(map(str, cost["threads"]))
-            f.write(f"\nRun time over the {cost['runs']} runs that recorded it in one go ({threads} thread(s) a run), "
+            runs = f"{cost['runs']} run" + ("s" if cost["runs"] != 1 else "")
+            f.write(f"\nRun time over the {runs} that recorded it in one go ({threads} thread(s) a run), "
                     f"minutes mean (min-max): training {cost['train'][0]:.1f} "
                     f"({cost['train'][1]:.1f}-{cost['train'][2]:.1f}), evaluation {cost['evaluate'][0]:.1f} "
                     f"({cost['evaluate'][1]:.1f}-{cost['evaluate'][2]:.1f})\n")

@@ -200,7 +200,7 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
     for col in ("ROUGE-L (sampled, mean of seeds)", "ROUGE-L (greedy)"):               # amid_kl against fkl
         assert f"against fkl: {col} of the run minus fkl's" in md and md.count("| amid_kl | 1 | ") == 3
     assert os.path.exists(os.path.join(out, "curves.png")) and os.path.exists(os.path.join(out, "alpha_trend.png"))
-    assert "Run time over the 1 runs that recorded it in one go (1 thread(s) a run)" in md  # amid_kl alone
+    assert "Run time over the 1 run that recorded it in one go (1 thread(s) a run)" in md  # amid_kl alone
 
     # the temperature diagnostic: at temperature 1 it repeats the evaluation's first sampling seed
     rc, stdout, err = _study(capsys, "temperatures", grid, "--out", out, "--runs", "fkl", "--temperatures", "1.0,0.5")
