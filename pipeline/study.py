@@ -272,6 +272,16 @@ def _write_json(path: str, obj) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _timed(cmd: list[str], logf, env: dict) -> tuple[int, float, float]:
+    """Run `cmd`; its exit code, wall seconds and CPU seconds (user + system, its own rusage from wait4: a run paused
+    with SIGSTOP, or sharing a core, keeps its CPU time honest where the wall clock is not)."""
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, round(time.time() - t0, 1), round(usage.ru_utime + usage.ru_stime, 1)
+
+
 def execute(spec: RunSpec, out: str, inputs: Inputs, threads: int, log, record: str | None = None,
             cache: str | None = None) -> bool:
     """Train (resuming a partial run) and evaluate one run; True when its result was written (and recorded in the
@@ -285,20 +295,20 @@ def execute(spec: RunSpec, out: str, inputs: Inputs, threads: int, log, record: 
     paths = inputs.overrides
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(os.path.join(d, "study.log"), "a") as logf:
-        t0 = time.time()
-        if subprocess.run(train_command(spec, out, paths, cache), stdout=logf, stderr=logf, env=env).returncode:
+        rc, train_wall, train_cpu = _timed(train_command(spec, out, paths, cache), logf, env)
+        if rc:
             log(f"{spec.name} seed {spec.seed}: training failed; see {d}/study.log")
             return False
-        t1 = time.time()
         cmd = [sys.executable, "-m", "pipeline.study", "evaluate", "--run-dir", d, "--config", spec.job,
                "--eval", json.dumps(spec.eval), "--", *paths, *spec.overrides]
-        if subprocess.run(cmd, stdout=logf, stderr=logf, env=env).returncode:
+        rc, eval_wall, eval_cpu = _timed(cmd, logf, env)
+        if rc:
             log(f"{spec.name} seed {spec.seed}: evaluation failed; see {d}/study.log")
             return False
     # what the run cost, kept with its result so the README's cost figures come from the ledger, not from file times
     result = {**json.load(open(os.path.join(d, RESULT))),
-              "seconds": {"train": round(t1 - t0, 1), "evaluate": round(time.time() - t1, 1), "threads": threads,
-                          "resumed": resumed}}
+              "seconds": {"train": train_wall, "evaluate": eval_wall, "train_cpu": train_cpu, "evaluate_cpu": eval_cpu,
+                          "threads": threads, "resumed": resumed}}
     _write_json(os.path.join(d, RESULT), result)
     if record:
         _write_json(record_path(record, spec), {"key": key, "result": result})
@@ -620,8 +630,13 @@ def run_time(results: dict[str, list[dict]]) -> dict | None:
     if not legs:
         return None
     stats = lambda xs: (sum(xs) / len(xs), min(xs), max(xs))  # noqa: E731
-    return {"runs": len(legs), "threads": sorted({leg["threads"] for leg in legs}),
+    cost = {"runs": len(legs), "threads": sorted({leg["threads"] for leg in legs}),
             **{k: stats([leg[k] / 60 for leg in legs]) for k in ("train", "evaluate")}}
+    # CPU minutes only where every leg has them (results recorded before the runner measured them lack them), so
+    # that both figures cover the same runs
+    if all("train_cpu" in leg for leg in legs):
+        cost.update({k: stats([leg[k] / 60 for leg in legs]) for k in ("train_cpu", "evaluate_cpu")})
+    return cost
 
 
 def plots(results: dict[str, list[dict]], docs: str) -> list[str]:
@@ -686,7 +701,12 @@ def report(grid: Grid, out: str, docs: str | None = None, record: str | None = N
             f.write(f"\nRun time over the {runs} that recorded it in one go ({threads} thread(s) a run), "
                     f"minutes mean (min-max): training {cost['train'][0]:.1f} "
                     f"({cost['train'][1]:.1f}-{cost['train'][2]:.1f}), evaluation {cost['evaluate'][0]:.1f} "
-                    f"({cost['evaluate'][1]:.1f}-{cost['evaluate'][2]:.1f})\n")
+                    f"({cost['evaluate'][1]:.1f}-{cost['evaluate'][2]:.1f})")
+            if "train_cpu" in cost:
+                f.write(f"; CPU minutes (user + system): training {cost['train_cpu'][0]:.1f} "
+                        f"({cost['train_cpu'][1]:.1f}-{cost['train_cpu'][2]:.1f}), evaluation "
+                        f"{cost['evaluate_cpu'][0]:.1f} ({cost['evaluate_cpu'][1]:.1f}-{cost['evaluate_cpu'][2]:.1f})")
+            f.write("\n")
     summ = summary(results)
     per_seed = {name: [{k: v for k, v in r.items() if k != "curves"} for r in runs] for name, runs in results.items()}
     with open(os.path.join(docs, "results.json"), "w") as f:

@@ -165,6 +165,18 @@ def _study(capsys, *args):
     return rc, out, err
 
 
+def test_a_runs_cpu_time_is_its_own_not_the_wall_clock(tmp_path):
+    """The runner's cost figures: a subprocess's exit code, wall and CPU seconds. CPU time leaves out waiting (a
+    paused or contended run) and counts only that process: here a sleep costs wall time and no CPU, a busy loop both."""
+    with open(tmp_path / "log", "w") as logf:
+        rc, wall, cpu = study._timed([sys.executable, "-c", "import sys, time; time.sleep(1.5); sys.exit(3)"],
+                                     logf, dict(os.environ))
+        assert rc == 3 and wall >= 1.5 and cpu < 0.8
+        rc, wall, cpu = study._timed([sys.executable, "-c", "t = __import__('time').process_time()\n"
+                                      "while __import__('time').process_time() - t < 1.0: pass"], logf, dict(os.environ))
+        assert rc == 0 and 1.0 <= cpu <= wall + 0.1
+
+
 def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_changed_spec(tmp_path, capsys):
     grid, out = _grid(tmp_path), str(tmp_path / "out")
     # interrupt the grid while its first run trains: killed after the first checkpoint is complete (its directory is
@@ -194,6 +206,8 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
         # what it cost, in the result and the ledger: fkl was resumed, so its time here is only the last leg
         assert res["seconds"]["resumed"] == (name == "fkl") and res["seconds"]["threads"] == 1
         assert res["seconds"]["train"] > 0 and res["seconds"]["evaluate"] > 0
+        for leg in ("train", "evaluate"):  # the subprocess's own CPU time: one compute thread, so at most its wall time
+            assert 0 < res["seconds"][f"{leg}_cpu"] <= 1.5 * res["seconds"][leg] + 1
         assert json.load(open(os.path.join(ledger, name, "seed0.json")))["result"]["seconds"] == res["seconds"]
     md = open(os.path.join(out, "results.md")).read()
     assert "| amid_kl | 1 |" in md
@@ -201,6 +215,7 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
         assert f"against fkl: {col} of the run minus fkl's" in md and md.count("| amid_kl | 1 | ") == 3
     assert os.path.exists(os.path.join(out, "curves.png")) and os.path.exists(os.path.join(out, "alpha_trend.png"))
     assert "Run time over the 1 run that recorded it in one go (1 thread(s) a run)" in md  # amid_kl alone
+    assert "; CPU minutes (user + system): training " in md
 
     # the temperature diagnostic: at temperature 1 it repeats the evaluation's first sampling seed
     rc, stdout, err = _study(capsys, "temperatures", grid, "--out", out, "--runs", "fkl", "--temperatures", "1.0,0.5")
