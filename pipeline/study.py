@@ -277,7 +277,12 @@ def _timed(cmd: list[str], logf, env: dict) -> tuple[int, float, float]:
     with SIGSTOP, or sharing a core, keeps its CPU time honest where the wall clock is not)."""
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:  # as subprocess.run does: an interrupted wait leaves no child behind
+        proc.kill()
+        proc.wait()
+        raise
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, round(time.time() - t0, 1), round(usage.ru_utime + usage.ru_stime, 1)
 
@@ -698,14 +703,12 @@ def report(grid: Grid, out: str, docs: str | None = None, record: str | None = N
         if cost := run_time(results):
             threads = "/".join(map(str, cost["threads"]))
             runs = f"{cost['runs']} run" + ("s" if cost["runs"] != 1 else "")
+            minutes = lambda k: f"{cost[k][0]:.1f} ({cost[k][1]:.1f}-{cost[k][2]:.1f})"  # noqa: E731  mean (min-max)
             f.write(f"\nRun time over the {runs} that recorded it in one go ({threads} thread(s) a run), "
-                    f"minutes mean (min-max): training {cost['train'][0]:.1f} "
-                    f"({cost['train'][1]:.1f}-{cost['train'][2]:.1f}), evaluation {cost['evaluate'][0]:.1f} "
-                    f"({cost['evaluate'][1]:.1f}-{cost['evaluate'][2]:.1f})")
+                    f"minutes mean (min-max): training {minutes('train')}, evaluation {minutes('evaluate')}")
             if "train_cpu" in cost:
-                f.write(f"; CPU minutes (user + system): training {cost['train_cpu'][0]:.1f} "
-                        f"({cost['train_cpu'][1]:.1f}-{cost['train_cpu'][2]:.1f}), evaluation "
-                        f"{cost['evaluate_cpu'][0]:.1f} ({cost['evaluate_cpu'][1]:.1f}-{cost['evaluate_cpu'][2]:.1f})")
+                f.write(f"; CPU minutes (user + system): training {minutes('train_cpu')}, "
+                        f"evaluation {minutes('evaluate_cpu')}")
             f.write("\n")
     summ = summary(results)
     per_seed = {name: [{k: v for k, v in r.items() if k != "curves"} for r in runs] for name, runs in results.items()}
