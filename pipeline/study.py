@@ -2,7 +2,7 @@
 pipeline.train, evaluated on the instruction task's held-out prompts (pipeline.instruct_task), collected into one
 table and figures. A run whose result exists is skipped; an interrupted run resumes from its last checkpoint.
 
-    python -m pipeline.study run GRID.yaml [--out runs/study/GRID] [--jobs 2] [--threads 1] [--only a,b]
+    python -m pipeline.study run GRID.yaml [--out runs/study/GRID] [--jobs 2] [--threads 1] [--only a,b] [--seeds 1,2]
     python -m pipeline.study report --out runs/study/GRID [--docs docs/results/GRID]
     python -m pipeline.study temperatures GRID --runs fkl,amid [--seed 0] [--temperatures 1.0,0.7,0.5]
     python -m pipeline.study backfill GRID [--out runs/study/GRID] [--record LEDGER]
@@ -320,12 +320,20 @@ def execute(spec: RunSpec, out: str, inputs: Inputs, threads: int, log, record: 
     return True
 
 
-def run_grid(grid: Grid, out: str, *, jobs: int = 1, threads: int = 1, only=None, assets_dir: str = "runs/assets",
-             log=print, inputs: Inputs | None = None, record: str | None = None) -> dict:
-    """Every run of the grid not done yet (in `out` or the ledger `record`), `jobs` at a time; returns {done, ran,
-    failed} counts."""
-    if only is not None:
-        grid = replace(grid, runs=[s for s in grid.runs if s.name in only])
+def run_grid(grid: Grid, out: str, *, jobs: int = 1, threads: int = 1, only=None, seeds=None,
+             assets_dir: str = "runs/assets", log=print, inputs: Inputs | None = None,
+             record: str | None = None) -> dict:
+    """Every run of the grid not done yet (in `out` or the ledger `record`), `jobs` at a time, restricted to the run
+    names `only` and the training seeds `seeds` when given; returns {done, ran, failed} counts."""
+    names = {s.name for s in grid.runs}
+    if only is not None and set(only) - names:
+        raise ValueError(f"--only names {sorted(set(only) - names)}, which the grid does not run (it runs "
+                         f"{', '.join(sorted(names))})")
+    have = {s.seed for s in grid.runs}
+    if seeds is not None and set(seeds) - have:
+        raise ValueError(f"--seeds {sorted(set(seeds) - have)}: the grid's training seeds are {sorted(have)}")
+    grid = replace(grid, runs=[s for s in grid.runs if (only is None or s.name in only)
+                               and (seeds is None or s.seed in seeds)])
     return run_grids([(grid, out, record)], jobs=jobs, threads=threads, assets_dir=assets_dir, log=log,
                      inputs=inputs)
 
@@ -728,6 +736,8 @@ def main(argv=None) -> int:
     r.add_argument("--jobs", type=int, default=1, help="runs at a time")
     r.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)), help="threads per run")
     r.add_argument("--only", help="comma-separated run names")
+    r.add_argument("--seeds", help="comma-separated training seeds (e.g. a grid split across machines, or a warm "
+                                   "start whose starting students are here for some seeds only)")
     r.add_argument("--assets", default="runs/assets")
     r.add_argument("--record", help="the ledger of finished runs (see above)")
     p = sub.add_parser("report")
@@ -774,8 +784,11 @@ def main(argv=None) -> int:
             return 2
         only = set(args.only.split(",")) if args.only else None
         try:
-            counts = run_grid(grid, out, jobs=args.jobs, threads=args.threads, only=only, assets_dir=args.assets,
-                              log=log, record=args.record)
+            if args.seeds and not all(x.strip().isdigit() for x in args.seeds.split(",")):
+                raise ValueError(f"--seeds {args.seeds!r}: give comma-separated training seeds, e.g. 1,2")
+            seeds = {int(x) for x in args.seeds.split(",")} if args.seeds else None
+            counts = run_grid(grid, out, jobs=args.jobs, threads=args.threads, only=only, seeds=seeds,
+                              assets_dir=args.assets, log=log, record=args.record)
         except ValueError as err:
             print(err, file=sys.stderr)
             return 2

@@ -373,3 +373,31 @@ def test_grids_run_in_one_pool_seed_major_so_an_odd_last_run_never_idles_a_core(
     assert overlapped == [True]
     assert all(out.endswith("/a") == name.startswith("a") for _, name, _, _, out in events)
     assert sorted(finished) == sorted(set(starts) - {("b1", 1)})
+
+
+def test_run_selects_runs_and_seeds_and_refuses_ones_the_grid_lacks(tmp_path, monkeypatch):
+    """`run --only a,b --seeds 1,2`: exactly those runs of those seeds start (a warm start whose starting students
+    are on this machine for one seed only, or a grid split across machines); a name or seed the grid lacks is an
+    error that says what the grid has, before anything runs."""
+    def spec(name, seed):
+        return study.RunSpec(name, seed, "fkl", {}, (), 2, "pipeline/configs/debug_onpolicy.yaml")
+    grid = study.Grid([spec(n, s) for s in (0, 1, 2) for n in ("a", "b", "c")], embedded_pair=False)
+    started = []
+    monkeypatch.setattr(study, "execute", lambda s, *a, **k: started.append((s.name, s.seed)) or True)
+    counts = study.run_grid(grid, str(tmp_path), only={"a", "c"}, seeds={2, 1}, log=lambda m: None)
+    assert started == [("a", 1), ("c", 1), ("a", 2), ("c", 2)] and counts == {"done": 4, "ran": 4, "failed": 0}
+    started.clear()
+    study.run_grid(grid, str(tmp_path), seeds={0}, log=lambda m: None)
+    assert started == [("a", 0), ("b", 0), ("c", 0)]
+    started.clear()
+    with pytest.raises(ValueError, match=r"\['d'\], which the grid does not run \(it runs a, b, c\)"):
+        study.run_grid(grid, str(tmp_path), only={"a", "d"}, log=lambda m: None)
+    with pytest.raises(ValueError, match=r"--seeds \[3\]: the grid's training seeds are \[0, 1, 2\]"):
+        study.run_grid(grid, str(tmp_path), seeds={3}, log=lambda m: None)
+    assert started == []
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text("job: pipeline/configs/debug_onpolicy.yaml\nsteps: 2\nseeds: 1\nembedded_pair: false\n"
+                         "runs: {x: {method: fkl}}\n")
+    for bad in ("1,x", "-1"):
+        assert study.main(["run", str(grid_file), "--out", str(tmp_path / "o"), "--seeds", bad]) == 2
+    assert started == []
