@@ -3,6 +3,7 @@ pipeline.train, evaluated on the instruction task's held-out prompts (pipeline.i
 table and figures. A run whose result exists is skipped; an interrupted run resumes from its last checkpoint.
 
     python -m pipeline.study run GRID.yaml [--out runs/study/GRID] [--jobs 2] [--threads 1] [--only a,b] [--seeds 1,2]
+    python -m pipeline.study run A.yaml B.yaml --record 'docs/results/{grid}/ledger'   # one pool, seed-major
     python -m pipeline.study report --out runs/study/GRID [--docs docs/results/GRID]
     python -m pipeline.study temperatures GRID --runs fkl,amid [--seed 0] [--temperatures 1.0,0.7,0.5]
     python -m pipeline.study backfill GRID [--out runs/study/GRID] [--record LEDGER]
@@ -320,20 +321,25 @@ def execute(spec: RunSpec, out: str, inputs: Inputs, threads: int, log, record: 
     return True
 
 
+def select(grids: list[Grid], only=None, seeds=None) -> list[Grid]:
+    """The grids restricted to the run names `only` and the training seeds `seeds` (None: all); a name or a seed that
+    none of the grids has is an error that says what they have."""
+    names, have = {s.name for g in grids for s in g.runs}, {s.seed for g in grids for s in g.runs}
+    if only is not None and set(only) - names:
+        raise ValueError(f"--only names {sorted(set(only) - names)}, which the grid does not run (it runs "
+                         f"{', '.join(sorted(names))})")
+    if seeds is not None and set(seeds) - have:
+        raise ValueError(f"--seeds {sorted(set(seeds) - have)}: the grid's training seeds are {sorted(have)}")
+    return [replace(g, runs=[s for s in g.runs if (only is None or s.name in only)
+                             and (seeds is None or s.seed in seeds)]) for g in grids]
+
+
 def run_grid(grid: Grid, out: str, *, jobs: int = 1, threads: int = 1, only=None, seeds=None,
              assets_dir: str = "runs/assets", log=print, inputs: Inputs | None = None,
              record: str | None = None) -> dict:
     """Every run of the grid not done yet (in `out` or the ledger `record`), `jobs` at a time, restricted to the run
     names `only` and the training seeds `seeds` when given; returns {done, ran, failed} counts."""
-    names = {s.name for s in grid.runs}
-    if only is not None and set(only) - names:
-        raise ValueError(f"--only names {sorted(set(only) - names)}, which the grid does not run (it runs "
-                         f"{', '.join(sorted(names))})")
-    have = {s.seed for s in grid.runs}
-    if seeds is not None and set(seeds) - have:
-        raise ValueError(f"--seeds {sorted(set(seeds) - have)}: the grid's training seeds are {sorted(have)}")
-    grid = replace(grid, runs=[s for s in grid.runs if (only is None or s.name in only)
-                               and (seeds is None or s.seed in seeds)])
+    (grid,) = select([grid], only, seeds)
     return run_grids([(grid, out, record)], jobs=jobs, threads=threads, assets_dir=assets_dir, log=log,
                      inputs=inputs)
 
@@ -727,19 +733,57 @@ def report(grid: Grid, out: str, docs: str | None = None, record: str | None = N
     return {"summary": summ, "paired": pairs, "alpha_trend": trend, "entropy_vs_rouge_l": sharp, "table": md}
 
 
+def _run(args, log) -> int:
+    """`run GRID [GRID ...]`: the grids' unfinished runs in one pool, then each grid's table."""
+    def per_grid(template, path, default):
+        if template is None:
+            return default
+        if len(args.grid) > 1 and "{grid}" not in template:
+            raise ValueError(f"{template!r}: with several grids, give a path with {{grid}} in it (the grid file's "
+                             f"name without .yaml), e.g. docs/results/{{grid}}/ledger")
+        return template.replace("{grid}", os.path.splitext(os.path.basename(path))[0])
+
+    try:
+        if args.jobs < 1 or args.threads < 1:
+            raise ValueError("--jobs and --threads must be >= 1")
+        if args.seeds and not all(x.strip().isdigit() for x in args.seeds.split(",")):
+            raise ValueError(f"--seeds {args.seeds!r}: give comma-separated training seeds, e.g. 1,2")
+        seeds = {int(x) for x in args.seeds.split(",")} if args.seeds else None
+        only = set(args.only.split(",")) if args.only else None
+        outs = [per_grid(args.out, p, default_out(p)) for p in args.grid]
+        records = [per_grid(args.record, p, None) for p in args.grid]
+        if len(set(outs)) < len(outs):
+            raise ValueError(f"two grids would share the run directory {outs}: give --out a {{grid}}")
+        try:
+            grids = [load_grid(p) for p in args.grid]
+        except (ValueError, OSError, yaml.YAMLError) as err:
+            raise ValueError(f"grid error: {err}") from err
+        selected = select(grids, only, seeds)
+        counts = run_grids(list(zip(selected, outs, records)), jobs=args.jobs, threads=args.threads,
+                           assets_dir=args.assets, log=log)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    for grid, out, record in zip(grids, outs, records):
+        print(report(grid, out, record=record)["table"])
+    print(json.dumps(counts))
+    return 1 if counts["failed"] else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("grid")
-    r.add_argument("--out")
+    r = sub.add_parser("run", help="run one or several grids (several: one pool, seed-major across them)")
+    r.add_argument("grid", nargs="+")
+    r.add_argument("--out", help="default runs/study/GRID; with several grids, a path with {grid} in it")
     r.add_argument("--jobs", type=int, default=1, help="runs at a time")
     r.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)), help="threads per run")
     r.add_argument("--only", help="comma-separated run names")
     r.add_argument("--seeds", help="comma-separated training seeds (e.g. a grid split across machines, or a warm "
                                    "start whose starting students are here for some seeds only)")
     r.add_argument("--assets", default="runs/assets")
-    r.add_argument("--record", help="the ledger of finished runs (see above)")
+    r.add_argument("--record", help="the ledger of finished runs (see above); with several grids, a path with {grid} "
+                                    "in it, e.g. docs/results/{grid}/ledger")
     p = sub.add_parser("report")
     p.add_argument("grid")
     p.add_argument("--out")
@@ -771,31 +815,15 @@ def main(argv=None) -> int:
         os.replace(os.path.join(args.run_dir, RESULT + ".tmp"), os.path.join(args.run_dir, RESULT))
         print(json.dumps({k: v for k, v in result.items() if k not in ("curves", "sample")}))
         return 0
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.cmd == "run":
+        return _run(args, log)
     try:
         grid = load_grid(args.grid)
     except (ValueError, OSError, yaml.YAMLError) as err:
         print(f"grid error: {err}", file=sys.stderr)
         return 2
     out = args.out or default_out(args.grid)
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    if args.cmd == "run":
-        if args.jobs < 1 or args.threads < 1:
-            print("--jobs and --threads must be >= 1", file=sys.stderr)
-            return 2
-        only = set(args.only.split(",")) if args.only else None
-        try:
-            if args.seeds and not all(x.strip().isdigit() for x in args.seeds.split(",")):
-                raise ValueError(f"--seeds {args.seeds!r}: give comma-separated training seeds, e.g. 1,2")
-            seeds = {int(x) for x in args.seeds.split(",")} if args.seeds else None
-            counts = run_grid(grid, out, jobs=args.jobs, threads=args.threads, only=only, seeds=seeds,
-                              assets_dir=args.assets, log=log, record=args.record)
-        except ValueError as err:
-            print(err, file=sys.stderr)
-            return 2
-        rep = report(grid, out, record=args.record)
-        print(rep["table"])
-        print(json.dumps(counts))
-        return 1 if counts["failed"] else 0
     if args.cmd == "backfill":
         import torch
         torch.set_num_threads(max(1, args.threads))

@@ -401,3 +401,33 @@ def test_run_selects_runs_and_seeds_and_refuses_ones_the_grid_lacks(tmp_path, mo
     for bad in ("1,x", "-1"):
         assert study.main(["run", str(grid_file), "--out", str(tmp_path / "o"), "--seeds", bad]) == 2
     assert started == []
+
+
+def test_run_takes_several_grids_into_one_pool_each_with_its_own_out_and_ledger(tmp_path, monkeypatch, capsys):
+    """`run A.yaml B.yaml --out 'DIR/{grid}' --record 'DIR/{grid}/ledger'`: both grids' runs in one pool, seed-major,
+    each run in its grid's directory and ledger, then each grid's table; several grids with a path that has no
+    {grid} would mix them, and are refused before anything runs."""
+    paths = []
+    for name, runs in (("first", "{a: {method: fkl}, b: {method: rkl}}"), ("second", "{c: {method: skl}}")):
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_text(f"job: pipeline/configs/debug_onpolicy.yaml\nsteps: 2\nseeds: 2\nembedded_pair: false\n"
+                             f"runs: {runs}\n")
+    started = []
+    monkeypatch.setattr(study, "execute", lambda s, out, inputs, threads, log, record=None, cache=None:
+                        started.append((s.name, s.seed, os.path.relpath(out, tmp_path),
+                                        record and os.path.relpath(record, tmp_path))) or True)
+    monkeypatch.setattr(study, "report", lambda grid, out, record=None: {"table": f"table of {grid.runs[0].name}"})
+    args = ["run", *map(str, paths), "--out", str(tmp_path / "{grid}"), "--record", str(tmp_path / "{grid}" / "led")]
+    assert study.main(args + ["--jobs", "1"]) == 0
+    assert started == [("a", 0, "first", "first/led"), ("b", 0, "first", "first/led"), ("c", 0, "second", "second/led"),
+                       ("a", 1, "first", "first/led"), ("b", 1, "first", "first/led"), ("c", 1, "second", "second/led")]
+    printed = capsys.readouterr().out
+    assert "table of a" in printed and "table of c" in printed and '"ran": 6' in printed
+    started.clear()
+    assert study.main(args + ["--seeds", "1", "--only", "c"]) == 0
+    assert started == [("c", 1, "second", "second/led")]
+    started.clear()
+    for bad in (["--record", str(tmp_path / "ledger")], ["--out", str(tmp_path / "o")], ["--only", "d"]):
+        assert study.main(["run", *map(str, paths), *bad]) == 2
+    assert "with several grids, give a path with {grid}" in capsys.readouterr().err
+    assert started == []
