@@ -97,9 +97,14 @@ def _path(p: str, base: str) -> str:
     return p if os.path.isabs(p) else os.path.join(base, p)
 
 
+def grid_name(grid_path: str) -> str:
+    """A grid's name: its file's name without .yaml (runs/study/NAME, the {grid} of `run`'s --out and --record)."""
+    return os.path.splitext(os.path.basename(grid_path))[0]
+
+
 def default_out(grid_path: str) -> str:
-    """Where a grid's runs go unless told: runs/study/GRID (GRID: the file's name without .yaml)."""
-    return os.path.join("runs", "study", os.path.splitext(os.path.basename(grid_path))[0])
+    """Where a grid's runs go unless told: runs/study/GRID."""
+    return os.path.join("runs", "study", grid_name(grid_path))
 
 
 def _init_of(path: str, name: str, init, seeds: int, embedded_pair: bool, chain: tuple) -> dict:
@@ -741,7 +746,7 @@ def _run(args, log) -> int:
         if len(args.grid) > 1 and "{grid}" not in template:
             raise ValueError(f"{template!r}: with several grids, give a path with {{grid}} in it (the grid file's "
                              f"name without .yaml), e.g. docs/results/{{grid}}/ledger")
-        return template.replace("{grid}", os.path.splitext(os.path.basename(path))[0])
+        return template.replace("{grid}", grid_name(path))
 
     try:
         if args.jobs < 1 or args.threads < 1:
