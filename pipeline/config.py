@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -233,8 +234,9 @@ class RolloutConfig:
     vllm_kv_cache_mb: int = 1024
     """vllm: the KV cache of each engine, in MiB (bounded always: unset, vLLM would take most of the memory)."""
     vllm_sleep: bool = True
-    """vllm on GPUs: free the engine's KV cache and move its weights off the GPU while the trainer runs (vLLM's sleep
-    mode; not available on CPUs, where the engine stays as it is)."""
+    """vllm on GPUs: free the engine's KV cache and its weights' GPU memory while the trainer runs (vLLM's sleep mode:
+    the teacher's weights wait in host memory, the student's are dropped and pushed again; not available on CPUs,
+    where the engine stays as it is)."""
     replay_capacity: int = 0
     """Student generations kept per rank for reuse (DistiLLM's replay buffer; 0 = off)."""
     replay_ratio: float = 0.0
@@ -408,8 +410,43 @@ def load_config(path: str | None, overrides: list[str] = (), data_files: bool = 
                 raise ValueError(f"override {arg!r}: {k} is not a section")
         node[keys[-1]] = value
     cfg = _build(Config, data, "")
+    expand_paths(cfg)
     validate(cfg, data_files=data_files)
     return cfg
+
+
+# every field that holds a path (or a list of paths / glob patterns): `~` and `$VAR` / `${VAR}` are expanded as a
+# shell would, so the shipped cluster configs' /scratch/$USER/... mean what they say
+PATH_FIELDS = ("run_dir", "model.teacher_path", "model.student_path", "model.tokenizer_path", "data.files",
+               "data.store", "data.eval_files", "loss.offline_teacher", "loss.teacher_cache",
+               "parallel.ds_student_config", "parallel.ds_teacher_config")
+_VAR = re.compile(r"\$(?:(\w+)|\{([^}]*)\})")
+
+
+def expand_path(value: str, name: str, environ=os.environ) -> str:
+    """`~` and `$VAR` / `${VAR}` expanded; a variable that is not set is an error naming the field (a directory
+    literally named `$USER` is never what a user meant)."""
+    def var(m):
+        key = m.group(1) or m.group(2)
+        if key not in environ:
+            raise ValueError(f"{name}: {value!r} uses ${key}, which is not set in this environment: export it "
+                             f"before the launch or write the path out")
+        return environ[key]
+    return os.path.expanduser(_VAR.sub(var, value))
+
+
+def expand_paths(cfg: Config, environ=os.environ) -> None:
+    """Expand every PATH_FIELDS value of `cfg` in place."""
+    for dotted in PATH_FIELDS:
+        *sections, leaf = dotted.split(".")
+        node = cfg
+        for s in sections:
+            node = getattr(node, s)
+        value = getattr(node, leaf)
+        if isinstance(value, str):
+            setattr(node, leaf, expand_path(value, dotted, environ))
+        elif isinstance(value, list):
+            setattr(node, leaf, [expand_path(v, dotted, environ) if isinstance(v, str) else v for v in value])
 
 
 def _positive(name: str, v, allow_zero=False):

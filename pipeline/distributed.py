@@ -111,13 +111,14 @@ def init(backend: str | None = None, timeout_s: float = 1800, require_group: boo
         die_with_parent()
     if world == 1 and "MASTER_ADDR" not in os.environ and not require_group:
         return Dist(0, 1, 0, None, source)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+    check_gpu_build()
+    gpu = local_device(local, torch.cuda.device_count()) if torch.cuda.is_available() else None
+    os.environ.update(launch_environment(rank, world, local, gpu))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     # a lone process (ZeRO-3 / FSDP2 still need a group) must not collide with another run's default port
     os.environ.setdefault("MASTER_PORT", str(free_port()) if world == 1 else "29500")
-    check_gpu_build()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_device(local, torch.cuda.device_count()))
+    if gpu is not None:
+        torch.cuda.set_device(gpu)
     if not dist.is_initialized():
         try:
             dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), rank=rank,
@@ -132,6 +133,15 @@ def init(backend: str | None = None, timeout_s: float = 1800, require_group: boo
 
 class RendezvousError(RuntimeError):
     pass
+
+
+def launch_environment(rank: int, world: int, local: int, gpu: int | None) -> dict:
+    """The variables this process exports for the libraries that read them. LOCAL_RANK is the index of this
+    rank's GPU among the visible ones, not the launcher's local rank: DeepSpeed's engine and vLLM's external
+    launcher each select cuda:LOCAL_RANK themselves, which under srun --gpus-per-task / --gpu-bind (one visible GPU
+    per task) is cuda:0 for every task, and cuda:3 ("invalid device ordinal") if we passed SLURM_LOCALID on.
+    gpu None (no CUDA): the launcher's local rank."""
+    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local if gpu is None else gpu)}
 
 
 def local_device(local_rank: int, visible: int) -> int:

@@ -2,16 +2,19 @@
 top-1 agreement; results as JSON (and printed).
 
     python -m pipeline.evaluate --checkpoint runs/x/student --config runs/x/config.yaml [--out eval.json]
-        [--blocks 64] [--data.files=[held_out.txt]] [--section.key=value ...]
+        [--blocks 64] [--data.eval_files=[held_out.txt]] [--section.key=value ...]
 
-The teacher and the data come from the (training) config; `--data.files=...` points at held-out text. Evaluation
-runs in one process on full logits, a few sequences at a time.
+The teacher and the data come from the (training) config, for its data kind (text: packed blocks; chat: the
+response tokens of instruction examples); `--data.eval_files=...` points at held-out data. Only the sequences
+evaluated are read and tokenised. Evaluation runs in one process (on its GPU in the training dtype), a few
+sequences at a time, with full-vocabulary logits for at most 1024 positions at once.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 
 import torch
@@ -19,25 +22,51 @@ import torch
 from pipeline import config as C, data, losses, models as M, rollout
 
 
+def hidden_states(model, tokens, attention_mask):
+    """The final (normalised) hidden states [B, T, H] of a causal LM: its decoder without the output layer."""
+    return model.get_decoder()(input_ids=tokens, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
 @torch.no_grad()
+def heldout_metrics(student, teacher, batch: data.Batch, batch_size: int = 4, chunk_tokens: int = 1024) -> dict:
+    """Token means over the loss positions of `batch` (every next token of a packed block; the response tokens of
+    instruction examples): perplexity, KL(teacher || student), KL(student || teacher), teacher top-1 agreement,
+    the student's entropy. Full-vocabulary logits exist for `chunk_tokens` positions at a time: a 152k vocabulary
+    at 4 x 4095 positions would be 10 GB per model in fp32. Padded output rows beyond the shared vocabulary are
+    ignored. One host read at the end."""
+    device = next(student.parameters()).device
+    ws, wt = student.get_output_embeddings().weight, teacher.get_output_embeddings().weight
+    v = min(ws.shape[0], wt.shape[0])
+    ws, wt = ws[:v], wt[:v]
+    fkl, rkl = losses.make_loss("fkl"), losses.make_loss("rkl")
+    totals = torch.zeros(6, dtype=torch.float64, device=device)  # nll, fkl, rkl, agreement, entropy, tokens
+    for i in range(0, batch.tokens.shape[0], batch_size):
+        tokens = batch.tokens[i:i + batch_size].to(device)
+        attn = batch.attention_mask[i:i + batch_size, :-1].to(device)
+        mask = batch.loss_mask[i:i + batch_size].to(device).bool()
+        hs = hidden_states(student, tokens[:, :-1], attn)[mask]  # [N, H]
+        ht = hidden_states(teacher, tokens[:, :-1], attn)[mask]
+        targets = tokens[:, 1:][mask]
+        for j in range(0, targets.numel(), chunk_tokens):
+            zs = (hs[j:j + chunk_tokens] @ ws.t()).float()  # [chunk, V]
+            zt = (ht[j:j + chunk_tokens] @ wt.t()).float()
+            logq = torch.log_softmax(zs, -1)
+            totals += torch.stack([
+                losses.cross_entropy(zs, targets[j:j + chunk_tokens]).sum(), fkl(zs, zt).sum(), rkl(zs, zt).sum(),
+                losses.top1_agreement(zs, zt).sum(), -(logq.exp() * logq).sum(),
+                torch.tensor(float(zs.shape[0]), device=device)]).double()
+    nll, kl_pq, kl_qp, agree, entropy, n = totals.tolist()
+    n = max(n, 1.0)
+    return {"perplexity": math.exp(nll / n), "kl_to_teacher": kl_pq / n, "kl_student_to_teacher": kl_qp / n,
+            "top1_agreement": agree / n, "student_entropy": entropy / n, "tokens": int(n)}
+
+
 def evaluate_models(student, teacher, blocks: torch.Tensor, batch_size: int = 4) -> dict:
-    """Token means over all predicted positions of `blocks` [n, T]."""
+    """Token means over all predicted positions of packed blocks [n, T]: perplexity, KL(teacher || student),
+    teacher top-1 agreement."""
     student.eval()
-    n_tok, nll, kl, agree = 0, 0.0, 0.0, 0.0
-    fkl = losses.make_loss("fkl")
-    for i in range(0, blocks.shape[0], batch_size):
-        ids = blocks[i:i + batch_size].to(next(student.parameters()).device)
-        inputs, targets = ids[:, :-1], ids[:, 1:]
-        zs = student(input_ids=inputs).logits.float()
-        zt = teacher(input_ids=inputs).logits.float()
-        v = min(zs.shape[-1], zt.shape[-1])  # padded output rows beyond the shared vocabulary are ignored
-        zs, zt = zs[..., :v], zt[..., :v]
-        nll += float(losses.cross_entropy(zs, targets).sum())
-        kl += float(fkl(zs, zt).sum())
-        agree += float(losses.top1_agreement(zs, zt).sum())
-        n_tok += targets.numel()
-    return {"perplexity": math.exp(nll / n_tok), "kl_to_teacher": kl / n_tok, "top1_agreement": agree / n_tok,
-            "tokens": n_tok}
+    m = heldout_metrics(student, teacher, data.text_batch(blocks), batch_size)
+    return {k: m[k] for k in ("perplexity", "kl_to_teacher", "top1_agreement", "tokens")}
 
 
 def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
@@ -164,26 +193,84 @@ def instruct_scores(student, teacher, tokenizer, rows: list[dict], d, *, sample_
             "sample": {"prompt": prompts[-1], "reference": refs[-1], "greedy": greedy[-1]}}
 
 
-def evaluate_checkpoint(checkpoint: str, cfg, n_blocks: int, prompts=None) -> dict:
-    """Held-out metrics of an HF student checkpoint against the config's teacher, on `n_blocks` packed sequences of
-    data.eval_files (else the tail of the training data); ROUGE-L too when `prompts` = (prompts, references)."""
-    from transformers import AutoModelForCausalLM
-    tokenizer = M.load_tokenizer(cfg)
-    d = cfg.data
-    held = C.DataConfig(files=d.eval_files or d.files, dataset=None if d.eval_files else d.dataset, format=d.format,
-                        text_field=d.text_field, seq_len=d.seq_len)
-    blocks = data.pack_blocks(data.load_documents(held), tokenizer, held.text_field, held.seq_len)
+def first_blocks(docs, tokenizer, text_field: str, seq_len: int, n: int) -> torch.Tensor:
+    """The first `n` packed blocks [<= n, seq_len] of a document stream (data.pack_blocks' blocks), tokenising only
+    the documents they need."""
+    flat, need = [], n * seq_len
+    for i, row in enumerate(docs):
+        text = data.text_cell(row[text_field], text_field, i)
+        if text:
+            flat += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(flat) >= need:
+            break
+    k = min(len(flat) // seq_len, n)
+    return torch.tensor(flat[: k * seq_len], dtype=torch.long).view(k, seq_len)
+
+
+def heldout_sample(cfg, tokenizer, n: int) -> tuple[data.Batch, str]:
+    """(a batch of at most `n` held-out sequences, where they came from), for the config's data kind, reading only
+    what it needs: data.eval_files' first rows when set; else the tail of the token store (data.store), else the
+    first rows of the last training file (the training data: seen in training, said in the result)."""
+    import dataclasses
+    d, pad = cfg.data, M.pad_id(tokenizer)
+    if d.eval_files:
+        files, where = d.eval_files, "data.eval_files"
+    elif d.store:
+        from pipeline.token_store import TokenStore
+        store = TokenStore(d.store)
+        store.check_tokenizer(tokenizer)
+        rows = store.examples(d) if d.kind == "chat" else store.blocks(d.seq_len)
+        tail = torch.arange(max(len(rows) - n, 0), len(rows))
+        where = f"the last {len(tail)} {'examples' if d.kind == 'chat' else 'blocks'} of data.store (training data)"
+        return (data.collate(*zip(*rows[tail]), pad) if d.kind == "chat" else data.text_batch(rows[tail])), where
+    elif d.files:
+        files = C.resolve_files(d.files)[-1:]
+        where = f"the first rows of {files[0]} (training data)"
+    else:
+        raise ValueError("evaluation needs held-out data: set data.eval_files (or data.store / data.files)")
+    if d.kind == "chat":
+        examples = data.load_examples(dataclasses.replace(d, max_documents=n), tokenizer, files=files, what=where)
+        return data.collate(*zip(*examples[:n]), pad), where
+    held = dataclasses.replace(d, files=files, dataset=None, streaming=True, max_documents=None)
+    blocks = first_blocks(data.load_documents(held, where), tokenizer, d.text_field, d.seq_len, n)
     if blocks.shape[0] == 0:
-        raise ValueError(f"no held-out block of data.seq_len ({d.seq_len}) tokens in the data")
-    # held-out files: any part is unseen, take the first blocks; the training data: its tail
-    blocks = blocks[:n_blocks] if d.eval_files else blocks[-n_blocks:]
+        raise ValueError(f"{where}: no held-out block of data.seq_len ({d.seq_len}) tokens in it")
+    return data.text_batch(blocks), where
+
+
+def check_device(cfg, environ=os.environ) -> None:
+    """Refuse to evaluate a large teacher on CPUs, which takes hours (the eval job without a GPU): say how to get
+    one, or PIPELINE_ALLOW_CPU=1 to mean it."""
+    if torch.cuda.is_available() or environ.get("PIPELINE_ALLOW_CPU") == "1":
+        return
+    params = sum(p.numel() for p in M.meta_model(cfg.model, "teacher").parameters())
+    if params > CPU_EVAL_PARAMS:
+        raise ValueError(f"no GPU here, and the teacher has {params / 1e9:.1f}B parameters (hours on CPUs): submit "
+                         f"the evaluation with a GPU (`sbatch --gpus=1 slurm/eval.sbatch`, or pipeline.submit --eval),"
+                         f" or set PIPELINE_ALLOW_CPU=1")
+
+
+CPU_EVAL_PARAMS = 1_000_000_000  # above this a CPU evaluation is refused unless asked for
+
+
+def evaluate_checkpoint(checkpoint: str, cfg, n_blocks: int, prompts=None) -> dict:
+    """Held-out metrics of an HF student checkpoint against the config's teacher on at most `n_blocks` held-out
+    sequences (heldout_sample; instruction data: on the response tokens); ROUGE-L too when `prompts` = (prompts,
+    references)."""
+    from transformers import AutoModelForCausalLM
+    check_device(cfg)
+    tokenizer = M.load_tokenizer(cfg)
+    batch, where = heldout_sample(cfg, tokenizer, n_blocks)
     # on a GPU in the training dtype (a 7B teacher in fp32 on a CPU takes hours); on CPUs in fp32
     gpu = torch.cuda.is_available()
     dtype = cfg.model.dtype if gpu else "float32"
     device = "cuda" if gpu else "cpu"
-    student = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=M.DTYPES[dtype]).to(device)
+    student = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=M.DTYPES[dtype]).to(device).eval()
     teacher = M.build_model(cfg.model.teacher_path, cfg.model.teacher_config, dtype, cfg.model.init_seed + 1).to(device)
-    scores = evaluate_models(student, teacher.eval(), blocks)
+    scores = heldout_metrics(student, teacher.eval(), batch)
+    if cfg.data.kind == "text":  # the keys a text job's result has always had
+        scores = {k: scores[k] for k in ("perplexity", "kl_to_teacher", "top1_agreement", "tokens")}
+    scores.update(data_kind=cfg.data.kind, sequences=int(batch.tokens.shape[0]), held_out=where)
     if prompts:
         scores["rouge_l"] = rouge_l(generate(student, tokenizer, prompts[0]), prompts[1])
     return scores
@@ -194,7 +281,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", required=True, help="an HF checkpoint directory (e.g. run_dir/student)")
     ap.add_argument("--config", required=True, help="the training config (teacher, tokenizer, data)")
     ap.add_argument("--out", help="write the results JSON here")
-    ap.add_argument("--blocks", type=int, default=64, help="held-out sequences of data.seq_len tokens")
+    ap.add_argument("--blocks", type=int, default=64, help="held-out sequences: blocks of data.seq_len tokens (text), examples (chat)")
     args, overrides = ap.parse_known_args(argv)
     try:
         cfg = C.load_config(args.config, overrides)

@@ -79,7 +79,7 @@ class Run:
 
     def __init__(self, cfg: C.Config, dist_ctx: distributed.Dist):
         from pipeline import models as M
-        from pipeline.parallelize import parallelize
+        from pipeline.parallelize import full_numel, parallelize
         self.cfg, self.dist = cfg, dist_ctx
         engine = vllm_rollout.resolve(cfg.rollout.engine) if cfg.data.kind == "chat" else "hf"
         self.tokenizer = M.load_tokenizer(cfg)
@@ -101,9 +101,9 @@ class Run:
         # the teacher (teacher_fraction)
         wanted = {"student": r.student_fraction > 0 or r.schedule == "adaptive" or self.eval_data is not None,
                   "teacher": r.teacher_fraction > 0}
-        users = {who: vllm_rollout.engine_config(model) for who, model in (("student", student), ("teacher", teacher))
-                 if engine == "vllm" and wanted[who]}
-        for conf in users.values():
+        users = {who: (vllm_rollout.engine_config(model), full_numel(model))
+                 for who, model in (("student", student), ("teacher", teacher)) if engine == "vllm" and wanted[who]}
+        for conf, _ in users.values():
             vllm_rollout.check_supported(conf)  # before the models are sharded
         shard, why = distributed.shard_size_for(dist_ctx.world, cfg.parallel.shard_group_size)
         self.layout = distributed.make_layout(shard)  # the trivial layout without a process group
@@ -112,8 +112,8 @@ class Run:
                                   else None)
         # one vLLM engine per generating model, started before the first step so that a failure to start is an
         # input error, not a crash mid-run; alive until training ends (shutting one down ends the process group)
-        self.engines = {who: vllm_rollout.start(conf, self.vocab, cfg, who, dist_ctx.rank)
-                        for who, conf in users.items()}
+        self.engines = {who: vllm_rollout.start(conf, self.vocab, cfg, who, dist_ctx.rank, params)
+                        for who, (conf, params) in users.items()}
         heads = self.models.heads
         self.chunk_size = cfg.loss.chunk_size or chunk_rows(cfg.loss.chunk_memory_mb, heads.end - heads.start)
         lc = cfg.loss

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 import time
 
@@ -111,12 +112,57 @@ def _engine_env(in_process: bool):
                 os.environ[k] = v
 
 
+# what an engine needs on the GPU beyond its weights and KV cache: the profile run's activations at
+# max_num_batched_tokens, CUDA graphs, the sampler, NCCL and allocator slack
+ENGINE_OVERHEAD_BYTES = 2 << 30
+
+
+def memory_fraction(free: int, total: int, need: int, who: str = "the model") -> float:
+    """gpu_memory_utilization for an engine that starts beside the trainer's models. vLLM refuses to start unless
+    the GPU's free memory is at least that fraction of its total (0.92 by default: never true once the teacher and
+    the student are placed), and with kv_cache_memory_bytes set it sizes nothing else from it: so the fraction is
+    what is free now, less a 2% margin, rounded down. `need` (the engine's weights, KV cache and overhead) must fit
+    in it, else a ValueError says what to lower, before vLLM allocates anything."""
+    usable = math.floor(free * 0.98 / total * 1000) / 1000
+    if usable * total < need:
+        raise ValueError(
+            f"rollout.engine = vllm: the {who} engine needs about {need / 2**30:.1f} GiB of GPU memory (weights, "
+            f"rollout.vllm_kv_cache_mb and ~{ENGINE_OVERHEAD_BYTES >> 30} GiB of activations and CUDA graphs) but "
+            f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB are free once the trainer's models are placed: lower "
+            f"rollout.vllm_kv_cache_mb, shard the teacher (parallel.teacher=shard_group), use more GPUs, or set "
+            f"rollout.engine=hf")
+    return usable
+
+
+@contextlib.contextmanager
+def _rng_kept():
+    """vLLM seeds the global generators of the process it runs in (torch, CUDA, numpy, random) from its `seed`;
+    with the engine inside the trainer that would reset every rank's training RNG. Keep them as they were."""
+    import random
+    import numpy as np
+    state = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+             torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+        if state[3] is not None:
+            torch.cuda.set_rng_state(state[3])
+
+
 class Engine:
     """One vLLM engine for one model on this rank. `version` is what the weights it holds came from (the step of
-    the student's last push; None before the first), so a push happens only when the weights changed."""
+    the student's last push; None before the first or after a sleep that dropped them), so a push happens only when
+    the weights changed.
+
+    sleep (GPUs): between rollouts the engine frees its KV cache and either keeps its weights in host memory (level
+    1: the frozen teacher, pushed once) or drops them (level 2: the student, whose next push overwrites them anyway:
+    no host copy of every rank's student, no copy back)."""
 
     def __init__(self, model_config, vocab_size: int, *, dtype: str, max_model_len: int, kv_cache_mb: int,
-                 seed: int, workdir: str, sleep: bool):
+                 seed: int, workdir: str, sleep: int, params: int = 0):
         _quiet()
         from vllm import LLM
         # the engine's vocabulary is the real one (the trainer's output layers drop padded rows): config only, the
@@ -131,14 +177,20 @@ class Engine:
         # inside a torchrun / srun job: vLLM joins the trainer's process group (one engine per rank, tensor
         # parallel 1); a single process without one: vLLM's own in-process executor
         grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+        memory = {}
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the trainer's cached free blocks count as used in vLLM's measurement
+            free, total = torch.cuda.mem_get_info()
+            need = params * torch.finfo(getattr(torch, dtype)).bits // 8 + (kv_cache_mb << 20) + ENGINE_OVERHEAD_BYTES
+            memory["gpu_memory_utilization"] = memory_fraction(free, total, need, os.path.basename(workdir))
         try:
-            with _engine_env(in_process=not grouped):
+            with _engine_env(in_process=not grouped), _rng_kept():
                 self.llm = LLM(model=workdir, skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
                                seed=seed, max_model_len=max_model_len, kv_cache_memory_bytes=kv_cache_mb << 20,
                                tensor_parallel_size=1,
                                distributed_executor_backend="external_launcher" if grouped else "uni",
-                               enforce_eager=not torch.cuda.is_available(), enable_sleep_mode=sleep,
-                               enable_prefix_caching=True)
+                               enforce_eager=not torch.cuda.is_available(), enable_sleep_mode=bool(sleep),
+                               enable_prefix_caching=True, **memory)
                 # attention kernels reject some shapes only at the first forward: fail here, before training
                 self._generate([[0]], max_new=1, eos_id=None, temperature=0.0, top_p=1.0, seed=0)
         except Exception as e:
@@ -150,13 +202,17 @@ class Engine:
         self._doze()
 
     def _doze(self) -> None:
-        """GPUs: free the KV cache and move the weights to host memory until the next rollout (sleep level 1)."""
+        """GPUs: free the KV cache and keep (level 1) or drop (level 2) the weights until the next rollout."""
         if self.sleep and not self.asleep:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=self.sleep)
             self.asleep = True
+            if self.sleep == 2:
+                self.version = None  # the weights are gone: the next rollout pushes them again
 
     def _wake(self) -> None:
         if self.asleep:
+            # vLLM wakes into its own memory pool: blocks the trainer freed but torch still caches are not free
+            torch.cuda.empty_cache()
             self.llm.wake_up()
             self.asleep = False
 
@@ -231,14 +287,22 @@ def shutdown(engines: dict) -> None:
         engine.llm.llm_engine.engine_core.shutdown()
 
 
-def start(model_config, vocab_size: int, cfg, who: str, rank: int) -> Engine:
-    """This rank's engine for `who` ('student' / 'teacher'): config-only start, then the weights it will first
-    generate with are pushed by generate()."""
+def sleep_level(who: str, cfg) -> int:
+    """0 (no sleep: CPUs, or rollout.vllm_sleep off), 1 for the frozen teacher (its weights are pushed once, kept
+    in host memory while asleep), 2 for the student (its weights change every step: dropped, pushed again)."""
+    if not (torch.cuda.is_available() and cfg.rollout.vllm_sleep):
+        return 0
+    return 1 if who == "teacher" else 2
+
+
+def start(model_config, vocab_size: int, cfg, who: str, rank: int, params: int = 0) -> Engine:
+    """This rank's engine for `who` ('student' / 'teacher', `params` parameters: sizes the memory check on GPUs):
+    config-only start, then the weights it will first generate with are pushed by generate()."""
     r, d = cfg.rollout, cfg.data
     return Engine(model_config, vocab_size, dtype=cfg.model.dtype, max_model_len=d.seq_len,
                   kv_cache_mb=r.vllm_kv_cache_mb, seed=cfg.train.seed,
-                  workdir=os.path.join(cfg.run_dir, "vllm", f"{who}_rank{rank}"),
-                  sleep=torch.cuda.is_available() and r.vllm_sleep)
+                  workdir=os.path.join(cfg.run_dir, "vllm", f"{who}_rank{rank}"), sleep=sleep_level(who, cfg),
+                  params=params)
 
 
 def generate(engine: Engine, models, who: str, prompts: list, *, version, max_new: int, eos_id: int | None,

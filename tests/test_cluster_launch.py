@@ -1,0 +1,234 @@
+"""The decisions a GPU cluster job depends on, taken by the same code on CPUs: the device every library selects under
+each Slurm GPU binding, the vLLM memory fraction from measured free memory, the sleep level per model, the RNG a vLLM
+start leaves alone, `$VAR` / `~` in config paths, and the eval job's held-out data on both cluster configs' data kinds
+(bounded, for the config's data kind)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import config as C, distributed, evaluate, vllm_rollout
+from tests.test_rollout import TEMPLATE
+
+TINY = dict(model_type="llama", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+CLUSTER = "pipeline/configs/cluster_7b_to_1b.yaml"
+CLUSTER_ONPOLICY = "pipeline/configs/cluster_7b_to_1b_onpolicy.yaml"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the GPU each rank and each library uses
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("local, visible, want", [
+    (5, 1, "0"),   # srun --gpus-per-task=1 / --gpu-bind=single: each task sees only its GPU, which is cuda:0
+    (5, 8, "5"),   # all eight visible (torchrun, or srun without binding): the local rank's GPU
+    (0, 8, "0"),
+])
+def test_local_rank_exported_is_the_gpu_index_deepspeed_and_vllm_select(local, visible, want):
+    """DeepSpeed's engine (engine.py: self.local_rank = int(os.environ['LOCAL_RANK']); set_device(local_rank)) and
+    vLLM's external launcher (uniproc_executor: local_rank = int(os.environ['LOCAL_RANK']); cuda:local_rank) both
+    take LOCAL_RANK as a device index: it must be ours, not SLURM_LOCALID."""
+    gpu = distributed.local_device(local, visible)
+    env = distributed.launch_environment(rank=8 + local, world=16, local=local, gpu=gpu)
+    assert env == {"RANK": str(8 + local), "WORLD_SIZE": "16", "LOCAL_RANK": want}
+    assert int(env["LOCAL_RANK"]) < visible  # never an invalid device ordinal
+    # no CUDA (CPU ranks): the launcher's local rank, as before
+    assert distributed.launch_environment(3, 4, 3, None)["LOCAL_RANK"] == "3"
+
+
+def test_init_under_gpu_per_task_binding_sets_cuda0_and_exports_it(monkeypatch):
+    """distributed.init() inside an srun step whose tasks each see one GPU: the device set and the LOCAL_RANK
+    exported agree (cuda:0 on every task), whatever SLURM_LOCALID says."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # the group itself is not under test
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_PROCID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "7")
+    d = distributed.init()
+    assert (d.rank, d.world, d.local_rank) == (7, 8, 7)
+    assert chosen == [0] and os.environ["LOCAL_RANK"] == "0" and os.environ["RANK"] == "7"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vLLM beside the trainer's models
+# ---------------------------------------------------------------------------------------------------------------
+def test_vllm_memory_fraction_is_what_is_free_and_refuses_what_does_not_fit():
+    gib = 2**30
+    # an 80 GB GPU with 30 GiB free after the teacher and the student are placed: vLLM's default 0.92 would refuse
+    frac = vllm_rollout.memory_fraction(30 * gib, 80 * gib, need=8 * gib)
+    assert frac <= 30 / 80 and frac == pytest.approx(30 * 0.98 / 80, abs=1e-3)
+    assert frac * 80 * gib >= 8 * gib
+    # vLLM's own start-up check (utils.request_memory): free >= ceil(total x fraction)
+    assert 30 * gib >= np.ceil(80 * gib * frac)
+    with pytest.raises(ValueError, match="lower rollout.vllm_kv_cache_mb.*rollout.engine=hf"):
+        vllm_rollout.memory_fraction(6 * gib, 80 * gib, need=8 * gib, who="student_rank0")
+
+
+def test_sleep_level_keeps_the_teacher_and_drops_the_student(monkeypatch):
+    cfg = C.Config()
+    assert vllm_rollout.sleep_level("student", cfg) == 0  # CPUs: no sleep mode
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert vllm_rollout.sleep_level("teacher", cfg) == 1 and vllm_rollout.sleep_level("student", cfg) == 2
+    cfg.rollout.vllm_sleep = False
+    assert vllm_rollout.sleep_level("student", cfg) == 0
+
+
+def test_a_vllm_start_leaves_the_trainers_random_generators_as_they_were():
+    """vLLM seeds torch, numpy and random in the process it runs in (its set_random_seed); our engine runs inside
+    the trainer, whose generators must go on as if no engine had started."""
+    def seeded():
+        torch.manual_seed(123)
+        random.seed(5)
+        np.random.seed(6)
+
+    seeded()
+    want = (torch.rand(3), random.random(), np.random.rand())
+    seeded()
+    with vllm_rollout._rng_kept():
+        torch.manual_seed(0)  # what vLLM's set_random_seed does
+        random.seed(0)
+        np.random.seed(0)
+        torch.rand(10)
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# paths in configs
+# ---------------------------------------------------------------------------------------------------------------
+def test_config_paths_expand_user_and_variables_and_refuse_unset_ones(monkeypatch, tmp_path):
+    monkeypatch.setenv("USER", "ada")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    # built, not loaded: the cluster's model paths do not exist here (validation would refuse them)
+    raw = C._build(C.Config, C._read_yaml(CLUSTER), "")
+    C.expand_paths(raw)
+    assert raw.run_dir == "/scratch/ada/runs/amid_7b_1b"
+    assert raw.data.store == "/scratch/ada/stores/fineweb-edu-qwen2.5"
+    assert raw.data.files == ["/data/fineweb-edu/sample/*.parquet"]
+    assert C.expand_path("~/x/${USER}_y", "run_dir") == f"{tmp_path}/x/ada_y"
+    monkeypatch.delenv("USER")
+    with pytest.raises(ValueError, match=r"run_dir: .*\$USER, which is not set"):
+        C.expand_paths(C._build(C.Config, C._read_yaml(CLUSTER), ""))
+
+
+def test_an_unset_variable_in_a_path_stops_the_launch_with_exit_2(monkeypatch, tmp_path, capsys):
+    from pipeline import train
+    monkeypatch.delenv("PIPELINE_TEST_UNSET", raising=False)
+    rc = train.main(["--config", "pipeline/configs/debug_cpu.yaml", "--run_dir=$PIPELINE_TEST_UNSET/run"])
+    assert rc == 2
+    assert "$PIPELINE_TEST_UNSET, which is not set" in capsys.readouterr().err
+    assert not os.path.exists("$PIPELINE_TEST_UNSET")
+    monkeypatch.setenv("PIPELINE_TEST_SET", str(tmp_path))
+    cfg = C.load_config("pipeline/configs/debug_cpu.yaml", ["--run_dir=$PIPELINE_TEST_SET/run"])
+    assert cfg.run_dir == f"{tmp_path}/run"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the eval job on the cluster configs' data kinds
+# ---------------------------------------------------------------------------------------------------------------
+def _tiny_pair(tmp_path):
+    """A tiny student checkpoint on disk and the config overrides that swap the cluster configs' models for tiny
+    random ones (the tokenizer: the tiny one, with a chat template for the messages column)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained("pipeline/configs/assets/tiny_tokenizer")
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(tmp_path / "tok")
+    conf = dict(TINY)
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_config(AutoConfig.for_model(conf.pop("model_type"), **conf))
+    student.save_pretrained(tmp_path / "student")
+    return tmp_path / "student", [
+        "--model.teacher_path=null", "--model.student_path=null", f"--model.tokenizer_path={tmp_path / 'tok'}",
+        f"--model.teacher_config={json.dumps(dict(TINY, num_hidden_layers=2))}",
+        f"--model.student_config={json.dumps(TINY)}", "--model.dtype=float32", f"--run_dir={tmp_path}/run",
+        "--parallel.backend=fsdp2", "--loss.compile=false"]
+
+
+def test_eval_job_on_the_pretraining_cluster_config_reads_a_bounded_sample(monkeypatch, tmp_path):
+    """The text job without data.eval_files, as the cluster config ships: a stand-in corpus of parquet files with
+    its `text` column. Only the blocks evaluated are tokenised (from the last training file), not the corpus."""
+    student, over = _tiny_pair(tmp_path)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    words = open("pipeline/configs/assets/tiny_corpus.txt").read().split()
+    for i in range(3):
+        pd.DataFrame({"text": [" ".join(words[j:j + 120]) for j in range(i * 40, i * 40 + 200 * 40, 40)]}
+                     ).to_parquet(corpus / f"part{i}.parquet")
+    tokenised = []
+    real = evaluate.data.text_cell
+    monkeypatch.setattr(evaluate.data, "text_cell", lambda *a: tokenised.append(1) or real(*a))
+    out = tmp_path / "eval.json"
+    rc = evaluate.main(["--checkpoint", str(student), "--config", CLUSTER, "--out", str(out), "--blocks", "3", *over,
+                        f"--data.files=[{corpus}/*.parquet]", "--data.store=null", "--data.seq_len=64"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["data_kind"] == "text" and res["sequences"] == 3 and res["tokens"] == 3 * 63
+    assert "part2.parquet" in res["held_out"] and res["kl_to_teacher"] > 0 and res["perplexity"] > 1
+    assert 0 < len(tokenised) < 20, len(tokenised)  # a few documents of the 600, not the corpus
+
+
+def test_eval_job_on_the_onpolicy_cluster_config_scores_response_tokens_of_its_chat_data(tmp_path):
+    """The chat job (messages column, no `text` column: this used to exit 2), with its data.eval_files."""
+    student, over = _tiny_pair(tmp_path)
+    rows = [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"it is {2 * i}, the sum of {i} and {i}."}]}
+            for i in range(30)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "test_sft.parquet")
+    out = tmp_path / "eval.json"
+    rc = evaluate.main(["--checkpoint", str(student), "--config", CLUSTER_ONPOLICY, "--out", str(out),
+                        "--blocks", "5", *over, f"--data.files=[{tmp_path}/test_sft.parquet]", "--data.store=null",
+                        f"--data.eval_files=[{tmp_path}/test_sft.parquet]", "--data.seq_len=64",
+                        "--data.max_prompt_len=24", "--rollout.max_new_tokens=32"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["data_kind"] == "chat" and res["sequences"] == 5 and res["held_out"] == "data.eval_files"
+    # response tokens only: each answer is shorter than its prompt + answer
+    assert 5 <= res["tokens"] < 5 * 40
+    assert res["kl_to_teacher"] > 0 and res["kl_student_to_teacher"] > 0 and 0 <= res["top1_agreement"] <= 1
+
+
+def test_heldout_metrics_in_chunks_equal_full_logits_in_float64():
+    """The eval job's chunked metrics against full-vocabulary logits computed in float64, on a padded batch."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    conf = dict(TINY)
+    hf = AutoConfig.for_model(conf.pop("model_type"), **conf)
+    torch.manual_seed(0)
+    s, t = AutoModelForCausalLM.from_config(hf).eval(), AutoModelForCausalLM.from_config(hf).eval()
+    batch = evaluate.data.collate([[5, 6, 7], [8, 9]], [[20, 21, 22, 23], [30, 31]], pad_id=0)
+    got = evaluate.heldout_metrics(s, t, batch, batch_size=1, chunk_tokens=2)
+    with torch.no_grad():
+        zs = s(input_ids=batch.tokens[:, :-1], attention_mask=batch.attention_mask[:, :-1]).logits.double()
+        zt = t(input_ids=batch.tokens[:, :-1], attention_mask=batch.attention_mask[:, :-1]).logits.double()
+    m = batch.loss_mask.bool()
+    p, q = zt[m].softmax(-1), zs[m].softmax(-1)
+    targets = batch.tokens[:, 1:][m]
+    assert got["tokens"] == int(m.sum()) == 6
+    assert got["kl_to_teacher"] == pytest.approx(float((p * (p.log() - q.log())).sum(-1).mean()), rel=1e-5)
+    assert got["kl_student_to_teacher"] == pytest.approx(float((q * (q.log() - p.log())).sum(-1).mean()), rel=1e-5)
+    assert got["perplexity"] == pytest.approx(float((-q.log()[torch.arange(6), targets]).mean().exp()), rel=1e-5)
+    assert got["student_entropy"] == pytest.approx(float(-(q * q.log()).sum(-1).mean()), rel=1e-5)
+    assert got["top1_agreement"] == float((p.argmax(-1) == q.argmax(-1)).double().mean())
+
+
+def test_eval_refuses_a_large_teacher_on_cpus_unless_asked(monkeypatch):
+    cfg = C.Config()
+    cfg.model.teacher_config = dict(TINY, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                    num_attention_heads=16, num_key_value_heads=4, vocab_size=151936)
+    monkeypatch.delenv("PIPELINE_ALLOW_CPU", raising=False)
+    with pytest.raises(ValueError, match=r"teacher has 1\.\dB parameters.*--gpus=1"):
+        evaluate.check_device(cfg)
+    evaluate.check_device(cfg, {"PIPELINE_ALLOW_CPU": "1"})
+    cfg.model.teacher_config = dict(TINY)
+    evaluate.check_device(cfg)  # a small teacher evaluates on CPUs
