@@ -49,18 +49,26 @@ class NonFiniteState(CheckpointError):
 
 
 class RngState:
-    """Python, numpy, torch and CUDA generator states of this process, as a Stateful."""
+    """Python, numpy, torch and CUDA generator states of this process, as a Stateful. CUDA: the generator of this
+    rank's own GPU only. Every visible GPU's (get_rng_state_all) would tie the checkpoint to the GPU binding it was
+    written under: a resume where each task sees one GPU instead of eight (or the reverse) could not restore it, and
+    a rank never draws on another rank's GPU."""
 
     def state_dict(self) -> dict:
         return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
     def load_state_dict(self, s: dict) -> None:
         torch.set_rng_state(s["torch"])
         random.setstate(s["python"])
         np.random.set_state(s["numpy"])
-        if s.get("cuda") is not None:
-            torch.cuda.set_rng_state_all(s["cuda"])
+        cuda = s.get("cuda")
+        if cuda is None or not torch.cuda.is_available():
+            return
+        if isinstance(cuda, (list, tuple)):  # a checkpoint holding one state per visible GPU: this rank's
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda)
 
 
 def _dir(run_dir: str) -> str:

@@ -108,10 +108,12 @@ class LossConfig:
     that keep the chunk's working set (about 8 fp32 copies of [chunk, V / shard group]) within chunk_memory_mb."""
     chunk_memory_mb: float = 256.0
     """Memory budget of one loss chunk when chunk_size is None."""
-    matmul_precision: str = "highest"
-    """The loss's output-layer matmuls: highest (fp32), high (TF32 on GPUs; fp32 on CPUs, which have no TF32) or
-    bf16 (bf16 operands, fp32 accumulation and output). Softmax, divergences and gradients stay fp32 in all three;
-    the README lists each setting's measured error against float64."""
+    matmul_precision: str = "auto"
+    """The loss's output-layer matmuls: highest (fp32), high (TF32 on GPUs; fp32 on CPUs, which have no TF32), bf16
+    (bf16 operands, fp32 accumulation and output) or auto: bf16 on GPUs for a bf16 model, high on GPUs for an fp32
+    one, highest on CPUs (fp32 matmuls run at about a tenth of the bf16 rate on an H100; the model's own matmuls are
+    bf16 already). Softmax, divergences and gradients stay fp32 in all of them; the README lists each setting's
+    measured error against float64. A run records the setting auto chose."""
     compile: bool = False
     """torch.compile the per-chunk loss (faster; one compile per run)."""
     offline_teacher: str | None = None
@@ -182,7 +184,8 @@ class ParallelConfig:
     ds_teacher_config: str = "ds_configs/zero3_teacher.json"
     """DeepSpeed JSON for the frozen teacher (stage 3 inference: no optimizer)."""
     fsdp_param_dtype: str = "float32"
-    """FSDP2 mixed precision: dtype of gathered parameters for compute (float32 or bfloat16)."""
+    """FSDP2 mixed precision: dtype of gathered parameters for compute (float32 or bfloat16), student and teacher
+    alike; a bfloat16 model computes in bf16 either way (its fp32 master shards are gathered as bf16)."""
     fsdp_reduce_dtype: str = "float32"
     """FSDP2 mixed precision: dtype of gradient reduction."""
     shard_group_size: int | None = None
@@ -415,6 +418,21 @@ def load_config(path: str | None, overrides: list[str] = (), data_files: bool = 
     return cfg
 
 
+def matmul_precision(requested: str, cuda: bool, dtype: str) -> str:
+    """loss.matmul_precision with auto resolved for this device and model dtype."""
+    if requested != "auto":
+        return requested
+    if not cuda:
+        return "highest"
+    return "bf16" if dtype == "bfloat16" else "high"
+
+
+def resolve_for_device(cfg: Config, cuda: bool) -> None:
+    """Settings whose default depends on the device, fixed once the process knows it (before the run directory
+    records the config): a resume on the same kind of device resolves them the same way."""
+    cfg.loss.matmul_precision = matmul_precision(cfg.loss.matmul_precision, cuda, cfg.model.dtype)
+
+
 # every field that holds a path (or a list of paths / glob patterns): `~` and `$VAR` / `${VAR}` are expanded as a
 # shell would, so the shipped cluster configs' /scratch/$USER/... mean what they say
 PATH_FIELDS = ("run_dir", "model.teacher_path", "model.student_path", "model.tokenizer_path", "data.files",
@@ -541,8 +559,8 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
     if lc.chunk_size is not None:
         _positive("loss.chunk_size", lc.chunk_size)
     _positive("loss.chunk_memory_mb", lc.chunk_memory_mb)
-    if lc.matmul_precision not in ("highest", "high", "bf16"):
-        raise ValueError(f"loss.matmul_precision must be highest, high or bf16, got {lc.matmul_precision!r}")
+    if lc.matmul_precision not in ("auto", "highest", "high", "bf16"):
+        raise ValueError(f"loss.matmul_precision must be auto, highest, high or bf16, got {lc.matmul_precision!r}")
     t = lc.taid
     try:
         losses.TaidSchedule(total_steps=max(cfg.train.steps, 1), t_start=t.t_start, t_end=t.t_end, alpha=t.alpha,

@@ -332,8 +332,9 @@ def apply_fsdp2(student, teacher, cfg, layout: Layout, placement: str) -> None:
     apply_fsdp(student, layout.mesh if layout.replicas > 1 else layout.mesh["shard"], student_mp)
     if teacher is None:
         return
-    mp = MixedPrecisionPolicy(param_dtype=M.DTYPES[cfg.parallel.fsdp_param_dtype],
-                              reduce_dtype=M.DTYPES[cfg.parallel.fsdp_reduce_dtype])
+    # the frozen teacher computes in bf16 whenever the student does (a bf16 model, or bf16 gathers asked for): an
+    # fp32 forward of a sharded bf16 teacher would upcast every gathered block for no gain
+    mp = MixedPrecisionPolicy(param_dtype=student_mp.param_dtype, reduce_dtype=M.DTYPES[cfg.parallel.fsdp_reduce_dtype])
     if placement == "replicate":
         teacher.to(device())
     elif placement == "shard_group" or layout.replicas == 1:

@@ -496,6 +496,7 @@ def main(argv=None) -> int:
     except distributed.RendezvousError as e:
         print(f"launch error: {e}", file=sys.stderr)
         return 1
+    C.resolve_for_device(cfg, torch.cuda.is_available())
     lock = rundir.RunLock(cfg.run_dir)
     try:
         return _run(cfg, dist_ctx, lock, sys.argv[1:] if argv is None else list(argv))

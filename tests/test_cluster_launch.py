@@ -232,3 +232,33 @@ def test_eval_refuses_a_large_teacher_on_cpus_unless_asked(monkeypatch):
     evaluate.check_device(cfg, {"PIPELINE_ALLOW_CPU": "1"})
     cfg.model.teacher_config = dict(TINY)
     evaluate.check_device(cfg)  # a small teacher evaluates on CPUs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# device-dependent defaults and state
+# ---------------------------------------------------------------------------------------------------------------
+def test_loss_matmul_precision_auto_by_device_and_dtype():
+    assert C.matmul_precision("auto", cuda=False, dtype="bfloat16") == "highest"  # CPUs: no TF32, bf16 gains little
+    assert C.matmul_precision("auto", cuda=True, dtype="bfloat16") == "bf16"
+    assert C.matmul_precision("auto", cuda=True, dtype="float32") == "high"
+    assert C.matmul_precision("highest", cuda=True, dtype="bfloat16") == "highest"  # asked for: kept
+    cfg = C.load_config("pipeline/configs/debug_cpu.yaml")
+    assert cfg.loss.matmul_precision == "auto"
+    C.resolve_for_device(cfg, cuda=False)
+    assert cfg.loss.matmul_precision == "highest"  # what a CPU run records (and always recorded)
+
+
+def test_rng_state_holds_this_ranks_gpu_only(monkeypatch):
+    """A checkpoint written with eight visible GPUs resumes where each task sees one, and the reverse."""
+    from pipeline.checkpoint import RngState
+    mine, other, restored = torch.tensor([7], dtype=torch.uint8), torch.tensor([9], dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: mine)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every visible GPU's state saved"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    state = RngState().state_dict()
+    assert state["cuda"] is mine
+    RngState().load_state_dict(state)
+    RngState().load_state_dict(dict(state, cuda=[other, mine]))  # one state per visible GPU: this rank's (1)
+    assert restored == [mine, mine]
