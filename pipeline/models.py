@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline import loading
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -114,15 +116,27 @@ def preflight(cfg, tokenizer) -> None:
     check_same_tokenizer(cfg, tokenizer)
 
 
+def build_for_training(path: str | None, config: dict | None, dtype: str, seed: int) -> nn.Module:
+    """A checkpoint with safetensors files: the model empty (parameters on meta, loading.empty_model), so that the
+    backend places or shards it and each rank then reads only what it holds (loading.load_local); otherwise (a
+    config, or a checkpoint that cannot be read by rows) as build_model does."""
+    if path is not None:
+        model = loading.empty_model(path, DTYPES[dtype])
+        if model is not None:
+            return model
+    return build_model(path, config, dtype, seed)
+
+
 def build_models(cfg, tokenizer) -> tuple[nn.Module, nn.Module | None, int]:
-    """(student in train mode, teacher in eval mode with requires_grad False, real vocab size). With
-    loss.offline_teacher no teacher is loaded (None): its top-k comes from the cache."""
+    """(student in train mode, teacher in eval mode with requires_grad False, real vocab size); a model from a
+    checkpoint may still be empty (loading.is_empty: parallelize loads it). With loss.offline_teacher no teacher is
+    loaded (None): its top-k comes from the cache."""
     m = cfg.model
     teacher = None
     if not cfg.loss.offline_teacher:
-        teacher = build_model(m.teacher_path, m.teacher_config, m.dtype, m.init_seed + 1)
+        teacher = build_for_training(m.teacher_path, m.teacher_config, m.dtype, m.init_seed + 1)
         teacher.eval().requires_grad_(False)
-    student = build_model(m.student_path, m.student_config, m.dtype, m.init_seed)
+    student = build_for_training(m.student_path, m.student_config, m.dtype, m.init_seed)
     student.train()
     vocab = check_vocab(student, teacher if teacher is not None else student, tokenizer)
     return student, teacher, vocab

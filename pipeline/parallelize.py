@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pipeline import models as M
+from pipeline import loading, models as M
 from pipeline.distributed import Layout
 from pipeline.vocab_parallel import gather_shards, shard_range
 
@@ -336,7 +336,8 @@ def apply_fsdp2(student, teacher, cfg, layout: Layout, placement: str) -> None:
     # fp32 forward of a sharded bf16 teacher would upcast every gathered block for no gain
     mp = MixedPrecisionPolicy(param_dtype=student_mp.param_dtype, reduce_dtype=M.DTYPES[cfg.parallel.fsdp_reduce_dtype])
     if placement == "replicate":
-        teacher.to(device())
+        if not loading.is_empty(teacher):  # an empty one is read onto the device after sharding the student
+            teacher.to(device())
     elif placement == "shard_group" or layout.replicas == 1:
         apply_fsdp(teacher, layout.mesh["shard"], mp)
     else:  # shard over every rank: a 1-D mesh of the world
@@ -586,8 +587,12 @@ def parallelize(student, teacher, vocab_size: int, cfg, layout: Layout, log=None
     from pipeline.distributed import device
     tied = is_tied(student)
     dtype = student.get_input_embeddings().weight.dtype
-    ws = M.detach_head(student)
-    wt = M.detach_head(teacher, copy=False) if teacher is not None else None
+    # an empty model (loading.empty_model) hands OutputHeads a RowSource: each rank reads only its vocabulary rows
+    sources = {id(m): loading.head_source(m, _head_name(m)) for m in (student, teacher) if loading.is_empty(m)}
+    ws = sources.get(id(student)) or M.detach_head(student)
+    wt = sources.get(id(teacher)) or (M.detach_head(teacher, copy=False) if teacher is not None else None)
+    for m in (m for m in (student, teacher) if id(m) in sources):
+        M.detach_head(m, copy=False)
     heads = OutputHeads(ws, wt, vocab_size, layout, cfg.optim, device(), tied=tied)
     if tied:  # before any backend wraps the body: the embedding leaves it for the head's rows
         student.set_input_embeddings(TiedEmbedding(heads, dtype))
@@ -597,15 +602,36 @@ def parallelize(student, teacher, vocab_size: int, cfg, layout: Layout, log=None
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     backend = cfg.parallel.backend
     if backend == "none":
-        return TorchModels(student.to(device()), teacher.to(device()) if teacher is not None else None, heads, cfg)
+        return TorchModels(_placed(student, device()), _placed(teacher, device()), heads, cfg)
     placement, why = "none", "no teacher"
     if teacher is not None:
         size = sum(p.numel() * p.element_size() for p in teacher.parameters())
         placement, why = teacher_placement(cfg.parallel.teacher, size, layout, cfg.parallel.teacher_replicate_fraction)
     if log is not None:
         log(f"layout: {layout.replicas} replica group(s) x {layout.shard_size} ranks; teacher: {placement} ({why})")
-    # ZeRO-3 and FSDP2 place the shards on the device themselves (never the whole model at once)
     if backend == "fsdp2":
+        # FSDP2 shards the empty models, then each rank reads its own shards into device memory
         apply_fsdp2(student, teacher, cfg, layout, placement)
+        for m in (m for m in (student, teacher) if loading.is_empty(m)):
+            loading.load_local(m, device())
         return TorchModels(student, teacher, heads, cfg, sharded=True)
+    # ZeRO-3 partitions a whole model it is given (every rank reads the body in full, on the host); a replicated
+    # teacher is read straight into device memory
+    student = _placed(student, "cpu")
+    teacher = _placed(teacher, device() if placement == "replicate" else "cpu")
     return DeepSpeedModels(*init_deepspeed(student, teacher, cfg, layout, placement), heads, cfg)
+
+
+def _head_name(model: nn.Module) -> str:
+    return next(n for n, p in model.named_parameters(remove_duplicate=False)
+                if p is model.get_output_embeddings().weight)
+
+
+def _placed(model: nn.Module | None, where) -> nn.Module | None:
+    """The model on `where`: an empty one read there from its checkpoint, a built one moved."""
+    if model is None:
+        return None
+    if loading.is_empty(model):
+        loading.load_local(model, where)
+        return model
+    return model.to(where)
