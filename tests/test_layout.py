@@ -185,8 +185,9 @@ def test_chunk_rows_fit_the_budget():
     assert chunk_rows(1, 10**6) == 64  # never below one useful chunk
 
 
-def test_plan_prints_memory_and_time_and_the_layout_changes_them(capsys):
+def test_plan_prints_memory_and_time_and_the_layout_changes_them(capsys, monkeypatch):
     from pipeline import plan
+    monkeypatch.setenv("USER", "ada")  # the cluster config's paths name $USER (CI's environment may lack it)
     shapes = ["--model.teacher_path=pipeline/configs/assets/shapes/qwen2.5-7b-instruct",
               "--model.student_path=pipeline/configs/assets/shapes/qwen2.5-1.5b", "--train.global_batch_size=null"]
     assert plan.main(["--config", "pipeline/configs/cluster_7b_to_1b.yaml", "--nodes", "4", "--gpus-per-node", "8",
