@@ -84,11 +84,11 @@ def train(name: str, argv: list[str], out: str) -> int:
     step = T.train_step
 
     def timed(run, **kw):
-        before, t0 = sync.count, time.perf_counter()
+        n, before, t0 = run.step, sync.count, time.perf_counter()
         s = step(run, **kw)
         if sync.cuda:
             torch.cuda.synchronize()
-        steps.append({"step": run.step, "seconds": round(time.perf_counter() - t0, 4), "syncs": sync.count - before,
+        steps.append({"step": n, "seconds": round(time.perf_counter() - t0, 4), "syncs": sync.count - before,
                       "loss": s.get("loss/total"),
                       "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if sync.cuda else None})
         return s

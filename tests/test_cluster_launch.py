@@ -50,15 +50,17 @@ def test_init_under_gpu_per_task_binding_sets_cuda0_and_exports_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # the group itself is not under test
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("SLURM_STEP_ID", "0")
-    monkeypatch.setenv("SLURM_PROCID", "7")
-    monkeypatch.setenv("SLURM_NTASKS", "8")
-    monkeypatch.setenv("SLURM_LOCALID", "7")
-    d = distributed.init()
-    assert (d.rank, d.world, d.local_rank) == (7, 8, 7)
-    assert chosen == [0] and os.environ["LOCAL_RANK"] == "0" and os.environ["RANK"] == "7"
+    saved = dict(os.environ)  # init() exports variables; every one must be gone again after this test
+    try:
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+            os.environ.pop(k, None)
+        os.environ.update(SLURM_STEP_ID="0", SLURM_PROCID="7", SLURM_NTASKS="8", SLURM_LOCALID="7")
+        d = distributed.init()
+        assert (d.rank, d.world, d.local_rank) == (7, 8, 7)
+        assert chosen == [0] and os.environ["LOCAL_RANK"] == "0" and os.environ["RANK"] == "7"
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 # ---------------------------------------------------------------------------------------------------------------
