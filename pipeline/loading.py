@@ -151,12 +151,9 @@ def _local_rows(p: Tensor) -> tuple[Tensor, int]:
     return p, 0
 
 
-@torch.no_grad()
-def load_local(model: nn.Module, device: torch.device | str) -> None:
-    """Give an empty model's parameters memory on `device` (each rank only its shards, under FSDP2) and fill them
-    with the rows this rank holds, read from its checkpoint; buffers keep their constructed values unless the
-    checkpoint holds them. Then the checkpoint is closed."""
-    ckpt = model.source_checkpoint
+def materialise(model: nn.Module, device: torch.device | str) -> dict[str, str]:
+    """Give an empty model's parameters (uninitialised) memory on `device`, each rank only its shards under FSDP2;
+    buffers keep their constructed values. Returns {parameter name: its checkpoint name}."""
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     shared: dict[int, list[str]] = {}  # a tied embedding and output layer are one parameter under two names
     for n, p in model.named_parameters(remove_duplicate=False):
@@ -168,10 +165,51 @@ def load_local(model: nn.Module, device: torch.device | str) -> None:
         for n in others:
             owner, _, leaf = n.rpartition(".")
             setattr(model.get_submodule(owner), leaf, param)
-    for name, b in model.named_buffers():
-        b.copy_(ckpt.rows(name, 0, b.shape[0] if b.dim() else 1) if name in ckpt else buffers[name])
+    ckpt = model.source_checkpoint
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(ckpt.rows(name, 0, b.shape[0] if b.dim() else 1) if name in ckpt else buffers[name])
+    return names
+
+
+@torch.no_grad()
+def load_local(model: nn.Module, device: torch.device | str) -> None:
+    """An empty model (plain, or sharded by FSDP2) on `device`, filled with the rows this rank holds, read from its
+    checkpoint; then the checkpoint is closed."""
+    names = materialise(model, device)
     for name, p in model.named_parameters():
         local, start = _local_rows(p)
         if local.numel():
-            local.copy_(ckpt.rows(names[name], start, start + local.shape[0]))
+            local.copy_(model.source_checkpoint.rows(names[name], start, start + local.shape[0]))
+    model.source_checkpoint.close()
+
+
+@torch.no_grad()
+def load_zero3(model: nn.Module, device: torch.device | str, ds_config: dict) -> None:
+    """An empty model partitioned by DeepSpeed ZeRO-3 before its engine is built, each rank reading only the rows
+    that cover its partition of each parameter. zero.Init(module=...) partitions the uninitialised parameters one at
+    a time (what it broadcasts from rank 0 is overwritten here), so a rank never holds more than one whole parameter;
+    the engine then finds the parameters partitioned and builds its optimizer from the partitions filled here."""
+    import deepspeed
+    import torch.distributed as dist
+    names = materialise(model, device)
+    if dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the group (its config reads the world)
+    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
+    ckpt = model.source_checkpoint
+    for name, p in model.named_parameters():
+        part, total = p.ds_tensor, p.ds_numel
+        row = 1
+        for d in p.ds_shape[1:]:
+            row *= d
+        rank = dist.get_rank(group=getattr(p, "ds_process_group", None)) if dist.is_initialized() else 0
+        start = part.ds_numel * rank  # ZeRO-3's partition: a contiguous range of the flattened parameter
+        part.zero_()
+        if start < total:
+            end = min(start + part.ds_numel, total)
+            first, last = start // row, -(-end // row)
+            flat = ckpt.rows(names[name], first, last).reshape(-1)
+            part[: end - start].copy_(flat[start - first * row: end - first * row])
+        if p.numel() == total:  # a persistent (small) parameter stays whole on every rank besides its partition
+            p.data.copy_(ckpt.rows(names[name], 0, p.ds_shape[0]).reshape(p.shape))
     ckpt.close()

@@ -476,13 +476,16 @@ def init_deepspeed(student, teacher, cfg, layout: Layout, placement: str):
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     world, p = layout.world, cfg.parallel
     hpz = layout.shard_size if 1 < layout.shard_size < world else 1
-    engine, *_ = deepspeed.initialize(model=student, optimizer=build_adamw(student.parameters(), cfg.optim),
-                                      config=deepspeed_config(p.ds_student_config, cfg, world, train=True, hpz=hpz))
+    ds = deepspeed_config(p.ds_student_config, cfg, world, train=True, hpz=hpz)
+    if loading.is_empty(student):
+        loading.load_zero3(student, device(), ds)
+    engine, *_ = deepspeed.initialize(model=student, optimizer=build_adamw(student.parameters(), cfg.optim), config=ds)
     if teacher is None or placement == "replicate":
         return engine, None, teacher.to(device()) if teacher is not None else None
-    teacher_engine, *_ = deepspeed.initialize(
-        model=teacher, config=deepspeed_config(p.ds_teacher_config, cfg, world, train=False,
-                                               hpz=hpz if placement == "shard_group" else 1))
+    ds = deepspeed_config(p.ds_teacher_config, cfg, world, train=False, hpz=hpz if placement == "shard_group" else 1)
+    if loading.is_empty(teacher):
+        loading.load_zero3(teacher, device(), ds)
+    teacher_engine, *_ = deepspeed.initialize(model=teacher, config=ds)
     teacher_engine.eval()
     return engine, teacher_engine, teacher_engine.module
 
@@ -615,10 +618,10 @@ def parallelize(student, teacher, vocab_size: int, cfg, layout: Layout, log=None
         for m in (m for m in (student, teacher) if loading.is_empty(m)):
             loading.load_local(m, device())
         return TorchModels(student, teacher, heads, cfg, sharded=True)
-    # ZeRO-3 partitions a whole model it is given (every rank reads the body in full, on the host); a replicated
-    # teacher is read straight into device memory
-    student = _placed(student, "cpu")
-    teacher = _placed(teacher, device() if placement == "replicate" else "cpu")
+    # a replicated teacher is read straight into device memory; empty models that ZeRO-3 partitions are read by
+    # init_deepspeed, each rank its partitions
+    if placement == "replicate":
+        teacher = _placed(teacher, device())
     return DeepSpeedModels(*init_deepspeed(student, teacher, cfg, layout, placement), heads, cfg)
 
 

@@ -44,7 +44,7 @@ def _check_worker(rank, world, backend, teacher_placement, tmp, tied):
     cfg = C.load_config("pipeline/configs/debug_cpu.yaml", [
         f"--model.teacher_path={teacher_dir}", f"--model.student_path={student_dir}", f"--model.tokenizer_path={tok}",
         "--model.teacher_config=null", "--model.student_config=null", f"--parallel.backend={backend}",
-        f"--parallel.teacher={teacher_placement}", f"--run_dir={tmp}/run"])
+        f"--parallel.teacher={teacher_placement}", f"--run_dir={tmp}/run", "--train.grad_accum=1"])
     student, teacher, vocab = M.build_models(cfg, M.load_tokenizer(cfg))
     assert loading.is_empty(student) and loading.is_empty(teacher)  # nothing read yet
     readers = (student.source_checkpoint, teacher.source_checkpoint)
@@ -57,9 +57,18 @@ def _check_worker(rank, world, backend, teacher_placement, tmp, tied):
         want = ref.state_dict()
         for name, t in iter_full_state(body):
             assert torch.equal(t.float(), want[name].float()), (who, name)
-    if backend == "fsdp2" and world > 1:
-        # each rank read about its share of the student and of a sharded teacher; a replicated teacher's body in
-        # full (its output layer's rows are shared out in both cases)
+    # the optimizer starts from what was read (ZeRO-3 builds its fp32 masters from the partitions filled before the
+    # engine): a step at a negligible learning rate leaves the student where the checkpoint put it
+    models.set_lr(1e-9)
+    ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(rank))
+    models.backward(models.student_hidden(ids, torch.ones_like(ids)).float().pow(2).mean())
+    models.step(False)
+    want = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).state_dict()
+    for name, t in iter_full_state(models.student):
+        torch.testing.assert_close(t.float(), want[name].float(), atol=1e-6, rtol=0, msg=name)
+    if world > 1:
+        # each rank read about its share of the student and of a sharded teacher (ZeRO-3: the rows covering its
+        # partitions); a replicated teacher's body in full (its output layer's rows are shared out in every case)
         for ckpt, path, sharded in ((readers[0], student_dir, True), (readers[1], teacher_dir,
                                                                           teacher_placement != "replicate")):
             total = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
