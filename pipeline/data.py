@@ -271,9 +271,19 @@ class Batch:
     teacher_hidden: Tensor | None = None    # [loss rows, H]: the teacher's stored hidden states (loss.teacher_cache)
 
     def to(self, device) -> "Batch":
-        move = (lambda t: None if t is None else t.to(device))
-        return Batch(*(move(t) for t in (self.tokens, self.attention_mask, self.loss_mask, self.teacher_logprobs,
-                                         self.teacher_ids, self.teacher_hidden)))
+        return Batch(*(None if t is None else to_device(t, device) for t in (
+            self.tokens, self.attention_mask, self.loss_mask, self.teacher_logprobs, self.teacher_ids,
+            self.teacher_hidden)))
+
+
+def to_device(t: Tensor, device) -> Tensor:
+    """A host tensor on `device`. To a GPU through pinned memory without blocking: a blocking copy from pageable
+    memory is a host synchronisation (cudaMemcpy, then a stream sync) per tensor, several per micro-batch. The
+    pinned buffer comes from torch's caching host allocator, which keeps it until the copy has run."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def text_batch(block) -> Batch:

@@ -231,7 +231,9 @@ def heldout_sample(cfg, tokenizer, n: int) -> tuple[data.Batch, str]:
     if d.kind == "chat":
         examples = data.load_examples(dataclasses.replace(d, max_documents=n), tokenizer, files=files, what=where)
         return data.collate(*zip(*examples[:n]), pad), where
-    held = dataclasses.replace(d, files=files, dataset=None, streaming=True, max_documents=None)
+    # one file (or the held-out files) as an Arrow table, read lazily row by row; not streamed: a stream's reader
+    # threads would outlive it in this process
+    held = dataclasses.replace(d, files=files, dataset=None, streaming=False, max_documents=None)
     blocks = first_blocks(data.load_documents(held, where), tokenizer, d.text_field, d.seq_len, n)
     if blocks.shape[0] == 0:
         raise ValueError(f"{where}: no held-out block of data.seq_len ({d.seq_len}) tokens in it")

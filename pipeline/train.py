@@ -283,7 +283,8 @@ def train_step(run: Run, stats_wanted: bool = True) -> dict:
         attn = mb.attention_mask[:, :-1] if plan.padded else None  # None: no padding (nothing for HF to check)
         hs = models.student_hidden(inputs, attn)                           # [B, T-1, Hs]
         n = targets.numel()
-        keep = (lambda x: x) if plan.rows is None else (lambda x, i=plan.rows.to(dev): x.index_select(0, i))
+        rows = None if plan.rows is None else data.to_device(plan.rows, dev)
+        keep = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))
         weight = torch.full((plan.n_rows,), (float("nan") if poison else 1.0) / count, device=dev)
         if mb.teacher_logprobs is not None:  # loss.offline_teacher: the stored top-k [B, T-1, k], no teacher model
             k = mb.teacher_logprobs.shape[-1]
