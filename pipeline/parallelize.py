@@ -456,6 +456,12 @@ def deepspeed_config(path: str, cfg, world: int, *, train: bool, hpz: int = 1) -
         # ZeRO-3 reduces gradients in the model's dtype unless told otherwise: bf16 sums over hundreds of ranks
         # lose the small contributions. fp32 unless the JSON chose.
         ds.setdefault("communication_data_type", "fp32")
+        offload = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
+        if offload.get("device") in ("cpu", "nvme"):
+            # ZeRO-Offload steps the fp32 partitions on the host: DeepSpeed refuses any optimizer but its own CPU
+            # Adam unless told otherwise, and ours (torch's fused AdamW, which runs on CPU tensors too) is the one
+            # that carries the pipeline's parameter groups and the step veto
+            ds.setdefault("zero_force_ds_cpu_optimizer", False)
     if hpz > 1:
         ds.setdefault("zero_optimization", {})["zero_hpz_partition_size"] = hpz
     for k in ("optimizer", "scheduler"):

@@ -303,3 +303,28 @@ def test_gpu_check_parts_run_on_cpus_and_report_one_json(tmp_path):
     assert [s["step"] for s in result["runs"]["fsdp2_fp32"]["steps"]] == [0, 1, 2]
     assert result["summary"]["fsdp2_fp32"]["syncs_per_step"] == 0  # nothing synchronises on CPUs
     assert not result["ok"]  # the DeepSpeed run is missing
+
+
+def _offload_worker(rank, world, tmp):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    from pipeline import models as M
+    from pipeline.distributed import make_layout
+    from pipeline.parallelize import parallelize
+    cfg = C.load_config("pipeline/configs/debug_cpu.yaml", [
+        "--parallel.ds_student_config=ds_configs/zero3_student_offload.json",
+        "--parallel.ds_teacher_config=ds_configs/zero3_teacher_offload.json", f"--run_dir={tmp}/run",
+        "--train.grad_accum=1", "--parallel.teacher=shard"])
+    student, teacher, vocab = M.build_models(cfg, M.load_tokenizer(cfg))
+    models = parallelize(student, teacher, vocab, cfg, make_layout())
+    before = [p.ds_tensor.clone() for p in models.student.parameters()]
+    ids = torch.randint(0, 512, (2, 8))
+    models.backward(models.student_hidden(ids, torch.ones_like(ids)).float().pow(2).mean())
+    norm, skipped = models.step(False)
+    assert not skipped and norm > 0
+    assert any(not torch.equal(a, p.ds_tensor) for a, p in zip(before, models.student.parameters()))
+
+
+def test_the_zero_offload_configs_train_with_the_pipelines_adamw(tmp_path):
+    """ds_configs/*_offload.json: DeepSpeed refuses a client optimizer with ZeRO-Offload by default."""
+    from tests.dist_utils import run_workers
+    run_workers(_offload_worker, 2, str(tmp_path), timeout=240)
