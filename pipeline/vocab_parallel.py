@@ -28,11 +28,34 @@ NEG_INF = float("-inf")
 
 
 def _world(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+    return 1 if group is None else _group_size(group)
 
 
 def _rank(group) -> int:
-    return 0 if group is None else dist.get_rank(group)
+    return 0 if group is None else _group_rank(group)
+
+
+# Collectives and group queries stay outside torch.compile (loss.compile): Dynamo cannot trace a ProcessGroup
+# argument, so each is a graph break and runs eagerly, while the elementwise work between them is still compiled.
+# Without a group (one shard) none of them is called and the chunk loss compiles whole.
+@torch.compiler.disable
+def _group_size(group) -> int:
+    return dist.get_world_size(group)
+
+
+@torch.compiler.disable
+def _group_rank(group) -> int:
+    return dist.get_rank(group)
+
+
+@torch.compiler.disable
+def _all_reduce(t: Tensor, group) -> None:
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+
+
+@torch.compiler.disable
+def _all_gather(parts: list, t: Tensor, group) -> None:
+    dist.all_gather(parts, t, group=group)
 
 
 def shard_range(vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -50,13 +73,13 @@ class _AllReduceSum(torch.autograd.Function):
     def forward(ctx, x: Tensor, group) -> Tensor:
         ctx.group = group
         y = x.clone()
-        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        _all_reduce(y, group)
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         g = grad.contiguous().clone()
-        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
+        _all_reduce(g, ctx.group)
         return g, None
 
 
@@ -92,7 +115,7 @@ class _GroupLogSumExp(torch.autograd.Function):
         s = torch.stack([torch.exp(x - c.unsqueeze(-1)).sum(-1) for x, c in zip(xs, shift)])
         local = torch.stack([m, s]).contiguous()
         parts = [torch.empty_like(local) for _ in range(_world(group))]
-        dist.all_gather(parts, local, group=group)
+        _all_gather(parts, local, group)
         m_all, s_all = torch.stack(parts).unbind(1)                            # [P, k, ...] each
         top = m_all.amax(0)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
@@ -110,7 +133,7 @@ class _GroupLogSumExp(torch.autograd.Function):
         lse, *xs = ctx.saved_tensors
         need = [i for i, x in enumerate(xs) if ctx.needs_input_grad[i + 1]]
         total = torch.stack([grads[i] if grads[i] is not None else torch.zeros_like(lse[i]) for i in need])
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        _all_reduce(total, ctx.group)
         out = [None] * len(xs)
         for j, i in enumerate(need):
             row = lse[i].unsqueeze(-1)
@@ -126,7 +149,7 @@ class _SumShares(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
         y = x.clone()
-        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        _all_reduce(y, group)
         return y
 
     @staticmethod
@@ -164,7 +187,7 @@ class ShardedVocab:
         if _world(self.group) == 1:
             return x
         y = x.contiguous().clone()
-        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)
+        _all_reduce(y, self.group)
         return y
 
     def logsumexp(self, *xs: Tensor) -> tuple[Tensor, ...]:
@@ -177,7 +200,7 @@ class ShardedVocab:
         if _world(self.group) == 1:
             return x.unsqueeze(0)
         parts = [torch.empty_like(x) for _ in range(_world(self.group))]
-        dist.all_gather(parts, x.detach().contiguous(), group=self.group)
+        _all_gather(parts, x.detach().contiguous(), self.group)
         return torch.stack(parts)
 
     def column_ids(self, width: int, device: torch.device) -> Tensor:
@@ -256,7 +279,7 @@ def _gather_tokens(x: Tensor, n_max: int, group) -> Tensor:
     if _world(group) == 1:
         return x
     out = [torch.empty_like(x) for _ in range(_world(group))]
-    dist.all_gather(out, x, group=group)
+    _all_gather(out, x, group)
     return torch.cat(out)
 
 

@@ -284,3 +284,28 @@ def test_collectives_per_chunk():
         ("amid", {"alpha": -1.0, "divergence": "kl"}, False, 2),            # the arithmetic mixture is normalised
         ("taid", {"t": 0.5}, False, 3),                                     # its target is detached: no 2nd backward
     ])
+
+
+def _compiled_sharded(rank, world):
+    """The cluster config's loss.compile: true with the vocabulary split over ranks (the per-chunk loss, its
+    normalisers' all-gathers inside what torch.compile runs): the eager values and gradients."""
+    loss_fn = L.make_loss("amid")
+    g = torch.Generator().manual_seed(11)
+    hs, ht = torch.randn(10, HS, generator=g), torch.randn(10, HT, generator=g)
+    ws_full, wt_full = torch.randn(WIDTH, HS, generator=g), torch.randn(WIDTH, HT, generator=g)
+    start, end = VP.shard_range(WIDTH, rank, world)
+    rows = slice(rank * 5, rank * 5 + 5)  # each rank its own tokens
+    outs = []
+    for compile in (False, True):
+        h, w = hs[rows].clone().requires_grad_(True), ws_full[start:end].clone().requires_grad_(True)
+        loss = VP.fused_linear_loss(loss_fn, h, ht[rows], w, wt_full[start:end], token_weight=torch.full((5,), 0.1),
+                                    group=dist.group.WORLD, vocab_start=start, chunk_size=4, n_max=5,
+                                    compile=compile)
+        loss.backward()
+        outs.append((loss.detach(), h.grad, w.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_compiled_matches_eager_in_two_processes():
+    run_workers(_compiled_sharded, 2, timeout=300)
