@@ -187,15 +187,26 @@ def load_local(model: nn.Module, device: torch.device | str) -> None:
 @torch.no_grad()
 def load_zero3(model: nn.Module, device: torch.device | str, ds_config: dict) -> None:
     """An empty model partitioned by DeepSpeed ZeRO-3 before its engine is built, each rank reading only the rows
-    that cover its partition of each parameter. zero.Init(module=...) partitions the uninitialised parameters one at
-    a time (what it broadcasts from rank 0 is overwritten here), so a rank never holds more than one whole parameter;
-    the engine then finds the parameters partitioned and builds its optimizer from the partitions filled here."""
+    that cover its partition of each parameter; the engine then finds the parameters partitioned and builds its
+    optimizer from the partitions filled here.
+
+    The parameters get uninitialised full-size memory (never written, so never resident on a host) and are turned
+    into ZeRO-3 parameters one by one without zero.Init(module=...)'s broadcast of rank 0's values: that would send
+    the whole model from rank 0 to every rank (140 GB for a 70B teacher) and make each rank write, so hold, every
+    whole parameter in turn, only for the values to be replaced here. Partitioning copies just this rank's slice."""
     import deepspeed
     import torch.distributed as dist
     names = materialise(model, device)
     if dist.is_initialized():
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the group (its config reads the world)
-    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
+    init = deepspeed.zero.Init(config_dict_or_path=ds_config)  # no module: sets up the partitioning only
+    if hasattr(init, "_convert_to_deepspeed_param"):  # DeepSpeed's own per-parameter step, minus the broadcast
+        for p in model.parameters():
+            p.data = p.data.to(init.local_device)
+            init._convert_to_deepspeed_param(p)
+            p.partition()
+    else:  # another DeepSpeed: its public conversion (broadcasts rank 0's uninitialised values, overwritten below)
+        deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
     ckpt = model.source_checkpoint
     for name, p in model.named_parameters():
         part, total = p.ds_tensor, p.ds_numel
