@@ -281,6 +281,8 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_2():
 def test_gpu_check_parts_run_on_cpus_and_report_one_json(tmp_path):
     """The loss check (fused against float64 full logits), an instrumented training run and the report, at small
     sizes: what the script runs on the GPU."""
+    import subprocess
+    import sys
     from bench import gpu_check
     rows = gpu_check.loss_check(vocab=300, hs=16, ht=24, tokens=[64], check_tokens=32, device="cpu", chunk=40)
     checks = [r for r in rows if "check" in r]
@@ -291,11 +293,14 @@ def test_gpu_check_parts_run_on_cpus_and_report_one_json(tmp_path):
     assert all(max(r["grad_rel_err"]) < 2e-2 for r in checks)  # bf16 operands
     assert [r["tokens"] for r in rows if "seconds" in r] == [64] * 4
     out = str(tmp_path)
-    for name in ("cpu_fsdp2_fp32", "fsdp2_fp32"):
-        rc = gpu_check.train(name, ["--config", "pipeline/configs/debug_cpu.yaml", f"--run_dir={out}/{name}",
-                                    "--parallel.backend=none", "--train.steps=3", "--logging.progress=false",
-                                    "--checkpoint.every=0", "--checkpoint.export=false"], out)
-        assert rc == 0
+    for name in ("cpu_fsdp2_fp32", "fsdp2_fp32"):  # in a process of its own, as the script runs it (a training run
+        # leaves threads behind, and a later fork() in this test worker could inherit their locks)
+        p = subprocess.run([sys.executable, "bench/gpu_check.py", "train", name, "--out", out, "--", "--config",
+                            "pipeline/configs/debug_cpu.yaml", f"--run_dir={out}/{name}", "--parallel.backend=none",
+                            "--train.steps=3", "--logging.progress=false", "--checkpoint.every=0",
+                            "--checkpoint.export=false"], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, DS_ACCELERATOR="cpu"))
+        assert p.returncode == 0, p.stderr[-3000:]
     json.dump(gpu_check.facts(), open(f"{out}/facts.json", "w"))
     result = gpu_check.report(out)
     assert json.load(open(f"{out}/gpu_check.json"))["summary"] == result["summary"]
