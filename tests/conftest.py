@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 
 SLOWEST_FIRST = ["test_slurm.py", "test_default.py", "test_faults.py", "test_vllm.py", "test_study.py",
-                 "test_train.py", "test_onpolicy.py", "test_layout.py", "test_errors.py", "test_teacher_cache.py",
+                 "test_train.py", "test_onpolicy.py", "test_layout.py", "test_loading.py", "test_cluster_launch.py",
+                 "test_errors.py", "test_teacher_cache.py",
                  "test_rollout.py", "test_vocab_parallel.py"]
 
 
