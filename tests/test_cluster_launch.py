@@ -158,7 +158,20 @@ def _tiny_pair(tmp_path):
         "--parallel.backend=fsdp2", "--loss.compile=false"]
 
 
-def test_eval_job_on_the_pretraining_cluster_config_reads_a_bounded_sample(monkeypatch, tmp_path):
+def _evaluate(argv: list[str]) -> tuple[int, int, str]:
+    """pipeline.evaluate.main(argv) in a process of its own (it reads parquet and tokenises: threads that a later
+    fork() in this test worker must not inherit): (exit code, documents tokenised, stderr)."""
+    import subprocess
+    import sys
+    code = ("import json, sys\nfrom pipeline import evaluate\nn = [0]\nreal = evaluate.data.text_cell\n"
+            "def counted(*a):\n    n[0] += 1\n    return real(*a)\nevaluate.data.text_cell = counted\n"
+            "rc = evaluate.main(json.loads(sys.argv[1]))\nprint(json.dumps([rc, n[0]]))\n")
+    p = subprocess.run([sys.executable, "-c", code, json.dumps(argv)], capture_output=True, text=True, timeout=300)
+    rc, documents = json.loads(p.stdout.strip().splitlines()[-1]) if p.stdout.strip() else (p.returncode, -1)
+    return rc, documents, p.stderr
+
+
+def test_eval_job_on_the_pretraining_cluster_config_reads_a_bounded_sample(tmp_path):
     """The text job without data.eval_files, as the cluster config ships: a stand-in corpus of parquet files with
     its `text` column. Only the blocks evaluated are tokenised (from the last training file), not the corpus."""
     student, over = _tiny_pair(tmp_path)
@@ -168,17 +181,15 @@ def test_eval_job_on_the_pretraining_cluster_config_reads_a_bounded_sample(monke
     for i in range(3):
         pd.DataFrame({"text": [" ".join(words[j:j + 120]) for j in range(i * 40, i * 40 + 200 * 40, 40)]}
                      ).to_parquet(corpus / f"part{i}.parquet")
-    tokenised = []
-    real = evaluate.data.text_cell
-    monkeypatch.setattr(evaluate.data, "text_cell", lambda *a: tokenised.append(1) or real(*a))
     out = tmp_path / "eval.json"
-    rc = evaluate.main(["--checkpoint", str(student), "--config", CLUSTER, "--out", str(out), "--blocks", "3", *over,
-                        f"--data.files=[{corpus}/*.parquet]", "--data.store=null", "--data.seq_len=64"])
-    assert rc == 0
+    rc, documents, err = _evaluate(["--checkpoint", str(student), "--config", CLUSTER, "--out", str(out), "--blocks",
+                                    "3", *over, f"--data.files=[{corpus}/*.parquet]", "--data.store=null",
+                                    "--data.seq_len=64"])
+    assert rc == 0, err[-3000:]
     res = json.loads(out.read_text())
     assert res["data_kind"] == "text" and res["sequences"] == 3 and res["tokens"] == 3 * 63
     assert "part2.parquet" in res["held_out"] and res["kl_to_teacher"] > 0 and res["perplexity"] > 1
-    assert 0 < len(tokenised) < 20, len(tokenised)  # a few documents of the 600, not the corpus
+    assert 0 < documents < 20, documents  # a few documents of the 600, not the corpus
 
 
 def test_eval_job_on_the_onpolicy_cluster_config_scores_response_tokens_of_its_chat_data(tmp_path):
@@ -189,11 +200,11 @@ def test_eval_job_on_the_onpolicy_cluster_config_scores_response_tokens_of_its_c
             for i in range(30)]
     pd.DataFrame(rows).to_parquet(tmp_path / "test_sft.parquet")
     out = tmp_path / "eval.json"
-    rc = evaluate.main(["--checkpoint", str(student), "--config", CLUSTER_ONPOLICY, "--out", str(out),
-                        "--blocks", "5", *over, f"--data.files=[{tmp_path}/test_sft.parquet]", "--data.store=null",
-                        f"--data.eval_files=[{tmp_path}/test_sft.parquet]", "--data.seq_len=64",
-                        "--data.max_prompt_len=24", "--rollout.max_new_tokens=32"])
-    assert rc == 0
+    rc, _, err = _evaluate(["--checkpoint", str(student), "--config", CLUSTER_ONPOLICY, "--out", str(out),
+                            "--blocks", "5", *over, f"--data.files=[{tmp_path}/test_sft.parquet]", "--data.store=null",
+                            f"--data.eval_files=[{tmp_path}/test_sft.parquet]", "--data.seq_len=64",
+                            "--data.max_prompt_len=24", "--rollout.max_new_tokens=32"])
+    assert rc == 0, err[-3000:]
     res = json.loads(out.read_text())
     assert res["data_kind"] == "chat" and res["sequences"] == 5 and res["held_out"] == "data.eval_files"
     # response tokens only: each answer is shorter than its prompt + answer
