@@ -125,15 +125,19 @@ def test_config_paths_expand_user_and_variables_and_refuse_unset_ones(monkeypatc
         C.expand_paths(C._build(C.Config, C._read_yaml(CLUSTER), ""))
 
 
-def test_an_unset_variable_in_a_path_stops_the_launch_with_exit_2(monkeypatch, tmp_path, capsys):
-    from pipeline import train
-    monkeypatch.delenv("PIPELINE_TEST_UNSET", raising=False)
-    rc = train.main(["--config", "pipeline/configs/debug_cpu.yaml", "--run_dir=$PIPELINE_TEST_UNSET/run"])
-    assert rc == 2
-    assert "$PIPELINE_TEST_UNSET, which is not set" in capsys.readouterr().err
+def test_an_unset_variable_in_a_path_stops_the_launch_with_exit_2(tmp_path, monkeypatch):
+    """A real launch (its own process: pipeline.train installs signal handlers that a later fork in this test worker
+    would inherit)."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "PIPELINE_TEST_UNSET"}
+    p = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", "pipeline/configs/debug_cpu.yaml",
+                        "--run_dir=$PIPELINE_TEST_UNSET/run"], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "$PIPELINE_TEST_UNSET, which is not set" in p.stderr
     assert not os.path.exists("$PIPELINE_TEST_UNSET")
     monkeypatch.setenv("PIPELINE_TEST_SET", str(tmp_path))
-    cfg = C.load_config("pipeline/configs/debug_cpu.yaml", ["--run_dir=$PIPELINE_TEST_SET/run"])
+    cfg = C.load_config("pipeline/configs/debug_cpu.yaml", ["--run_dir=${PIPELINE_TEST_SET}/run"])
     assert cfg.run_dir == f"{tmp_path}/run"
 
 
