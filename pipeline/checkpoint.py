@@ -5,7 +5,8 @@ Layout: run_dir/checkpoints/step_00000040/{body/..., rank0.pt, rank1.pt, ..., MA
 - What a checkpoint carries besides the model bodies is a registry of named `Stateful` objects (data position,
   output layers, RNG, TAID, replay buffer, schedule, step) built once by train.Run: save and load iterate over it,
   so adding state is one line there and nothing here.
-- A checkpoint is written into step_X.tmp. Every file is checksummed (sha256; the ranks share the hashing) and
+- A checkpoint is written into step_X.tmp. Every rank flushes its node's writes (syncfs: an fsync from another node
+  does not flush them on Lustre or NFS); every file is checksummed (sha256; the ranks share the hashing) and
   fsynced; rank 0 writes MANIFEST.json (size and sha256 per file, world size, the resolved config and its
   fingerprint), renames the directory, fsyncs the parent, and writes COMPLETE last. Only a directory with COMPLETE
   is a checkpoint, so a job killed mid-save (kill -9, preemption) never leaves one that looks whole.
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.distributed import barrier
+from pipeline.parallelize import iter_full_state
 
 MARKER = "COMPLETE"
 MANIFEST = "MANIFEST.json"
@@ -126,6 +128,21 @@ def _sha256(path: str, fsync: bool = False) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+def _syncfs(path: str) -> None:
+    """Flush this node's unwritten pages of the file system that holds `path` (syncfs(2); sync(2) where libc has
+    none). Every rank calls it for the files it wrote before another rank hashes them: on Lustre or NFS an fsync
+    from another node does not make this node's writes durable."""
+    import ctypes
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if getattr(ctypes.CDLL(None, use_errno=True), "syncfs")(fd) != 0:
+            raise OSError(ctypes.get_errno(), f"syncfs({path})")
+    except AttributeError:
+        os.sync()
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -188,6 +205,7 @@ def save(run_dir: str, step: int, models, state: dict[str, Stateful], dist_ctx, 
     models.save(tmp)
     torch.save({name: obj.state_dict() for name, obj in state.items()},
                os.path.join(tmp, f"rank{dist_ctx.rank}.pt"))
+    _syncfs(tmp)
     barrier(dist_ctx.group)
     # one listing (rank 0's), then every rank hashes and fsyncs its share of the files
     files = _broadcast(_files(tmp) if dist_ctx.is_main else None, dist_ctx)
@@ -290,51 +308,97 @@ def load_newest_valid(run_dir: str, models, state: dict[str, Stateful], dist_ctx
 # --------------------------------------------------------------------------------------------------------------
 # export
 # --------------------------------------------------------------------------------------------------------------
+# a bound on the host memory the export's writer (rank 0) holds: one file's worth of tensors at a time
+EXPORT_SHARD_BYTES = 2 << 30
+
+
 def export_student(out_dir: str, models, student_config, tokenizer, dist_ctx) -> str | None:
     """A plain HF checkpoint (safetensors) that from_pretrained loads: the body's full state plus the gathered
-    output layer (untied). Refused when the state is not finite; written beside out_dir and renamed into place,
+    output layer (untied, or the embedding when tied). Streamed (collective: every rank calls it): the body is
+    gathered a bucket at a time (parallelize.iter_full_state) and rank 0, the only writer, holds at most
+    EXPORT_SHARD_BYTES of it on the host before writing a file (a 7B student is 15-30 GB whole); the output layer is
+    gathered onto rank 0 alone. Refused when the state is not finite; written beside out_dir and renamed into place,
     so a reader never sees half an export."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    from pipeline.models import embedding_name, head_name
     if not _all_true(models.local_state_is_finite(), dist_ctx):
         raise NonFiniteState("the trained student is not finite: not exported")
-    head = models.heads.full_student_weight()
-    body = models.full_student_state()
-    if not dist_ctx.is_main:
-        return None
-    config = student_config
     tied = models.heads.tied
+    config = student_config
     config.tie_word_embeddings = tied
     if hasattr(config, "get_text_config"):
         config.get_text_config().tie_word_embeddings = tied
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    expected = model.state_dict().keys()  # persistent entries only (rotary caches etc. are rebuilt on load)
-    state = {k: v for k, v in body.items() if k in expected}
-    head = head.to(next(iter(body.values())).dtype)
-    state[output_prefix(model) + "weight"] = head
-    if tied:  # the body has no embedding of its own: it is the output layer
-        state[module_prefix(model, model.get_input_embeddings()) + "weight"] = head
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, assign=True, strict=True)
-    if tied:
-        model.tie_weights()
+    expected = set(model.state_dict())  # persistent entries only (rotary caches etc. are rebuilt on load)
+    head_key = embedding_name(model) if tied else head_name(model)
     tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    writer = None
+    if dist_ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        writer = ShardWriter(tmp, EXPORT_SHARD_BYTES)
+    dtype = None
+    for name, t in iter_full_state(models.student):
+        dtype = dtype or t.dtype
+        if writer is not None and name in expected:
+            writer.add(name, t.to("cpu", copy=True))
+    head = models.heads.gather_student(dtype)
+    if writer is None:
+        return None
+    writer.add(head_key, head.cpu())
+    written = writer.close()
+    missing = expected - written - ({head_name(model)} if tied else set())
+    if missing:
+        raise ValueError(f"the export lacks {len(missing)} tensor(s) of the model class, e.g. {sorted(missing)[:3]}")
+    config.dtype, config.architectures = dtype, [type(model).__name__]
+    config.save_pretrained(tmp)
+    GenerationConfig.from_model_config(config).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    _syncfs(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
+    _fsync_dir(os.path.dirname(os.path.abspath(out_dir)))
     return out_dir
 
 
-def output_prefix(model) -> str:
-    return module_prefix(model, model.get_output_embeddings())
+class ShardWriter:
+    """Tensors into safetensors files of at most `limit` bytes each (a larger tensor gets a file of its own),
+    written as they fill, named as from_pretrained expects (model.safetensors, or model-0000i-of-0000n.safetensors
+    and their index)."""
 
+    def __init__(self, root: str, limit: int):
+        os.makedirs(root)
+        self.root, self.limit = root, limit
+        self.pending, self.size, self.total, self.files = {}, 0, 0, []
 
-def module_prefix(model, target) -> str:
-    for name, module in model.named_modules(remove_duplicate=False):
-        if module is target:
-            return name + "."
-    raise ValueError(f"the model has no {type(target).__name__} to export")
+    def add(self, name: str, t: torch.Tensor) -> None:
+        n = t.numel() * t.element_size()
+        if self.pending and self.size + n > self.limit:
+            self._flush()
+        self.pending[name] = t.contiguous()
+        self.size += n
+        self.total += n
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+        part = f"part{len(self.files):05d}.safetensors"
+        save_file(self.pending, os.path.join(self.root, part), metadata={"format": "pt"})
+        self.files.append((part, list(self.pending)))
+        self.pending, self.size = {}, 0
+
+    def close(self) -> set[str]:
+        """Name the files, write the index; the names written."""
+        if self.pending or not self.files:
+            self._flush()
+        n = len(self.files)
+        final = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for (part, _), name in zip(self.files, final):
+            os.replace(os.path.join(self.root, part), os.path.join(self.root, name))
+        weight_map = {k: name for (_, keys), name in zip(self.files, final) for k in keys}
+        if n > 1:
+            with open(os.path.join(self.root, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
+        return set(weight_map)
 
 
 def warn(msg: str) -> None:

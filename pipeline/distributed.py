@@ -119,6 +119,8 @@ def init(backend: str | None = None, timeout_s: float = 1800, require_group: boo
     os.environ.setdefault("MASTER_PORT", str(free_port()) if world == 1 else "29500")
     if gpu is not None:
         torch.cuda.set_device(gpu)
+        for k, v in NCCL_ENVIRONMENT.items():  # read when the NCCL group is built; a user's choice stands
+            os.environ.setdefault(k, v)
     if not dist.is_initialized():
         try:
             dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), rank=rank,
@@ -129,6 +131,13 @@ def init(backend: str | None = None, timeout_s: float = 1800, require_group: boo
                 f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout_s:.0f} s: "
                 f"{str(e).splitlines()[0]}") from None
     return Dist(rank, world, local, dist.group.WORLD, source)
+
+
+# A collective that times out or fails: NCCL's watchdog thread aborts the communicators and leaves the process alive
+# ("CleanUpOnly"), so the failure surfaces as a DistBackendError at this rank's next collective and ends through
+# pipeline.train's exit-1 path (the bound named, the run lock released, the last checkpoint intact). The default
+# tears the process down from the watchdog thread (SIGABRT), which says nothing of which bound was hit.
+NCCL_ENVIRONMENT = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
 
 
 class RendezvousError(RuntimeError):

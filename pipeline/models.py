@@ -156,3 +156,19 @@ def detach_head(model: nn.Module, copy: bool = True) -> torch.Tensor:
         model.config.get_text_config().tie_word_embeddings = False
     model.set_output_embeddings(nn.Identity())
     return weight
+
+
+def weight_name(model: nn.Module, module: nn.Module) -> str:
+    """The state-dict name of `module`'s weight inside `model` (e.g. 'lm_head.weight')."""
+    for name, m in model.named_modules(remove_duplicate=False):
+        if m is module:
+            return f"{name}.weight" if name else "weight"
+    raise ValueError(f"the model has no {type(module).__name__}")
+
+
+def head_name(model: nn.Module) -> str:
+    return weight_name(model, model.get_output_embeddings())
+
+
+def embedding_name(model: nn.Module) -> str:
+    return weight_name(model, model.get_input_embeddings())

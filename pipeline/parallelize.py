@@ -41,7 +41,6 @@ class Models(Protocol):
     def local_state_is_finite(self) -> Tensor: ...
     def save(self, path: str) -> None: ...
     def load(self, path: str) -> None: ...
-    def full_student_state(self) -> dict | None: ...
     def teacher_state_digest(self) -> str: ...
 
 
@@ -103,9 +102,19 @@ class OutputHeads:
             self.student.copy_(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def full_student_weight(self) -> Tensor:
-        """All ranks' rows gathered (export, gather-once rollouts), in row order."""
-        return self.full_weight(self.student)
+    def gather_student(self, dtype: torch.dtype) -> Tensor | None:
+        """The student's full output layer [V, H] in `dtype` on the first rank of each shard group (rank 0 writes
+        the export), None on the others: one gather, so no other rank holds the whole matrix."""
+        rows = self.student.detach().to(dtype)
+        if self.shard_size == 1:
+            return rows.clone()
+        per = math.ceil(self.vocab_size / self.shard_size)
+        local = torch.zeros(per, rows.shape[1], dtype=dtype, device=rows.device)
+        local[: self.end - self.start] = rows
+        first = dist.get_rank(self.group) == 0
+        out = [torch.empty_like(local) for _ in range(self.shard_size)] if first else None
+        dist.gather(local, out, group=self.group, group_dst=0)
+        return torch.cat(out)[: self.vocab_size] if first else None
 
     def full_weight(self, shard: Tensor) -> Tensor:
         """[V, H] from every rank's rows of `shard` (self.student or self.teacher): one all-gather in the shard
@@ -183,16 +192,12 @@ def full_numel(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def full_state_dict(model: nn.Module, bucket_numel: int = 1 << 26, keep: bool = True,
-                    device: str | None = None) -> dict:
-    """Every parameter and persistent buffer of a (possibly sharded) body, unsharded: the one full-state gather
-    (export, rollout replicas). Collective: all ranks call it together. keep=False: take part in the gathers but
-    keep nothing (the ranks that do not write an export); device: where the kept tensors go (e.g. 'cpu' for an
-    export)."""
+def full_state_dict(model: nn.Module, bucket_numel: int = 1 << 26) -> dict:
+    """Every parameter and persistent buffer of a (possibly sharded) body, unsharded, on every rank (the rollout's
+    local replica). Collective: all ranks call it together."""
     out, copy = {}, _gathered(model)
     for name, t in iter_full_state(model, bucket_numel):
-        if keep:  # ZeRO-3's tensors are views of a gathered bucket, released after it: copy them
-            out[name] = t.to(device) if device is not None else t.clone() if copy else t
+        out[name] = t.clone() if copy else t  # ZeRO-3's tensors are views of a bucket released after it
     return out
 
 
@@ -294,13 +299,6 @@ def state_is_finite(student, heads: OutputHeads) -> Tensor:
     """This rank's share of the trainable state (body shards, output-layer rows) is finite: checked before every
     checkpoint and export, so a non-finite state is never written."""
     return _finite_local([_local_shard(p) for p in student.parameters()] + [heads.student])
-
-
-def export_state(student) -> dict | None:
-    """The student's full state on rank 0 (on the host), None elsewhere: for the export. Collective."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    state = full_state_dict(student, keep=rank == 0, device="cpu")
-    return state if rank == 0 else None
 
 
 @torch.no_grad()
@@ -433,9 +431,6 @@ class TorchModels:
         model_sd, optim_sd = get_state_dict(self.student, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
-    def full_student_state(self):
-        return export_state(self.student)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # DeepSpeed ZeRO-3
@@ -561,9 +556,6 @@ class DeepSpeedModels:
         self.engine.load_checkpoint(os.path.join(path, "body"), tag="state", load_optimizer_states=True,
                                     load_lr_scheduler_states=False)
 
-    def full_student_state(self):
-        return export_state(self.student)
-
 
 def rank_memory_bytes() -> int:
     """Memory one rank may count on: its GPU's, or on CPUs the host's divided by the ranks on this node."""
@@ -597,7 +589,7 @@ def parallelize(student, teacher, vocab_size: int, cfg, layout: Layout, log=None
     tied = is_tied(student)
     dtype = student.get_input_embeddings().weight.dtype
     # an empty model (loading.empty_model) hands OutputHeads a RowSource: each rank reads only its vocabulary rows
-    sources = {id(m): loading.head_source(m, _head_name(m)) for m in (student, teacher) if loading.is_empty(m)}
+    sources = {id(m): loading.head_source(m, M.head_name(m)) for m in (student, teacher) if loading.is_empty(m)}
     ws = sources.get(id(student)) or M.detach_head(student)
     wt = sources.get(id(teacher)) or (M.detach_head(teacher, copy=False) if teacher is not None else None)
     for m in (m for m in (student, teacher) if id(m) in sources):
@@ -629,11 +621,6 @@ def parallelize(student, teacher, vocab_size: int, cfg, layout: Layout, log=None
     if placement == "replicate":
         teacher = _placed(teacher, device())
     return DeepSpeedModels(*init_deepspeed(student, teacher, cfg, layout, placement), heads, cfg)
-
-
-def _head_name(model: nn.Module) -> str:
-    return next(n for n, p in model.named_parameters(remove_duplicate=False)
-                if p is model.get_output_embeddings().weight)
 
 
 def _placed(model: nn.Module | None, where) -> nn.Module | None:

@@ -49,6 +49,7 @@ def shapes(m, who: str) -> Shapes:
 
 def estimate(cfg, s: Shapes, t: Shapes | None, nodes: int, gpus: int, a) -> dict:
     """GiB per GPU by item and seconds per step by part (compute, intra-node, inter-node)."""
+    from pipeline import rollout
     from pipeline.distributed import Layout
     from pipeline.parallelize import teacher_placement
     W = nodes * gpus
@@ -74,6 +75,8 @@ def estimate(cfg, s: Shapes, t: Shapes | None, nodes: int, gpus: int, a) -> dict
     mem["gathered blocks (2 in flight)"] = 2 * s.largest_layer * b
     act = (2 if tr.activation_checkpointing else 67) * s.hidden * s.layers * tokens  # bytes; 67 H measured here
     mem["student activations"] = act
+    if s.tied:  # parallelize.TiedEmbedding gathers the whole fp32 table for the lookup, and its gradient
+        mem["tied embedding: gathered table + gradient"] = 2 * s.head * 4
     head_rows = s.vocab / S
     mem["output layers (student fp32 + AdamW, teacher)"] = head_rows * s.hidden * 16 + (
         head_rows * t.hidden * b if t else 0)
@@ -90,7 +93,19 @@ def estimate(cfg, s: Shapes, t: Shapes | None, nodes: int, gpus: int, a) -> dict
     mem["loss: gathered hidden states + gradient"] = S * tokens * (h_sum * b + s.hidden * 4)
     mem["loss: chunk working set"] = cfg.loss.chunk_memory_mb * 2**20 if cfg.loss.chunk_size is None else \
         8 * 4 * cfg.loss.chunk_size * head_rows
-    if cfg.data.kind == "chat" and cfg.rollout.student_fraction:
+    mem["CUDA context + NCCL buffers (assumed)"] = a.runtime_gb * GIB
+    r = cfg.rollout
+    generating = {} if cfg.data.kind != "chat" else {
+        who: m for who, m in (("student", s), ("teacher", t)) if m is not None and who in rollout.generating(cfg)}
+    if generating and r.engine != "hf":  # auto is vLLM on GPU nodes (environment.yml installs it)
+        from pipeline.vllm_rollout import engine_bytes
+        engines = sum(engine_bytes(m.params, cfg.model.dtype, r.vllm_kv_cache_mb) for m in generating.values())
+        if r.vllm_sleep:  # asleep while training, awake while the activations and loss buffers are released
+            transient = act + mem["loss: gathered hidden states + gradient"] + mem["loss: chunk working set"]
+            mem["vLLM engines (awake, beyond released training buffers)"] = max(0, engines - transient)
+        else:
+            mem["vLLM engines (always awake)"] = engines
+    elif "student" in generating:
         mem["rollout replica (gather once)"] = s.params * b
     # time: 6 FLOPs per parameter and token for the student (8 with recomputation), 2 for the teacher forward, the
     # loss's output-layer matmuls (2 forward per model, 4 for the student's gradients), all at mfu x peak
@@ -144,7 +159,8 @@ def report(e: dict, a) -> str:
     step = sum(e["time"].values())
     lines.append(f"  {'total':50s} {step:8.3f}  ({e['tokens_per_step'] / step:,.0f} tokens/s)")
     lines += ["", f"assumptions: {a.gpu_memory_gb:.0f} GiB and {a.tflops:.0f} TFLOP/s peak per GPU at {a.mfu:.0%} "
-              f"of it; {a.intra_gbs:.0f} GB/s inside a node, {a.inter_gbs:.0f} GB/s per GPU across nodes"]
+              f"of it; {a.intra_gbs:.0f} GB/s inside a node, {a.inter_gbs:.0f} GB/s per GPU across nodes; "
+              f"{a.runtime_gb:.1f} GiB for the CUDA context and NCCL"]
     return "\n".join(lines)
 
 
@@ -159,6 +175,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mfu", type=float, default=0.4, help="the share of the peak reached")
     ap.add_argument("--intra-gbs", type=float, default=300.0, help="GB/s per GPU inside a node (NVLink, bus)")
     ap.add_argument("--inter-gbs", type=float, default=40.0, help="GB/s per GPU across nodes (400 Gb/s IB: ~40)")
+    ap.add_argument("--runtime-gb", type=float, default=1.5,
+                    help="GiB per GPU for the CUDA context (~0.5) and NCCL's communicator buffers (~1 for a few groups)")
     ap.add_argument("--json", action="store_true", help="one JSON line instead of the table")
     a, overrides = ap.parse_known_args(argv)
     try:

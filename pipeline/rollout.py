@@ -98,7 +98,7 @@ def local_replica(body, head_weight: Tensor):
     are built on the meta device and then take the gathered tensors (no random init, no second copy)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-    from pipeline.checkpoint import module_prefix, output_prefix
+    from pipeline.models import embedding_name, head_name
     from pipeline.parallelize import full_state_dict
     state = full_state_dict(body)
     with init_empty_weights(include_buffers=False):
@@ -106,10 +106,9 @@ def local_replica(body, head_weight: Tensor):
     head = torch.nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False, device="meta")
     replica.set_output_embeddings(head)
     dtype = next(iter(state.values())).dtype
-    state[output_prefix(replica) + "weight"] = head_weight.to(dtype)
-    embedding = module_prefix(replica, replica.get_input_embeddings()) + "weight"
-    if embedding not in state:  # a tied student (parallelize.TiedEmbedding): the embedding is the output layer
-        state[embedding] = state[output_prefix(replica) + "weight"]
+    state[head_name(replica)] = head_weight.to(dtype)
+    if embedding_name(replica) not in state:  # a tied student (parallelize.TiedEmbedding): the embedding is the head
+        state[embedding_name(replica)] = state[head_name(replica)]
     missing, unexpected = replica.load_state_dict(state, strict=False, assign=True)
     assert not missing and not unexpected, (missing, unexpected)
     # buffers (rotary inv_freq) were built on the host by from_config; the parameters are already on the device
@@ -175,6 +174,15 @@ def choose_gather(mode: str, body, vocab_size: int, fraction: float, group) -> s
     if group is not None:
         dist.all_reduce(free, op=dist.ReduceOp.MIN, group=group)
     return "once" if need <= fraction * float(free) else "per_step"
+
+
+def generating(cfg) -> set[str]:
+    """The models that generate in a run of `cfg`: the student (on-policy steps, the adaptive schedule, answers to
+    the held-out prompts) and the teacher (teacher_fraction)."""
+    r = cfg.rollout
+    heldout = bool(cfg.data.eval_files and (cfg.train.eval_every or r.adaptive_every))
+    return ({"student"} if r.student_fraction > 0 or r.schedule == "adaptive" or heldout else set()) | (
+        {"teacher"} if r.teacher_fraction > 0 else set())
 
 
 def body_and_head(models, who: str):

@@ -96,13 +96,9 @@ class Run:
             from pipeline.teacher_cache import TeacherHidden
             self.teacher_cache = TeacherHidden(cfg.loss.teacher_cache)
             self.teacher_cache.check(cfg, self.batches.blocks, int(teacher.config.hidden_size))
-        r = cfg.rollout
-        # the models that generate: the student (on-policy steps, the adaptive schedule, the held-out answers) and
-        # the teacher (teacher_fraction)
-        wanted = {"student": r.student_fraction > 0 or r.schedule == "adaptive" or self.eval_data is not None,
-                  "teacher": r.teacher_fraction > 0}
+        wanted = rollout.generating(cfg) if engine == "vllm" else set()
         users = {who: (vllm_rollout.engine_config(model), full_numel(model))
-                 for who, model in (("student", student), ("teacher", teacher)) if engine == "vllm" and wanted[who]}
+                 for who, model in (("student", student), ("teacher", teacher)) if who in wanted}
         for conf, _ in users.values():
             vllm_rollout.check_supported(conf)  # before the models are sharded
         shard, why = distributed.shard_size_for(dist_ctx.world, cfg.parallel.shard_group_size)
@@ -127,6 +123,7 @@ class Run:
         self.loop = LoopState()
         self.fault = parse_fault(os.environ.get("PIPELINE_FAULT"))
         self.pad_id = M.pad_id(self.tokenizer)
+        r = cfg.rollout
         self.rollout_seed = cfg.train.seed if r.seed is None else r.seed
         self.replay = rollout.ReplayBuffer(r.replay_capacity)
         self.schedule = (rollout.AdaptiveSchedule(r.adaptive_init, r.adaptive_step, r.adaptive_eps, r.replay_schedule)

@@ -117,6 +117,12 @@ def _engine_env(in_process: bool):
 ENGINE_OVERHEAD_BYTES = 2 << 30
 
 
+def engine_bytes(params: int, dtype: str, kv_cache_mb: int) -> int:
+    """GPU memory one awake engine takes: its weights, its KV cache and ENGINE_OVERHEAD_BYTES (pipeline.plan
+    counts the same)."""
+    return params * torch.finfo(getattr(torch, dtype)).bits // 8 + (kv_cache_mb << 20) + ENGINE_OVERHEAD_BYTES
+
+
 def memory_fraction(free: int, total: int, need: int, who: str = "the model") -> float:
     """gpu_memory_utilization for an engine that starts beside the trainer's models. vLLM refuses to start unless
     the GPU's free memory is at least that fraction of its total (0.92 by default: never true once the teacher and
@@ -181,8 +187,8 @@ class Engine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the trainer's cached free blocks count as used in vLLM's measurement
             free, total = torch.cuda.mem_get_info()
-            need = params * torch.finfo(getattr(torch, dtype)).bits // 8 + (kv_cache_mb << 20) + ENGINE_OVERHEAD_BYTES
-            memory["gpu_memory_utilization"] = memory_fraction(free, total, need, os.path.basename(workdir))
+            memory["gpu_memory_utilization"] = memory_fraction(free, total, engine_bytes(params, dtype, kv_cache_mb),
+                                                               os.path.basename(workdir))
         try:
             with _engine_env(in_process=not grouped), _rng_kept():
                 self.llm = LLM(model=workdir, skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
@@ -220,11 +226,11 @@ class Engine:
     def push(self, body, head_weight: torch.Tensor, version) -> float:
         """Load the current weights of `body` (possibly sharded; collective: every rank pushes together) and the
         full output layer [V, H] in place; returns the seconds it took."""
-        from pipeline.checkpoint import module_prefix
+        from pipeline.models import embedding_name
         from pipeline.parallelize import iter_full_state
         t0 = time.perf_counter()
         self._wake()
-        embedding = module_prefix(body, body.get_input_embeddings()) + "weight"
+        embedding = embedding_name(body)
 
         def weights():
             seen = False

@@ -42,9 +42,11 @@ def test_local_rank_exported_is_the_gpu_index_deepspeed_and_vllm_select(local, v
     assert distributed.launch_environment(3, 4, 3, None)["LOCAL_RANK"] == "3"
 
 
-def test_init_under_gpu_per_task_binding_sets_cuda0_and_exports_it(monkeypatch):
+@pytest.mark.parametrize("preset", [None, "1"])
+def test_init_under_gpu_per_task_binding_sets_cuda0_and_exports_it(monkeypatch, preset):
     """distributed.init() inside an srun step whose tasks each see one GPU: the device set and the LOCAL_RANK
-    exported agree (cuda:0 on every task), whatever SLURM_LOCALID says."""
+    exported agree (cuda:0 on every task), whatever SLURM_LOCALID says. NCCL's watchdog is told to abort the
+    communicators and leave the process to our exit-1 path, unless the user chose otherwise."""
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -52,12 +54,16 @@ def test_init_under_gpu_per_task_binding_sets_cuda0_and_exports_it(monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # the group itself is not under test
     saved = dict(os.environ)  # init() exports variables; every one must be gone again after this test
     try:
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                  "TORCH_NCCL_ASYNC_ERROR_HANDLING"):
             os.environ.pop(k, None)
+        if preset:
+            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = preset
         os.environ.update(SLURM_STEP_ID="0", SLURM_PROCID="7", SLURM_NTASKS="8", SLURM_LOCALID="7")
         d = distributed.init()
         assert (d.rank, d.world, d.local_rank) == (7, 8, 7)
         assert chosen == [0] and os.environ["LOCAL_RANK"] == "0" and os.environ["RANK"] == "7"
+        assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == (preset or "2")
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -348,3 +354,37 @@ def test_the_zero_offload_configs_train_with_the_pipelines_adamw(tmp_path):
     """ds_configs/*_offload.json: DeepSpeed refuses a client optimizer with ZeRO-Offload by default."""
     from tests.dist_utils import run_workers
     run_workers(_offload_worker, 2, str(tmp_path), timeout=240)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# durability on shared file systems
+# ---------------------------------------------------------------------------------------------------------------
+class _Body:
+    """The two members of the Models interface checkpoint.save uses, writing one file per rank as the backends do."""
+
+    def local_state_is_finite(self):
+        return torch.tensor(True)
+
+    def save(self, path):
+        torch.save({"w": torch.ones(3)}, os.path.join(path, f"body{torch.distributed.get_rank()}.pt"))
+
+
+def _syncfs_worker(rank, world, tmp):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    from pipeline import checkpoint
+    flushed = []
+    real = checkpoint._syncfs
+    checkpoint._syncfs = lambda path: flushed.append(sorted(os.listdir(path))) or real(path)
+    ctx = distributed.init(require_group=True)
+    final = checkpoint.save(tmp, 4, _Body(), {}, ctx, keep_last=2, config={}, fingerprint="f")
+    # this rank flushed its own node's writes before any rank hashed them, and before the checkpoint was complete
+    assert len(flushed) == 1 and {f"body{rank}.pt", f"rank{rank}.pt"} <= set(flushed[0]), flushed
+    assert checkpoint.MARKER not in flushed[0] and checkpoint.MANIFEST not in flushed[0]
+    assert checkpoint.verify(final, ctx) == []
+
+
+def test_every_rank_flushes_the_files_it_wrote_before_they_are_hashed(tmp_path):
+    """On Lustre or NFS the rank that hashes and fsyncs a file may be on another node than its writer, and an fsync
+    there does not flush this node's pages: each rank syncs its own file system before the barrier."""
+    from tests.dist_utils import run_workers
+    run_workers(_syncfs_worker, 2, str(tmp_path), timeout=120)

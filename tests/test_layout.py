@@ -207,6 +207,37 @@ def test_plan_prints_memory_and_time_and_the_layout_changes_them(capsys, monkeyp
                       *shapes, "--parallel.shard_group_size=5"]) == 2  # a group size that does not divide 24
 
 
+def test_plan_counts_the_vllm_engines_the_tied_table_and_the_runtime(capsys, monkeypatch):
+    """The on-policy cluster job: one awake vLLM engine per generating model (weights, KV cache, overhead: what
+    vllm_rollout checks at start), less what sleep mode lets it reuse; the tied 1.5B student's gathered fp32 table
+    and its gradient; the CUDA context and NCCL's buffers."""
+    import json
+    from pipeline import plan
+    from pipeline.vllm_rollout import engine_bytes
+    monkeypatch.setenv("USER", "ada")
+    base = ["--config", "pipeline/configs/cluster_7b_to_1b_onpolicy.yaml", "--nodes", "4", "--gpus-per-node", "8",
+            "--json", "--model.teacher_path=pipeline/configs/assets/shapes/qwen2.5-7b-instruct",
+            "--model.student_path=pipeline/configs/assets/shapes/qwen2.5-1.5b", "--train.global_batch_size=null",
+            "--rollout.schedule=fixed", "--rollout.student_fraction=0.5", "--rollout.teacher_fraction=0.25"]
+
+    def memory(*extra):
+        assert plan.main([*base, *extra]) == 0
+        return json.loads(capsys.readouterr().out)["memory"]
+
+    awake, asleep, hf = (memory("--rollout.vllm_sleep=false"), memory("--rollout.vllm_sleep=true"),
+                         memory("--rollout.engine=hf"))
+    from pipeline import config as C
+    from pipeline.plan import shapes
+    cfg = C.load_config(base[1], base[7:], data_files=False)
+    s, t = shapes(cfg.model, "student"), shapes(cfg.model, "teacher")
+    both = sum(engine_bytes(m.params, cfg.model.dtype, cfg.rollout.vllm_kv_cache_mb) for m in (s, t))
+    assert awake["vLLM engines (always awake)"] == both and "rollout replica (gather once)" not in awake
+    assert 0 <= asleep["vLLM engines (awake, beyond released training buffers)"] < both
+    assert hf["rollout replica (gather once)"] == s.params * 2 and not any("vLLM" in k for k in hf)
+    assert s.tied and awake["tied embedding: gathered table + gradient"] == 2 * s.head * 4
+    assert awake["CUDA context + NCCL buffers (assumed)"] == 1.5 * 2**30
+
+
 def _fsdp_bf16_worker(rank, world):
     from pipeline import config as C, models as M
     from pipeline.distributed import make_layout

@@ -1,6 +1,7 @@
 """Rank-local loading (pipeline.loading) against from_pretrained: every parameter and output-layer row a rank holds
 after parallelize equals the checkpoint's, for each backend and teacher placement, tied and untied, with a file
-dtype other than the model's; under FSDP2 a rank reads only its share of the files."""
+dtype other than the model's; under FSDP2 a rank reads only its share of the files. The streamed export of what
+was loaded loads back as the same model."""
 from __future__ import annotations
 
 import os
@@ -66,6 +67,7 @@ def _check_worker(rank, world, backend, teacher_placement, tmp, tied):
     want = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).state_dict()
     for name, t in iter_full_state(models.student):
         torch.testing.assert_close(t.float(), want[name].float(), atol=1e-6, rtol=0, msg=name)
+    _check_streamed_export(models, student_dir, tok, tmp)
     if world > 1:
         # each rank read about its share of the student and of a sharded teacher (ZeRO-3: the rows covering its
         # partitions); a replicated teacher's body in full (its output layer's rows are shared out in every case)
@@ -74,6 +76,37 @@ def _check_worker(rank, world, backend, teacher_placement, tmp, tied):
             total = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
             share = ckpt.bytes_read / total
             assert (share < 0.6) if sharded else (share > 0.75), (path, share)
+
+
+def _check_streamed_export(models, student_dir, tok, tmp):
+    """The export, written in files of at most a few layers (checkpoint.EXPORT_SHARD_BYTES lowered), loads with
+    from_pretrained as exactly the trained student: every body tensor and the output layer (tied or not)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from pipeline import checkpoint, distributed
+    from pipeline.parallelize import full_state_dict
+    dist_ctx = distributed.init(require_group=True)
+    state = {k: v.clone() for k, v in full_state_dict(models.student).items()}
+    head = models.heads.full_weight(models.heads.student)
+    checkpoint.EXPORT_SHARD_BYTES = 40_000
+    out = checkpoint.export_student(os.path.join(tmp, "export"), models, AutoConfig.from_pretrained(student_dir),
+                                    AutoTokenizer.from_pretrained(tok), dist_ctx)
+    distributed.barrier(dist_ctx.group)
+    if not dist_ctx.is_main:
+        assert out is None
+        return
+    files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert len(files) > 3 and os.path.exists(os.path.join(out, "model.safetensors.index.json")), files
+    from safetensors import safe_open
+    for f in files:  # a file is over the bound only when it holds one tensor
+        with safe_open(os.path.join(out, f), "pt") as g:
+            assert os.path.getsize(os.path.join(out, f)) < 60_000 or len(list(g.keys())) == 1, f
+    model = AutoModelForCausalLM.from_pretrained(out)
+    got = model.state_dict()
+    for name, t in state.items():
+        if name in got:
+            assert torch.equal(got[name], t.to(got[name].dtype)), name
+    assert torch.equal(model.get_output_embeddings().weight, head.to(model.dtype))
+    assert model.config.tie_word_embeddings == models.heads.tied
 
 
 @pytest.mark.parametrize("backend, placement", [("fsdp2", "shard"), ("fsdp2", "replicate"),
