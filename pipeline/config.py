@@ -281,7 +281,8 @@ class CheckpointConfig:
     """With resume false: allowed to delete the checkpoints, logs and export a run directory already holds and
     start again. Without it such a launch is refused and nothing on disk is touched."""
     export: bool = True
-    """Export the final student as a plain HF checkpoint (safetensors) in run_dir/student."""
+    """Export the final student as a plain HF checkpoint (safetensors) in run_dir/student: streamed, rank 0 holding at
+    most one 2 GiB file of it on the host at a time."""
 
 
 @dataclass

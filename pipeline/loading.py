@@ -111,6 +111,7 @@ def empty_model(path: str, dtype: torch.dtype) -> nn.Module | None:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
     model.source_checkpoint = ckpt
     if any(checkpoint_name(model, n) is None for n, _ in model.named_parameters()):
+        ckpt.close()  # only its index or header was read
         return None
     return model
 
