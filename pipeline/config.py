@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
 import os
 import re
 import typing
@@ -366,6 +367,8 @@ def _build(cls, data: dict, path: str):
                     pass
         if not _type_ok(value, tp):
             raise ValueError(f"{path}{name}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # .nan would pass every range check below
+            raise ValueError(f"{path}{name}: must be a finite number, got {value!r}")
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -375,16 +378,38 @@ def _parse_override(arg: str) -> tuple[list[str], Any]:
         raise ValueError(f"override {arg!r}: use --section.key=value")
     key, raw = arg[2:].split("=", 1)
     try:
-        return key.split("."), yaml.safe_load(raw) if raw != "" else None
+        return key.split("."), _yaml(raw) if raw != "" else None
+    except ValueError as e:
+        raise ValueError(f"override {arg!r}: {e}") from None
     except yaml.YAMLError as e:
         raise ValueError(f"override {arg!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); quote "
                          f"strings, write lists as [a, b] and mappings as {{k: v}}") from None
 
 
-def _read_yaml(path: str):
+class _Loader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                name = key_node.start_mark.name
+                raise ValueError(f"{'' if name.startswith('<') else f'{name}:{line}: '}key {key!r} is given twice "
+                                 f"(lines {seen[key]} and {line}): keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _yaml(text_or_file):
+    return yaml.load(text_or_file, Loader=_Loader)
+
+
+def read_yaml(path: str):
     try:
         with open(path) as f:
-            return yaml.safe_load(f)
+            return _yaml(f)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
@@ -402,7 +427,7 @@ def load_config(path: str | None, overrides: list[str] = (), data_files: bool = 
     if path:
         if not os.path.isfile(path):
             raise ValueError(f"config file {path!r} does not exist")
-        data = _read_yaml(path) or {}
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {path!r} must hold a mapping at the top level")
     for arg in overrides:

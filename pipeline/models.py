@@ -112,6 +112,10 @@ def preflight(cfg, tokenizer) -> None:
             raise ValueError(f"{field}: the model has no output layer (a causal LM head is needed)")
         if getattr(head, "bias", None) is not None:
             raise ValueError(f"{field}: output layers with a bias are not supported by the vocab-parallel loss")
+        positions = getattr(built[who].config.get_text_config(), "max_position_embeddings", None)
+        if positions is not None and cfg.data.seq_len > positions:
+            raise ValueError(f"data.seq_len ({cfg.data.seq_len}) is longer than the {who} was built for "
+                             f"(max_position_embeddings {positions}, {field}): lower data.seq_len")
     check_vocab(built["student"], built["teacher"], tokenizer)
     check_same_tokenizer(cfg, tokenizer)
 

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field, replace
 
 import yaml
 
-from pipeline import assets, losses
+from pipeline import assets, config as C, losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT, SPEC = "result.json", "spec.json"
@@ -133,7 +133,7 @@ def load_grid(path: str, _chain: tuple = ()) -> Grid:
     """The grid file, checked before anything runs: a ValueError names the run and the field to fix."""
     if not os.path.isfile(path):
         raise ValueError(f"grid file {path!r} does not exist")
-    g = yaml.safe_load(open(path)) or {}
+    g = C.read_yaml(path) or {}  # a key given twice is an error, as in a config
     unknown = set(g) - {"job", "steps", "seeds", "eval", "overrides", "runs", "embedded_pair"}
     if unknown:
         raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}")
@@ -246,7 +246,7 @@ def teacher_caches(specs: list[RunSpec], inputs: Inputs, assets_dir: str, thread
     count, so not part of a run's identity."""
     import hashlib
     import torch
-    from pipeline import config as C, models as M, teacher_cache as TC
+    from pipeline import models as M, teacher_cache as TC
     torch.set_num_threads(threads)
     out = {}
     for job, overrides in dict.fromkeys((s.job, s.overrides) for s in specs):
@@ -399,7 +399,7 @@ def run_grids(parts: list[tuple[Grid, str, str | None]], *, jobs: int = 1, threa
 def evaluate_run(d: str, config: str, overrides: list[str], ev: dict) -> dict:
     """A chat job: evaluate.instruct_scores on data.eval_files' prompts; a text job: held-out KL, agreement and
     perplexity on 32 sequences of data.eval_files (else the tail of the training data). Plus the run's curves."""
-    from pipeline import config as C, evaluate
+    from pipeline import evaluate
     cfg = C.load_config(config, overrides)
     if cfg.data.kind == "chat":
         student, teacher, tokenizer, rows = _chat_eval_inputs(d, cfg)
@@ -434,7 +434,7 @@ def backfill(grid: Grid, out: str, record: str | None, assets_dir: str, log=prin
     ledger `record`. The references' divergences are recomputed as the evaluation computes them; a recorded held-out
     KL or agreement that does not come back is an error and nothing of that run is written. Returns the runs
     completed ("name seedS"); a run without its student here is logged and left as it is."""
-    from pipeline import config as C, evaluate
+    from pipeline import evaluate
     inputs = prepare_assets(assets_dir, log) if grid.embedded_pair else Inputs()
     identity, done = inputs.identity(), []
     for spec in grid.runs:
@@ -476,7 +476,7 @@ def temperatures(grid: Grid, out: str, names: list[str], seed: int, temps: list[
     """A diagnostic beside the protocol: ROUGE-L of the finished runs' students (training seed `seed`) answering the
     held-out prompts sampled at each temperature, with the evaluation's first sampling seed, so temperature 1
     repeats the first of a result's rouge_l_seeds. {run: {temperature: ROUGE-L}}."""
-    from pipeline import config as C, evaluate
+    from pipeline import evaluate
     specs = {s.name: s for s in grid.runs if s.seed == seed and s.name in names}
     missing = [n for n in names if n not in specs or not os.path.isdir(os.path.join(run_dir(out, specs[n]), "student"))]
     if missing:

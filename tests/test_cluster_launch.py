@@ -120,7 +120,7 @@ def test_config_paths_expand_user_and_variables_and_refuse_unset_ones(monkeypatc
     monkeypatch.setenv("USER", "ada")
     monkeypatch.setenv("HOME", str(tmp_path))
     # built, not loaded: the cluster's model paths do not exist here (validation would refuse them)
-    raw = C._build(C.Config, C._read_yaml(CLUSTER), "")
+    raw = C._build(C.Config, C.read_yaml(CLUSTER), "")
     C.expand_paths(raw)
     assert raw.run_dir == "/scratch/ada/runs/amid_7b_1b"
     assert raw.data.store == "/scratch/ada/stores/fineweb-edu-qwen2.5"
@@ -128,7 +128,7 @@ def test_config_paths_expand_user_and_variables_and_refuse_unset_ones(monkeypatc
     assert C.expand_path("~/x/${USER}_y", "run_dir") == f"{tmp_path}/x/ada_y"
     monkeypatch.delenv("USER")
     with pytest.raises(ValueError, match=r"run_dir: .*\$USER, which is not set"):
-        C.expand_paths(C._build(C.Config, C._read_yaml(CLUSTER), ""))
+        C.expand_paths(C._build(C.Config, C.read_yaml(CLUSTER), ""))
 
 
 def test_an_unset_variable_in_a_path_stops_the_launch_with_exit_2(tmp_path, monkeypatch):

@@ -50,6 +50,18 @@ def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
     assert time.time() - t0 < 30
 
 
+def test_a_key_given_twice_names_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word: the second `steps` would silently win."""
+    from pipeline import config as C
+    cfg = tmp_path / "dup.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\ntrain:\n  steps: 100\n  log_every: 1\n  steps: 10\n")
+    with pytest.raises(ValueError, match=rf"{cfg}:5: key 'steps' is given twice \(lines 3 and 5\)"):
+        C.load_config(str(cfg))
+    # the same key in two different sections is no repetition
+    cfg.write_text("train: {seed: 1}\nrollout: {seed: 2}\n")
+    assert C.read_yaml(str(cfg)) == {"train": {"seed": 1}, "rollout": {"seed": 2}}
+
+
 def test_float_fields_accept_exponents_without_a_dot():
     from pipeline import config as C
     cfg = C.load_config(DEBUG, ["--optim.lr=1e-3", "--optim.min_lr=1e-5"])
@@ -63,6 +75,15 @@ CONFIG_PROBLEMS = [
      ["model.student_config", "cannot be built"]),
     ("--model.student_config={model_type: llama, vocab_size: 100, hidden_size: 16, num_attention_heads: 2}",
      ["student's output layer has 100 rows", "512 tokens"]),
+    # numbers that are not numbers would pass every range check (a NaN compares false with everything)
+    ("--optim.grad_clip=.nan", ["optim.grad_clip", "finite"]),
+    ("--safety.collective_timeout_s=.nan", ["safety.collective_timeout_s", "finite"]),
+    ("--optim.lr=.inf", ["optim.lr", "finite"]),
+    ("--optim.weight_decay=-.inf", ["optim.weight_decay", "finite"]),
+    ("--optim.min_lr=.nan", ["optim.min_lr", "finite"]),
+    ("--loss.options={lam: 0.1, lam: 0.3}", ["--loss.options", "'lam' is given twice"]),
+    # more than the models have: positions
+    ("--data.seq_len=4096", ["data.seq_len (4096)", "max_position_embeddings", "lower data.seq_len"]),
 ]
 
 
