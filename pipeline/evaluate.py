@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from pipeline import config as C, data, losses, models as M, rollout
+from pipeline import cli, config as C, data, losses, models as M, rollout
 
 
 def hidden_states(model, tokens, attention_mask):
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", required=True, help="an HF checkpoint directory (e.g. run_dir/student)")
     ap.add_argument("--config", required=True, help="the training config (teacher, tokenizer, data)")
     ap.add_argument("--out", help="write the results JSON here")
-    ap.add_argument("--blocks", type=int, default=64, help="held-out sequences: blocks of data.seq_len tokens (text), examples (chat)")
+    ap.add_argument("--blocks", type=cli.positive_int, default=64, help="held-out sequences: blocks of data.seq_len tokens (text), examples (chat)")
     args, overrides = ap.parse_known_args(argv)
     try:
         cfg = C.load_config(args.config, overrides)

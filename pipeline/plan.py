@@ -165,17 +165,17 @@ def report(e: dict, a) -> str:
 
 
 def main(argv=None) -> int:
-    from pipeline import config as C
+    from pipeline import cli, config as C
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
-    ap.add_argument("--nodes", type=int, required=True)
-    ap.add_argument("--gpus-per-node", type=int, required=True)
-    ap.add_argument("--gpu-memory-gb", type=float, default=80.0, help="usable memory per GPU (H100: 80)")
-    ap.add_argument("--tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s per GPU (H100 SXM: 989)")
-    ap.add_argument("--mfu", type=float, default=0.4, help="the share of the peak reached")
-    ap.add_argument("--intra-gbs", type=float, default=300.0, help="GB/s per GPU inside a node (NVLink, bus)")
-    ap.add_argument("--inter-gbs", type=float, default=40.0, help="GB/s per GPU across nodes (400 Gb/s IB: ~40)")
-    ap.add_argument("--runtime-gb", type=float, default=1.5,
+    ap.add_argument("--nodes", type=cli.positive_int, required=True)
+    ap.add_argument("--gpus-per-node", type=cli.positive_int, required=True)
+    ap.add_argument("--gpu-memory-gb", type=cli.positive_float, default=80.0, help="usable memory per GPU (H100: 80)")
+    ap.add_argument("--tflops", type=cli.positive_float, default=989.0, help="peak dense bf16 TFLOP/s per GPU (H100 SXM: 989)")
+    ap.add_argument("--mfu", type=cli.fraction, default=0.4, help="the share of the peak reached")
+    ap.add_argument("--intra-gbs", type=cli.positive_float, default=300.0, help="GB/s per GPU inside a node (NVLink, bus)")
+    ap.add_argument("--inter-gbs", type=cli.positive_float, default=40.0, help="GB/s per GPU across nodes (400 Gb/s IB: ~40)")
+    ap.add_argument("--runtime-gb", type=cli.nonnegative_float, default=1.5,
                     help="GiB per GPU for the CUDA context (~0.5) and NCCL's communicator buffers (~1 for a few groups)")
     ap.add_argument("--json", action="store_true", help="one JSON line instead of the table")
     a, overrides = ap.parse_known_args(argv)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline import config as C, token_store as S
+from pipeline import cli, config as C, token_store as S
 
 INDEX = "index.json"
 
@@ -167,17 +167,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", help="cache directory (default: loss.offline_teacher of the config)")
-    ap.add_argument("--k", type=int, default=64, help="log-probs kept per position (64-256 typical)")
-    ap.add_argument("--batch", type=int, default=8, help="blocks per teacher forward")
-    ap.add_argument("--chunk", type=int, default=256, help="blocks per chunk file (the unit of resumption)")
+    ap.add_argument("--k", type=cli.positive_int, default=64, help="log-probs kept per position (64-256 typical)")
+    ap.add_argument("--batch", type=cli.positive_int, default=8, help="blocks per teacher forward")
+    ap.add_argument("--chunk", type=cli.positive_int, default=256, help="blocks per chunk file (the unit of resumption)")
     args, overrides = ap.parse_known_args(argv)
     try:
         cfg = C.load_config(args.config, overrides)
         out = args.out or cfg.loss.offline_teacher
         if not out:
             raise ValueError("where to write: pass --out DIR or set loss.offline_teacher")
-        if args.batch < 1 or args.chunk < 1:
-            raise ValueError("--batch and --chunk must be >= 1")
         rank, world, _, _ = env_ranks()
         precompute(cfg, out, args.k, args.batch, args.chunk, rank, world,
                    log=lambda msg: print(msg, file=sys.stderr, flush=True))

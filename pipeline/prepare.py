@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from pipeline import config as C, data, token_store as S
+from pipeline import cli, config as C, data, token_store as S
 
 HEADER = "header.json"
 _WORK: dict = {}  # what the forked workers inherit: the documents, the tokenizer, the shard ranges
@@ -120,18 +120,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", help="store directory (default: data.store of the config)")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--shards", type=int, default=None)
-    ap.add_argument("--task", type=int, default=0, help="this array task's index (shards task, task + tasks, ...)")
-    ap.add_argument("--tasks", type=int, default=1, help="how many array tasks share the shards")
+    ap.add_argument("--workers", type=cli.positive_int, default=os.cpu_count() or 1)
+    ap.add_argument("--shards", type=cli.positive_int, default=None)
+    ap.add_argument("--task", type=cli.count, default=0, help="this array task's index (shards task, task + tasks, ...)")
+    ap.add_argument("--tasks", type=cli.positive_int, default=1, help="how many array tasks share the shards")
     args, overrides = ap.parse_known_args(argv)
     try:
         cfg = C.load_config(args.config, overrides)
         out = args.out or cfg.data.store
         if not out:
             raise ValueError("where to write the store: pass --out DIR or set data.store")
-        if args.workers < 1 or (args.shards is not None and args.shards < 1):
-            raise ValueError("--workers and --shards must be >= 1")
         if not 0 <= args.task < args.tasks:
             raise ValueError(f"--task {args.task} must be in [0, --tasks {args.tasks})")
         prepare(cfg, out, args.workers, args.shards, args.task, args.tasks,

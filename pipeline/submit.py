@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 
-from pipeline import config as C
+from pipeline import cli, config as C
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,15 +82,15 @@ def sbatch(cmd: list[str]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
-    ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--gpus-per-node", type=int, default=0, help="0 on CPU clusters")
-    ap.add_argument("--tasks-per-node", type=int, default=None, help="default: --gpus-per-node, or 1")
+    ap.add_argument("--nodes", type=cli.positive_int, default=1)
+    ap.add_argument("--gpus-per-node", type=cli.count, default=0, help="0 on CPU clusters")
+    ap.add_argument("--tasks-per-node", type=cli.positive_int, default=None, help="default: --gpus-per-node, or 1")
     ap.add_argument("--partition")
     ap.add_argument("--account")
     ap.add_argument("--time", help="Slurm time limit, e.g. 24:00:00")
     ap.add_argument("--mpi", action="store_true", help="ranks from MPI (slurm/train_mpi.sbatch)")
     ap.add_argument("--eval", action="store_true", help="chain slurm/eval.sbatch after a successful training")
-    ap.add_argument("--cpus-per-task", type=int, default=None,
+    ap.add_argument("--cpus-per-task", type=cli.positive_int, default=None,
                     help="default: each task's share of a node's cores (at most 16)")
     args, overrides = ap.parse_known_args(argv)
     args.tasks_per_node = args.tasks_per_node or args.gpus_per_node or 1

@@ -140,17 +140,17 @@ class TeacherHidden:
 
 
 def main(argv=None) -> int:
-    from pipeline import config as C, models as M
+    from pipeline import cli, config as C, models as M
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=cli.positive_int, default=8)
     args, overrides = ap.parse_known_args(argv)
     try:
         cfg = C.load_config(args.config, overrides)
-        if cfg.data.kind != "chat" or cfg.data.store or args.batch < 1:
+        if cfg.data.kind != "chat" or cfg.data.store:
             raise ValueError("the teacher cache is for instruction data from data.files (data.kind chat, no "
-                             "data.store), with --batch >= 1")
+                             "data.store)")
         examples = examples_of(cfg, M.load_tokenizer(cfg))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

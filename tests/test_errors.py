@@ -198,3 +198,28 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path):
     cfg = C.load_config(DEBUG, [f"--model.teacher_path={teacher}", "--model.teacher_config=null"])
     with pytest.raises(ValueError, match="teacher's tokenizer .* differs from the shared one"):
         M.preflight(cfg, AutoTokenizer.from_pretrained(REPO / "pipeline/configs/assets/tiny_tokenizer"))
+
+
+@pytest.mark.parametrize("tool, args, option", [
+    ("plan", ["--nodes", "0", "--gpus-per-node", "8"], "--nodes"),
+    ("plan", ["--nodes", "1", "--gpus-per-node", "-1"], "--gpus-per-node"),
+    ("plan", ["--nodes", "1", "--gpus-per-node", "8", "--mfu", "0"], "--mfu"),
+    ("plan", ["--nodes", "1", "--gpus-per-node", "8", "--tflops", "nan"], "--tflops"),
+    ("evaluate", ["--checkpoint", "x", "--blocks", "0"], "--blocks"),
+    ("prepare", ["--workers", "0"], "--workers"),
+    ("prepare", ["--task", "-1"], "--task"),
+    ("precompute_teacher", ["--k", "0"], "--k"),
+    ("precompute_teacher", ["--chunk", "two"], "--chunk"),
+    ("teacher_cache", ["--out", "x", "--batch", "0"], "--batch"),
+    ("submit", ["--nodes", "-2"], "--nodes"),
+    ("submit", ["--cpus-per-task", "0"], "--cpus-per-task"),
+])
+def test_every_tool_checks_its_own_numbers(tool, args, option, capsys):
+    """One line naming the option, exit 2, before the config is read (a division by zero or a silent negative
+    otherwise)."""
+    import importlib
+    main = importlib.import_module(f"pipeline.{tool}").main
+    with pytest.raises(SystemExit) as e:
+        main(["--config", DEBUG, *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {option}" in err and "Traceback" not in err, err
