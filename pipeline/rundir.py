@@ -4,7 +4,8 @@
   directory stop at once with a message naming the holder. The kernel drops the lock when the holder exits or dies,
   so a lock is never stale. (flock needs a filesystem that supports it across nodes: local disks, NFSv4, Lustre
   mounted with -o flock, GPFS.)
-- `checkpoint.resume: false` on a directory that holds checkpoints is refused unless `checkpoint.overwrite: true`.
+- `checkpoint.resume: false` on a directory that holds checkpoints is refused unless `checkpoint.overwrite: true`;
+  so is any launch on a directory whose checkpoints are gone but whose results are not (an export, recorded steps).
 - Resuming checks the newest checkpoint's recorded config against this launch's before anything loads: fields that
   change the meaning of the run must match (config.SAFE_TO_CHANGE lists the others, which are allowed and recorded).
 - `config.yaml` is written only once a run actually starts; every launch appends a line to `history.jsonl`.
@@ -68,6 +69,15 @@ def prepare(cfg: C.Config, world: int, is_main: bool = True) -> tuple[str | None
     not go on; deletes the previous run's outputs only with checkpoint.overwrite."""
     run_dir = cfg.run_dir
     existing = checkpoint.complete_checkpoints(run_dir)
+    done = [] if existing else finished_outputs(run_dir)
+    if done:  # no checkpoint to resume from, but a run's results: a new start would replace or mix them
+        if not cfg.checkpoint.overwrite:
+            raise RunDirError(f"{run_dir} holds {' and '.join(done)} of an earlier run but no checkpoint to resume "
+                              f"from: choose another run_dir, or pass --checkpoint.resume=false --checkpoint.overwrite=true "
+                              f"to delete them and start again")
+        if is_main:
+            clear_outputs(run_dir)
+        return None, {}
     if not cfg.checkpoint.resume:
         if existing and not cfg.checkpoint.overwrite:
             raise RunDirError(f"{run_dir} already holds {len(existing)} checkpoint(s) (newest "
@@ -100,6 +110,21 @@ def check_resumable(manifest: dict, cfg: C.Config, world: int, where: str) -> di
                           f"checkpoint's config:\n  {lines}\nrestore them, or use another run_dir (or "
                           f"--checkpoint.resume=false --checkpoint.overwrite=true to start this one again)")
     return safe
+
+
+def finished_outputs(run_dir: str) -> list[str]:
+    """What in `run_dir` a new start would lose: an exported student, steps recorded in losses.tsv."""
+    out = []
+    if os.path.isdir(os.path.join(run_dir, "student")):
+        out.append("an exported student (student/)")
+    try:
+        with open(os.path.join(run_dir, "losses.tsv")) as f:
+            steps = sum(1 for line in f if line.strip())
+    except OSError:
+        steps = 0
+    if steps:
+        out.append(f"{steps} recorded step(s) (losses.tsv)")
+    return out
 
 
 def clear_outputs(run_dir: str) -> None:

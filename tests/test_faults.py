@@ -214,6 +214,15 @@ def test_resume_refuses_config_drift_records_safe_changes_and_never_overwrites_u
     assert [s for s, _ in loss_lines(tmp_path)] == [1, 2]  # started again, the old log gone
     history = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert len(history) == 3 and history[2]["overwrite"]
+    # the checkpoints deleted by hand, the export and the log still there: another config must not replace or mix them
+    import shutil
+    shutil.rmtree(tmp_path / "checkpoints")
+    before = snapshot(tmp_path)
+    refused(run(tmp_path, "none", "--train.steps=2", "--loss.method=fkl", "--loss.options={}"),
+            "exported student", "2 recorded step(s)", "checkpoint.overwrite=true")
+    assert snapshot(tmp_path) == before
+    ok(run(tmp_path, "none", "--train.steps=2", "--checkpoint.resume=false", "--checkpoint.overwrite=true"))
+    assert [s for s, _ in loss_lines(tmp_path)] == [1, 2]
 
 
 def test_a_field_newer_than_the_checkpoint_resumes_at_its_default_only():
