@@ -190,9 +190,10 @@ def _all_true(flag: torch.Tensor, dist_ctx) -> bool:
 # save
 # --------------------------------------------------------------------------------------------------------------
 def save(run_dir: str, step: int, models, state: dict[str, Stateful], dist_ctx, keep_last: int,
-         config: dict, fingerprint: str) -> str:
+         config: dict, fingerprint: str, inputs: dict | None = None) -> str:
     """Write checkpoint `step` (collective: every rank calls it). state: the registry of this rank's small state.
-    config / fingerprint: the resolved config and config.fingerprint(), recorded for resume checks."""
+    config / fingerprint: the resolved config and config.fingerprint(); inputs: the content fingerprints of what the
+    run reads (integrity.input_fingerprints); all recorded for resume checks."""
     if not _all_true(models.local_state_is_finite(), dist_ctx):
         raise NonFiniteState(f"the model state at step {step} is not finite: no checkpoint written (the newest "
                              f"finite one is kept)")
@@ -216,6 +217,7 @@ def save(run_dir: str, step: int, models, state: dict[str, Stateful], dist_ctx, 
     sums = _gather_dicts(mine, dist_ctx)
     if dist_ctx.is_main:
         manifest = {"step": step, "world_size": dist_ctx.world, "fingerprint": fingerprint, "config": config,
+                    "inputs": inputs or {},
                     "state": sorted(state), "files": {k: sums[k] for k in sorted(sums)}}
         _write_durably(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, default=str))
         for d, _, _ in os.walk(tmp):

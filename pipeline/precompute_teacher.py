@@ -14,7 +14,6 @@ rest, and whichever rank finishes last writes index.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -24,9 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline import cli, config as C, token_store as S
+from pipeline import cli, config as C, integrity, token_store as S
 
 INDEX = "index.json"
+FORMAT = 2  # 2: chunk checksums and digests, the store and the teacher known by content
 
 
 def _chunk(i: int) -> str:
@@ -34,17 +34,18 @@ def _chunk(i: int) -> str:
 
 
 def teacher_identity(cfg: C.Config) -> str:
-    """What the cache was computed from: the teacher checkpoint's config + weights file sizes, or its config dict."""
+    """What the teacher is, by content: its checkpoint's weights (integrity.weights_fingerprint: config, sizes,
+    headers and sampled spans of every weight file), or for a teacher built from a config, that config and its init
+    seed (which decide its weights)."""
     m = cfg.model
     if m.teacher_path:
-        files = sorted((f, os.path.getsize(os.path.join(m.teacher_path, f))) for f in os.listdir(m.teacher_path)
-                       if f.endswith((".safetensors", ".bin", ".json")))
-        return hashlib.sha256(json.dumps(files).encode()).hexdigest()
-    return hashlib.sha256(json.dumps(m.teacher_config, sort_keys=True).encode()).hexdigest()
+        return integrity.weights_fingerprint(m.teacher_path)
+    return integrity.combine({"config": m.teacher_config, "seed": m.init_seed + 1})
 
 
 class TeacherTopk:
-    """Reader of a precomputed cache: rows of blocks -> (log-probs [B, T-1, k] float32, ids [B, T-1, k] int64)."""
+    """Reader of a precomputed cache: rows of blocks -> (log-probs [B, T-1, k] float32, ids [B, T-1, k] int64).
+    Every read is checked against the chunk checksums written with it (integrity.CorruptData otherwise)."""
 
     def __init__(self, path: str):
         index_path = os.path.join(path, INDEX)
@@ -53,34 +54,41 @@ class TeacherTopk:
                                f"python -m pipeline.precompute_teacher (it resumes where it stopped)")
         with open(index_path) as f:
             self.index = json.load(f)
+        if self.index.get("format") != FORMAT:
+            raise S.StoreError(f"loss.offline_teacher: {path} has format {self.index.get('format')}, this version "
+                               f"reads {FORMAT} (content checksums): compute it again with pipeline.precompute_teacher")
         self.path, self.k, self.T = path, self.index["k"], self.index["seq_len"]
         self.chunk = self.index["chunk_blocks"]
         self.id_dtype = np.dtype(self.index["id_dtype"])
-        self._fds: dict[int, tuple[int, int]] = {}
+        self.fingerprint = self.index["fingerprint"]
+        self._files: dict[int, tuple] = {}
 
     def check(self, cfg: C.Config, store: S.TokenStore) -> None:
-        want = {"store_tokens": store.total, "store_tokenizer": store.index["tokenizer"], "seq_len": cfg.data.seq_len,
-                "teacher": teacher_identity(cfg)}
+        want = {"store": store.fingerprint, "seq_len": cfg.data.seq_len, "teacher": teacher_identity(cfg)}
         have = {k: self.index[k] for k in want}
         bad = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
         if bad:
             raise S.StoreError(f"loss.offline_teacher: {self.path} was computed for another setup: "
-                               + ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in bad.items()))
+                               + ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in bad.items())
+                               + ": compute it again with python -m pipeline.precompute_teacher for this config")
 
-    def _open(self, c: int) -> tuple[int, int]:
-        if c not in self._fds:
-            self._fds[c] = tuple(os.open(os.path.join(self.path, _chunk(c) + ext), os.O_RDONLY)
-                                 for ext in (".lp", ".ids"))
-        return self._fds[c]
+    def _open(self, c: int) -> tuple:
+        if c not in self._files:
+            meta = self.index["chunks"][c]
+            self._files[c] = tuple(
+                integrity.CheckedFile(os.path.join(self.path, _chunk(c) + ext),
+                                      np.asarray(meta["sums"][ext], dtype=np.uint32), meta["bytes"][ext])
+                for ext in (".lp", ".ids"))
+        return self._files[c]
 
     def read(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         per = (self.T - 1) * self.k
         lps, ids = [], []
         for r in rows.tolist():
-            fd_lp, fd_ids = self._open(r // self.chunk)
+            lp_file, ids_file = self._open(r // self.chunk)
             j = r % self.chunk
-            lps.append(np.frombuffer(os.pread(fd_lp, per * 2, j * per * 2), dtype=np.float16))
-            ids.append(np.frombuffer(os.pread(fd_ids, per * self.id_dtype.itemsize, j * per * self.id_dtype.itemsize),
+            lps.append(np.frombuffer(lp_file.pread(per * 2, j * per * 2), dtype=np.float16))
+            ids.append(np.frombuffer(ids_file.pread(per * self.id_dtype.itemsize, j * per * self.id_dtype.itemsize),
                                      dtype=self.id_dtype))
         shape = (len(lps), self.T - 1, self.k)
         return (torch.from_numpy(np.stack(lps).astype(np.float32)).view(shape),
@@ -122,9 +130,9 @@ def precompute(cfg: C.Config, out: str, k: int, batch: int, chunk: int, rank: in
     vocab = len(tokenizer)
     if not 1 <= k <= vocab:
         raise ValueError(f"--k must be in [1, {vocab}], got {k}")
-    header = {"k": k, "seq_len": d.seq_len, "blocks": n, "chunk_blocks": chunk, "store_tokens": store.total,
-              "store_tokenizer": store.index["tokenizer"], "teacher": teacher_identity(cfg),
-              "id_dtype": S.token_dtype(vocab).name, "lp_dtype": "float16"}
+    header = {"format": FORMAT, "k": k, "seq_len": d.seq_len, "blocks": n, "chunk_blocks": chunk,
+              "store": store.fingerprint, "teacher": teacher_identity(cfg), "id_dtype": S.token_dtype(vocab).name,
+              "lp_dtype": "float16"}
     os.makedirs(out, exist_ok=True)
     head = os.path.join(out, "header.json")
     if os.path.exists(head):
@@ -149,15 +157,25 @@ def precompute(cfg: C.Config, out: str, k: int, batch: int, chunk: int, rank: in
             lp, ids = teacher_topk(teacher, blocks[rows[b0:b0 + batch]].to(device()), k)
             lps.append(lp.to(torch.float16).cpu().numpy())
             idss.append(ids.cpu().numpy().astype(S.token_dtype(vocab)))
+        meta = {"blocks": len(rows), "bytes": {}, "sums": {}, "sha256": {}}
         for ext, arr in ((".lp", np.concatenate(lps)), (".ids", np.concatenate(idss))):
-            S.write_atomic(os.path.join(out, _chunk(c) + ext), arr.tobytes())
+            raw = arr.tobytes()
+            S.write_atomic(os.path.join(out, _chunk(c) + ext), raw)
+            meta["bytes"][ext], meta["sha256"][ext] = len(raw), integrity.sha256(raw)
+            meta["sums"][ext] = integrity.chunk_sums(raw).tolist()
         # the done marker last, durably: an interrupted run redoes exactly the chunks without one
-        S.write_atomic(os.path.join(out, _chunk(c) + ".json"), json.dumps({"blocks": len(rows)}))
+        S.write_atomic(os.path.join(out, _chunk(c) + ".json"), json.dumps(meta))
         done_blocks += len(rows)
         log(f"precompute_teacher: chunk {c} done ({done_blocks * (d.seq_len - 1) / (time.time() - t0):,.0f} "
             f"positions/s)")
     if all(os.path.exists(os.path.join(out, _chunk(c) + ".json")) for c in range(chunks)):
-        S.write_atomic(os.path.join(out, INDEX), json.dumps(header, indent=1))
+        metas = []
+        for c in range(chunks):
+            with open(os.path.join(out, _chunk(c) + ".json")) as f:
+                metas.append(json.load(f))
+        index = {**header, "chunks": metas,
+                 "fingerprint": integrity.combine({**header, "chunks": [m["sha256"] for m in metas]})}
+        S.write_atomic(os.path.join(out, INDEX), json.dumps(index))
         return header
     return None
 

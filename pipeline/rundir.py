@@ -18,7 +18,7 @@ import shutil
 import socket
 import time
 
-from pipeline import checkpoint, config as C
+from pipeline import checkpoint, config as C, integrity
 
 LOCK = ".lock"
 HISTORY = "history.jsonl"
@@ -103,6 +103,10 @@ def check_resumable(manifest: dict, cfg: C.Config, world: int, where: str) -> di
     saved_world = manifest.get("world_size")
     if saved_world is not None and saved_world != world:
         unsafe["world size"] = (saved_world, world)
+    now = integrity.input_fingerprints(cfg)
+    for field, saved in (manifest.get("inputs") or {}).items():  # the same paths may hold other content now
+        if field in now and now[field] != saved:
+            unsafe[f"{field} content (fingerprint)"] = (saved, now[field])
     if unsafe:
         lines = "\n  ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in
                             ((k, *v) for k, v in unsafe.items()))

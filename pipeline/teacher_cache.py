@@ -13,7 +13,8 @@ evaluations need it, and the steps on such data run it as usual.
 An example is found by a digest of its token ids (prompt + response), so any order, sharding or subset of the data
 finds its rows, and an example that tokenises differently (another data.seq_len, max_prompt_len, chat template) is
 missing rather than silently wrong: pipeline.train checks every training example before the first step.
-DIR/index.json: what it was computed from; DIR/hidden.npy: float32 [response tokens, hidden]; DIR/rows.json:
+DIR/index.json: what it was computed from, the files' digests and the cache's fingerprint; DIR/hidden.npy: float32
+[response tokens, hidden], every read checked against DIR/hidden.sums (crc32 per 64 KiB); DIR/rows.json:
 {digest: [offset, length]}. Computed on one process (the study-sized sets it is for take minutes).
 """
 from __future__ import annotations
@@ -28,7 +29,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-INDEX, HIDDEN, ROWS = "index.json", "hidden.npy", "rows.json"
+from pipeline import integrity
+
+INDEX, HIDDEN, ROWS, SUMS = "index.json", "hidden.npy", "rows.json", "hidden.sums"
+FORMAT = 2  # 2: checksums of every file, the teacher known by content
 
 
 def digest(prompt, response) -> str:
@@ -95,12 +99,24 @@ def build(cfg, examples: list, out: str, batch: int = 8, log=print) -> str:
             log(f"teacher cache: {min(i + batch, len(examples))}/{len(examples)} examples")
     states.flush()
     del states
-    os.replace(os.path.join(out, HIDDEN + ".tmp.npy"), os.path.join(out, HIDDEN))
-    with open(os.path.join(out, ROWS), "w") as f:
-        json.dump(rows, f)
-    with open(index_path + ".tmp", "w") as f:  # last: marks the cache whole
-        json.dump({**want, "hidden_size": hidden, "tokens": total, "n_examples": len(examples)}, f, indent=1)
-    os.replace(index_path + ".tmp", index_path)
+    from pipeline.token_store import write_atomic
+    # checksums of what was written, read back once: every later read of the states is checked against them
+    tmp = os.path.join(out, HIDDEN + ".tmp.npy")
+    sums, whole = [], hashlib.sha256()
+    with open(tmp, "rb") as f:
+        while block := f.read(integrity.CHUNK * 256):
+            sums.append(integrity.chunk_sums(block))
+            whole.update(block)
+    sums = np.concatenate(sums).tobytes()
+    os.replace(tmp, os.path.join(out, HIDDEN))
+    rows_json = json.dumps(rows).encode()
+    write_atomic(os.path.join(out, ROWS), rows_json)
+    write_atomic(os.path.join(out, SUMS), sums)
+    files = {HIDDEN: {"bytes": os.path.getsize(os.path.join(out, HIDDEN)), "sha256": whole.hexdigest()},
+             ROWS: {"sha256": integrity.sha256(rows_json)}, SUMS: {"sha256": integrity.sha256(sums)}}
+    index = {**want, "format": FORMAT, "hidden_size": hidden, "tokens": total, "n_examples": len(examples),
+             "files": files, "fingerprint": integrity.combine({**want, "files": files})}
+    write_atomic(index_path, json.dumps(index, indent=1))  # last: marks the cache whole
     return out
 
 
@@ -113,8 +129,17 @@ class TeacherHidden:
             raise ValueError(f"loss.teacher_cache: {path!r} is not a finished teacher cache (no {INDEX}); run "
                              f"python -m pipeline.teacher_cache --config ... --out {path}")
         self.path, self.index = path, json.load(open(index_path))
-        self.rows = json.load(open(os.path.join(path, ROWS)))
-        self.states = np.load(os.path.join(path, HIDDEN), mmap_mode="r")
+        if self.index.get("format") != FORMAT:
+            raise ValueError(f"loss.teacher_cache: {path} has format {self.index.get('format')}, this version reads "
+                             f"{FORMAT} (content checksums): compute it again with python -m pipeline.teacher_cache")
+        self.fingerprint = self.index["fingerprint"]
+        files = self.index["files"]
+        self.rows = json.loads(integrity.check_whole(os.path.join(path, ROWS), files[ROWS]["sha256"], "the cache"))
+        sums = np.frombuffer(integrity.check_whole(os.path.join(path, SUMS), files[SUMS]["sha256"], "the cache"),
+                             dtype=np.uint32)
+        hidden_path = os.path.join(path, HIDDEN)
+        self.states = integrity.CheckedFile(hidden_path, sums, files[HIDDEN]["bytes"])
+        self.offset = np.load(hidden_path, mmap_mode="r").offset  # where the array starts, past the .npy header
 
     def check(self, cfg, examples: list, hidden_size: int) -> None:
         """ValueError naming the fix unless the cache was computed for this teacher, dtype and every example."""
@@ -135,8 +160,10 @@ class TeacherHidden:
 
     def states_of(self, pairs: list) -> Tensor:
         """[response tokens of every pair, hidden] float32, pair after pair (collate's loss rows, in order)."""
-        parts = [self.states[o:o + n] for o, n in (self.rows[digest(p, r)] for p, r in pairs)]
-        return torch.from_numpy(np.concatenate(parts))
+        row = 4 * self.index["hidden_size"]
+        parts = [np.frombuffer(self.states.pread(n * row, self.offset + o * row), dtype=np.float32)
+                 for o, n in (self.rows[digest(p, r)] for p, r in pairs)]
+        return torch.from_numpy(np.concatenate(parts).reshape(-1, self.index["hidden_size"]))
 
 
 def main(argv=None) -> int:

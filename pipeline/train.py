@@ -24,7 +24,7 @@ from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 
-from pipeline import checkpoint, config as C, data, distributed, losses, rollout, rundir, vllm_rollout  # noqa: E402
+from pipeline import checkpoint, config as C, data, distributed, integrity, losses, rollout, rundir, vllm_rollout  # noqa: E402
 from pipeline.metrics import Metrics, Progress  # noqa: E402
 from pipeline.vocab_parallel import chunk_rows, fused_linear_loss, fused_topk_loss  # noqa: E402
 
@@ -85,6 +85,7 @@ class Run:
         self.tokenizer = M.load_tokenizer(cfg)
         M.preflight(cfg, self.tokenizer)  # model configs and tokenizers, before any data or weights load
         self.batches = data.make_batches(cfg, self.tokenizer, dist_ctx.rank, dist_ctx.world)
+        self.inputs = integrity.input_fingerprints(cfg)  # what the checkpoints record: a resume needs the same
         # held-out data too is read before any model loads, so a bad file fails fast
         self.eval_data = None  # this rank's held-out blocks [n, seq_len] (text) or (prompt, response) pairs (chat)
         if cfg.data.eval_files and (cfg.train.eval_every or cfg.rollout.adaptive_every):
@@ -462,7 +463,7 @@ def _save(run: Run, dist_ctx) -> None:
     # rank 0 writes the manifest and renames alone; the others wait for it at a barrier
     with distributed.timeout_scope(cfg.safety.save_timeout_s, cfg.safety.collective_timeout_s):
         checkpoint.save(cfg.run_dir, run.step, run.models, run.state, dist_ctx, cfg.checkpoint.keep_last,
-                        C.to_dict(cfg), C.fingerprint(C.to_dict(cfg), dist_ctx.world))
+                        C.to_dict(cfg), C.fingerprint(C.to_dict(cfg), dist_ctx.world), run.inputs)
 
 
 def _say(dist_ctx, msg: str) -> None:
@@ -504,7 +505,7 @@ def main(argv=None) -> int:
     except NonFiniteStop as e:
         _say(dist_ctx, f"error: {e}")
         return EXIT_NONFINITE
-    except checkpoint.CheckpointError as e:
+    except (checkpoint.CheckpointError, integrity.CorruptData) as e:
         _say(dist_ctx, f"error: {e}")
         return 1
     except RuntimeError as e:  # DistError, or the plain RuntimeError gloo raises from inside a module's forward

@@ -335,3 +335,117 @@ def test_a_stopped_rank_is_an_error_within_the_bound(tmp_path):
     assert "a collective failed or timed out" in err and "safety.collective_timeout_s = 5" in err, err[-3000:]
     assert "Traceback" not in err
     assert waited < bound + 15, waited  # the bound plus the step in flight and the exit
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# artifacts known by content: stores, caches and teachers
+# ---------------------------------------------------------------------------------------------------------------
+TINY = REPO / "pipeline/configs/assets/tiny_corpus.txt"
+TOKENIZER = str(REPO / "pipeline/configs/assets/tiny_tokenizer")
+
+
+def _prepared(out: Path, corpus: Path) -> str:
+    from pipeline import config as C, prepare as P
+    cfg = C.load_config(str(REPO / "pipeline/configs/debug_cpu.yaml"), [
+        f"--model.tokenizer_path={TOKENIZER}", f"--data.files=[{corpus}]", "--data.seq_len=32"])
+    assert P.prepare(cfg, str(out), workers=1, log=lambda m: None)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """A store and an offline top-k cache over it; a second store of the same corpus reversed line by line (the
+    same token count, other content)."""
+    from pipeline import config as C, precompute_teacher as PT
+    d = tmp_path_factory.mktemp("inputs")
+    lines = TINY.read_text().splitlines()
+    (d / "reversed.txt").write_text("\n".join(reversed(lines)) + "\n")
+    store, other = _prepared(d / "store", TINY), _prepared(d / "other", d / "reversed.txt")
+    cfg = C.load_config(str(REPO / "pipeline/configs/debug_cpu.yaml"), [
+        f"--model.tokenizer_path={TOKENIZER}", f"--data.store={store}", "--data.seq_len=32"])
+    assert PT.precompute(cfg, str(d / "topk"), k=8, batch=8, chunk=64, rank=0, world=1, log=lambda m: None)
+    return store, other, str(d / "topk")
+
+
+def _store_run(tmp_path, store, *extra, name="run"):
+    return run(tmp_path / name, "none", f"--data.store={store}", f"--model.tokenizer_path={TOKENIZER}",
+               "--data.seq_len=32", *extra)
+
+
+def test_a_store_rebuilt_in_place_is_refused_on_resume(stores, tmp_path):
+    """The checkpoint records the store by content: the same path holding other tokens is another input."""
+    import shutil
+    store, other, _ = stores
+    mine = tmp_path / "store"
+    shutil.copytree(store, mine)
+    ok(_store_run(tmp_path, mine, "--train.steps=4", "--train.stop_after=2", "--checkpoint.every=2"))
+    from pipeline.token_store import TokenStore
+    before_fp, after_fp = TokenStore(str(mine)).fingerprint, TokenStore(other).fingerprint
+    assert TokenStore(str(mine)).total == TokenStore(other).total and before_fp != after_fp
+    shutil.rmtree(mine)
+    shutil.copytree(other, mine)  # rebuilt in place from other files
+    before = snapshot(tmp_path / "run")
+    refused(_store_run(tmp_path, mine, "--train.steps=4"), "data.store content", before_fp, after_fp)
+    assert snapshot(tmp_path / "run") == before
+    shutil.rmtree(mine)
+    shutil.copytree(store, mine)  # the same content back: the resume goes on
+    assert "resumed from" in ok(_store_run(tmp_path, mine, "--train.steps=4")).stderr
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["store bit flip", "store truncated", "cache ids random", "cache log-probs zero"])
+def test_a_damaged_store_or_cache_stops_the_run_naming_the_file(stores, tmp_path, damage):
+    """Exit 1 with the file named, before a step trains on what it read (no losses recorded for it)."""
+    import shutil
+    import numpy as np
+    store, _, topk = stores
+    mine_store, mine_topk = tmp_path / "store", tmp_path / "topk"
+    shutil.copytree(store, mine_store)
+    shutil.copytree(topk, mine_topk)
+    target = {"store bit flip": mine_store / "shard_00000.bin", "store truncated": mine_store / "shard_00000.bin",
+              "cache ids random": mine_topk / "chunk_000000.ids",
+              "cache log-probs zero": mine_topk / "chunk_000000.lp"}[damage]
+    size = target.stat().st_size
+    if damage == "store bit flip":
+        _flip(target, size // 3)
+    elif damage == "store truncated":
+        target.write_bytes(target.read_bytes()[: size - 100])
+    elif damage == "cache ids random":
+        target.write_bytes(np.random.default_rng(0).integers(0, 512, size // 2, dtype=np.uint16).tobytes())
+    else:
+        target.write_bytes(bytes(size))
+    extra = [f"--loss.offline_teacher={mine_topk}", "--train.eval_every=0"] if "cache" in damage else []
+    p = _store_run(tmp_path, mine_store, "--train.steps=400", *extra)  # every block is read within 400 steps
+    refused(p, str(target), code=1)
+    assert ("truncated" in p.stderr) if "truncated" in damage else ("do not match the checksum" in p.stderr)
+
+
+def test_a_cache_of_another_store_or_teacher_is_refused(stores, tmp_path):
+    """Same token count, same shapes: only the content tells them apart."""
+    _, other, topk = stores
+    refused(_store_run(tmp_path, other, f"--loss.offline_teacher={topk}", "--train.eval_every=0", name="store"),
+            "computed for another setup", "store")
+    store = stores[0]
+    p = _store_run(tmp_path, store, f"--loss.offline_teacher={topk}", "--train.eval_every=0",
+                   "--model.init_seed=7", name="teacher")  # the same teacher config, other weights
+    refused(p, "computed for another setup", "teacher")
+
+
+def test_teacher_weights_are_known_by_content_not_size(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from pipeline.integrity import weights_fingerprint
+    conf = AutoConfig.for_model("llama", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1)
+    for name, seed in (("a", 0), ("b", 1), ("a_again", 0)):
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(conf).save_pretrained(tmp_path / name)
+    fa, fb, fa2 = (weights_fingerprint(str(tmp_path / n)) for n in ("a", "b", "a_again"))
+    assert (tmp_path / "a/model.safetensors").stat().st_size == (tmp_path / "b/model.safetensors").stat().st_size
+    assert fa != fb and fa == fa2
+    assert weights_fingerprint(str(tmp_path / "a"), full=True) == weights_fingerprint(str(tmp_path / "a_again"),
+                                                                                       full=True)

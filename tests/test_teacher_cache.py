@@ -87,15 +87,17 @@ def test_training_on_the_cache_equals_training_with_the_live_teacher(cache, tmp_
         assert evals("cached")[step] == pytest.approx(want, rel=1e-5, abs=1e-7), step
     sources = [json.loads(line)["source"] for line in (tmp_path / "cached" / "rollouts_rank0.jsonl").open()]
     assert "dataset" in sources and (backend == "none" or "student" in sources)
-    if backend == "none":  # the states are really read: a cache of other states trains otherwise
+    if backend == "none":  # the states are really read, and checked: states replaced after the build stop the run
         other = tmp_path / "other"
         shutil.copytree(out, other)
         states = np.load(other / TC.HIDDEN, mmap_mode="r+")
         states *= 0.5
         states.flush()
-        moved = launch("moved", f"--loss.teacher_cache={other}")
-        assert abs(float(moved[1]) - float(live[1])) > 1e-3 * abs(float(live[1]))
-        assert abs(evals("moved")[0][0] - evals("live")[0][0]) > 1e-3 * evals("live")[0][0]  # step 0: same student
+        p = launch_preloaded(["--config", ONPOLICY, f"--run_dir={tmp_path / 'moved'}", "--parallel.backend=none",
+                              *RUN, *extra, f"--loss.teacher_cache={other}"], 1, ENV, REPO, 300)
+        assert p.returncode == 1 and f"{other / TC.HIDDEN}: bytes" in p.stderr and "Traceback" not in p.stderr, \
+            p.stderr[-3000:]
+        assert not (tmp_path / "moved" / "losses.tsv").exists()  # before any step used them
 
 
 def test_a_cache_that_does_not_fit_the_run_is_refused_before_training(cache, tmp_path):
