@@ -10,7 +10,7 @@ BVENV  := .venv-bench
 BPY    := $(BVENV)/bin/python
 
 .PHONY: setup setup-gpu check-gpu-env gpu-check demo test bench bench-rollout bench-data bench-scale bench-e2e \
-	bench-quality bench-load clean
+	bench-quality bench-load bench-integrity clean
 
 # DS_BUILD_OPS=0: DeepSpeed ships as an sdist; build no ops now (they JIT-compile on first use, cached).
 $(STAMP): pyproject.toml Makefile
@@ -87,6 +87,10 @@ bench-quality: setup
 # host memory and checkpoint bytes of loading a Qwen2.5-0.5B-shaped pair at 1, 2 and 4 ranks per backend (~10 min)
 bench-load: setup
 	$(PY) bench/load_bench.py $(ARGS)
+
+# what checking every store and teacher-cache read costs per step at the demo's size (~1 min)
+bench-integrity: setup
+	$(PY) bench/integrity_bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(BVENV) .pytest_cache .hypothesis
