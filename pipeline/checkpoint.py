@@ -128,6 +128,18 @@ def _sha256(path: str, fsync: bool = False) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+def _disk_full(e: BaseException) -> bool:
+    """A write that ran out of space: ENOSPC / EDQUOT, or how torch's zip writer and safetensors say so."""
+    import errno
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(k in str(e) for k in ("unexpected pos", "No space left", "file write failed", "os error 28")):
+            return True  # torch's zip writer, safetensors' serializer
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _syncfs(path: str) -> None:
     """Flush this node's unwritten pages of the file system that holds `path` (syncfs(2); sync(2) where libc has
     none). Every rank calls it for the files it wrote before another rank hashes them: on Lustre or NFS an fsync
@@ -203,10 +215,24 @@ def save(run_dir: str, step: int, models, state: dict[str, Stateful], dist_ctx, 
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier(dist_ctx.group)
-    models.save(tmp)
-    torch.save({name: obj.state_dict() for name, obj in state.items()},
-               os.path.join(tmp, f"rank{dist_ctx.rank}.pt"))
-    _syncfs(tmp)
+    try:
+        models.save(tmp)
+        torch.save({name: obj.state_dict() for name, obj in state.items()},
+                   os.path.join(tmp, f"rank{dist_ctx.rank}.pt"))
+        _syncfs(tmp)
+    except Exception as e:  # re-raised unless the disk is full
+        if not _disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the space it took, back; the newest complete checkpoint stays
+        free = shutil.disk_usage(_dir(run_dir)).free
+        previous = complete_checkpoints(run_dir)
+        need = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(previous[-1]) for f in fs) \
+            if previous else None
+        raise CheckpointError(
+            f"disk full while writing checkpoint step {step} in {_dir(run_dir)}: {free / 2**30:.2f} GiB free"
+            + (f", the last checkpoint took {need / 2**30:.2f} GiB" if need else "")
+            + (f"; the newest complete one ({os.path.basename(previous[-1])}) is kept" if previous else "")
+            + ": free space (or lower checkpoint.keep_last) and relaunch to resume") from None
     barrier(dist_ctx.group)
     # one listing (rank 0's), then every rank hashes and fsyncs its share of the files
     files = _broadcast(_files(tmp) if dist_ctx.is_main else None, dist_ctx)
@@ -321,7 +347,7 @@ def export_student(out_dir: str, models, student_config, tokenizer, dist_ctx) ->
     EXPORT_SHARD_BYTES of it on the host before writing a file (a 7B student is 15-30 GB whole); the output layer is
     gathered onto rank 0 alone. Refused when the state is not finite; written beside out_dir and renamed into place,
     so a reader never sees half an export."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
     from pipeline.models import embedding_name, head_name
     if not _all_true(models.local_state_is_finite(), dist_ctx):
         raise NonFiniteState("the trained student is not finite: not exported")
@@ -347,16 +373,25 @@ def export_student(out_dir: str, models, student_config, tokenizer, dist_ctx) ->
     head = models.heads.gather_student(dtype)
     if writer is None:
         return None
-    writer.add(head_key, head.cpu())
-    written = writer.close()
-    missing = expected - written - ({head_name(model)} if tied else set())
-    if missing:
-        raise ValueError(f"the export lacks {len(missing)} tensor(s) of the model class, e.g. {sorted(missing)[:3]}")
-    config.dtype, config.architectures = dtype, [type(model).__name__]
-    config.save_pretrained(tmp)
-    GenerationConfig.from_model_config(config).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    _syncfs(tmp)
+    from transformers import GenerationConfig
+    try:
+        writer.add(head_key, head.cpu())
+        missing = expected - writer.close() - ({head_name(model)} if tied else set())
+        if missing:
+            raise ValueError(f"the export lacks {len(missing)} tensor(s) of the model class, e.g. "
+                             f"{sorted(missing)[:3]}")
+        config.dtype, config.architectures = dtype, [type(model).__name__]
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _syncfs(tmp)
+    except Exception as e:  # re-raised unless the disk is full
+        if not _disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"disk full while exporting the student to {tmp}: "
+                              f"{shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free / 2**30:.2f} GiB free; "
+                              f"the checkpoints are kept: free space and relaunch (the finished run exports again)")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     _fsync_dir(os.path.dirname(os.path.abspath(out_dir)))
@@ -371,12 +406,21 @@ class ShardWriter:
     def __init__(self, root: str, limit: int):
         os.makedirs(root)
         self.root, self.limit = root, limit
-        self.pending, self.size, self.total, self.files = {}, 0, 0, []
+        self.pending, self.size, self.total, self.files, self.error = {}, 0, 0, [], None
 
     def add(self, name: str, t: torch.Tensor) -> None:
+        """Queue `t`; a full disk is kept for close() to raise, so the caller still takes part in every gather."""
+        if self.error is not None:
+            return
         n = t.numel() * t.element_size()
         if self.pending and self.size + n > self.limit:
-            self._flush()
+            try:
+                self._flush()
+            except Exception as e:  # re-raised unless the disk is full
+                if not _disk_full(e):
+                    raise
+                self.error, self.pending = e, {}
+                return
         self.pending[name] = t.contiguous()
         self.size += n
         self.total += n
@@ -390,6 +434,8 @@ class ShardWriter:
 
     def close(self) -> set[str]:
         """Name the files, write the index; the names written."""
+        if self.error is not None:
+            raise self.error
         if self.pending or not self.files:
             self._flush()
         n = len(self.files)

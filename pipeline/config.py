@@ -498,12 +498,16 @@ def _positive(name: str, v, allow_zero=False):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
 
 
-def resolve_files(patterns: list) -> list[str]:
+def resolve_files(patterns: list, field: str = "data.files") -> list[str]:
     out = []
     for p in patterns:
         hits = sorted(glob.glob(p)) if any(c in p for c in "*?[") else ([p] if os.path.exists(p) else [])
         if not hits:
-            raise ValueError(f"data.files: {p!r} matches no file")
+            raise ValueError(f"{field}: {p!r} matches no file")
+        folders = [h for h in hits if os.path.isdir(h)]
+        if folders:
+            raise ValueError(f"{field}: {folders[0]!r} is a directory: name its files, or a pattern such as "
+                             f"{os.path.join(folders[0], '*.parquet')!r}")
         out.extend(hits)
     return out
 
@@ -535,7 +539,7 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
     if d.files and data_files:
         resolve_files(d.files)
     if d.eval_files and data_files:
-        resolve_files(d.eval_files)
+        resolve_files(d.eval_files, "data.eval_files")
     _positive("data.eval_blocks", d.eval_blocks)
     if d.format not in ("auto", "json", "parquet", "text"):
         raise ValueError(f"data.format must be auto, json, parquet or text, got {d.format!r}")

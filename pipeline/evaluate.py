@@ -260,6 +260,9 @@ def evaluate_checkpoint(checkpoint: str, cfg, n_blocks: int, prompts=None) -> di
     sequences (heldout_sample; instruction data: on the response tokens); ROUGE-L too when `prompts` = (prompts,
     references)."""
     from transformers import AutoModelForCausalLM
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        raise ValueError(f"--checkpoint {checkpoint!r} is not an HF checkpoint directory (no config.json): give the "
+                         f"run's exported student, e.g. run_dir/student")
     check_device(cfg)
     tokenizer = M.load_tokenizer(cfg)
     batch, where = heldout_sample(cfg, tokenizer, n_blocks)
@@ -267,8 +270,11 @@ def evaluate_checkpoint(checkpoint: str, cfg, n_blocks: int, prompts=None) -> di
     gpu = torch.cuda.is_available()
     dtype = cfg.model.dtype if gpu else "float32"
     device = "cuda" if gpu else "cpu"
-    student = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=M.DTYPES[dtype]).to(device).eval()
-    teacher = M.build_model(cfg.model.teacher_path, cfg.model.teacher_config, dtype, cfg.model.init_seed + 1).to(device)
+    with M.readable("--checkpoint", checkpoint):
+        student = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=M.DTYPES[dtype]).to(device).eval()
+    with M.readable(M.model_field(cfg.model, "teacher"), cfg.model.teacher_path):
+        teacher = M.build_model(cfg.model.teacher_path, cfg.model.teacher_config, dtype,
+                                cfg.model.init_seed + 1).to(device)
     scores = heldout_metrics(student, teacher.eval(), batch)
     if cfg.data.kind == "text":  # the keys a text job's result has always had
         scores = {k: scores[k] for k in ("perplexity", "kl_to_teacher", "top1_agreement", "tokens")}

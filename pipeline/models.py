@@ -2,6 +2,8 @@
 the vocabulary checks that must pass before any training starts."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -120,6 +122,19 @@ def preflight(cfg, tokenizer) -> None:
     check_same_tokenizer(cfg, tokenizer)
 
 
+@contextlib.contextmanager
+def readable(field: str, path: str | None):
+    """A checkpoint that cannot be read (a truncated or corrupt safetensors file, a missing shard) becomes a
+    ValueError naming the field and the directory instead of a traceback from deep inside the reader."""
+    from safetensors import SafetensorError
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{field}: the checkpoint {path!r} cannot be read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); a file may be missing, truncated or "
+                         f"corrupt: copy it again") from None
+
+
 def build_for_training(path: str | None, config: dict | None, dtype: str, seed: int) -> nn.Module:
     """A checkpoint with safetensors files: the model empty (parameters on meta, loading.empty_model), so that the
     backend places or shards it and each rank then reads only what it holds (loading.load_local); otherwise (a
@@ -138,9 +153,11 @@ def build_models(cfg, tokenizer) -> tuple[nn.Module, nn.Module | None, int]:
     m = cfg.model
     teacher = None
     if not cfg.loss.offline_teacher:
-        teacher = build_for_training(m.teacher_path, m.teacher_config, m.dtype, m.init_seed + 1)
+        with readable(model_field(m, "teacher"), m.teacher_path):
+            teacher = build_for_training(m.teacher_path, m.teacher_config, m.dtype, m.init_seed + 1)
         teacher.eval().requires_grad_(False)
-    student = build_for_training(m.student_path, m.student_config, m.dtype, m.init_seed)
+    with readable(model_field(m, "student"), m.student_path):
+        student = build_for_training(m.student_path, m.student_config, m.dtype, m.init_seed)
     student.train()
     vocab = check_vocab(student, teacher if teacher is not None else student, tokenizer)
     return student, teacher, vocab

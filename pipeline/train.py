@@ -589,11 +589,15 @@ def _run(cfg: C.Config, dist_ctx: distributed.Dist, lock: rundir.RunLock, argv: 
             _save(run, dist_ctx)
             last_saved = run.step
     progress.close()
+    wrote = run.step != start  # then a checkpoint of this launch holds run.step (saved in the loop, or now)
     if run.step != last_saved:
         _save(run, dist_ctx)
     if stop:
         if dist_ctx.is_main:
-            print(f"stopped by a signal at step {run.step}: checkpoint written", file=sys.stderr)
+            what = ("checkpoint written" if wrote else
+                    "the checkpoint it resumed from holds this step" if resumed else
+                    "stopped before the first step, nothing to checkpoint")
+            print(f"stopped by a signal at step {run.step}: {what}", file=sys.stderr)
             if stop == signals.REQUEUE:
                 requeue_slurm_job()
         run.metrics.close()

@@ -140,6 +140,28 @@ def memory_fraction(free: int, total: int, need: int, who: str = "the model") ->
     return usable
 
 
+def start_failure(e: BaseException, kv_cache_mb: int, max_model_len: int) -> str:
+    """What to do about an engine that did not start: a KV cache too small for one sequence wants
+    rollout.vllm_kv_cache_mb raised (vLLM's own advice, gpu_memory_utilization, is not ours to give); running out of
+    memory wants it lowered; an unsupported shape wants the HF engine."""
+    chain, seen = [], e
+    while seen is not None and len(chain) < 8:  # vLLM wraps the engine core's error
+        chain.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    text = "\n".join(chain)
+    first = chain[0].splitlines()[0]
+    if "KV cache is needed" in text or "No available memory for the cache blocks" in text:
+        import re
+        need = re.search(r"\(([\d.]+) GiB KV cache is needed", text)
+        at_least = f" to at least {math.ceil(float(need.group(1)) * 1024)}" if need else ""
+        return (f"rollout.engine = vllm: rollout.vllm_kv_cache_mb ({kv_cache_mb}) is too small for one sequence of "
+                f"data.seq_len ({max_model_len}) tokens: raise rollout.vllm_kv_cache_mb{at_least}, or lower "
+                f"data.seq_len ({first})")
+    return (f"rollout.engine = vllm: the vLLM engine did not start ({first}). If it ran out of memory, lower "
+            f"rollout.vllm_kv_cache_mb ({kv_cache_mb}); if the model's shape is unsupported (e.g. the CPU attention "
+            f"kernels' head sizes), set rollout.engine=hf")
+
+
 @contextlib.contextmanager
 def _rng_kept():
     """vLLM seeds the global generators of the process it runs in (torch, CUDA, numpy, random) from its `seed`;
@@ -200,11 +222,7 @@ class Engine:
                 # attention kernels reject some shapes only at the first forward: fail here, before training
                 self._generate([[0]], max_new=1, eos_id=None, temperature=0.0, top_p=1.0, seed=0)
         except Exception as e:
-            raise ValueError(
-                f"rollout.engine = vllm: the vLLM engine did not start ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}). If it ran out of memory, lower "
-                f"rollout.vllm_kv_cache_mb ({kv_cache_mb}); if the model's shape is unsupported (e.g. the CPU "
-                f"attention kernels' head sizes), set rollout.engine=hf") from e
+            raise ValueError(start_failure(e, kv_cache_mb, max_model_len)) from e
         self._doze()
 
     def _doze(self) -> None:

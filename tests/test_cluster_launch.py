@@ -388,3 +388,21 @@ def test_every_rank_flushes_the_files_it_wrote_before_they_are_hashed(tmp_path):
     there does not flush this node's pages: each rank syncs its own file system before the barrier."""
     from tests.dist_utils import run_workers
     run_workers(_syncfs_worker, 2, str(tmp_path), timeout=120)
+
+
+def test_a_kv_cache_too_small_says_raise_it_and_out_of_memory_says_lower_it():
+    # vLLM's own words (v1/core/kv_cache_utils.py), wrapped as its engine core wraps them
+    inner = ValueError("To serve at least one request with the model's max seq len (4096), (0.56 GiB KV cache is "
+                       "needed, which is larger than the available KV cache memory (0.25 GiB). Try increasing "
+                       "`gpu_memory_utilization`")
+    try:
+        try:
+            raise inner
+        except ValueError as e:
+            raise RuntimeError("Engine core initialization failed. See root cause above.") from e
+    except RuntimeError as wrapped:
+        msg = vllm_rollout.start_failure(wrapped, 256, 4096)
+    assert "raise rollout.vllm_kv_cache_mb to at least 574" in msg and "lower rollout.vllm" not in msg
+    assert "data.seq_len (4096)" in msg and "gpu_memory_utilization" not in msg.split("(")[0]
+    oom = vllm_rollout.start_failure(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), 256, 4096)
+    assert "lower rollout.vllm_kv_cache_mb (256)" in oom and "out of memory" in oom

@@ -223,3 +223,50 @@ def test_every_tool_checks_its_own_numbers(tool, args, option, capsys):
         main(["--config", DEBUG, *args])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"argument {option}" in err and "Traceback" not in err, err
+
+
+def test_unreadable_inputs_are_one_line_naming_the_file(tmp_path):
+    """A truncated model checkpoint, a directory given as a data file, a missing file of a chat store, a
+    checkpoint to evaluate that is not one: exit 2 and the path, no traceback."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    conf = AutoConfig.for_model("llama", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1)
+    AutoModelForCausalLM.from_config(conf).save_pretrained(tmp_path / "student")
+    weights = tmp_path / "student" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    tok = f"--model.tokenizer_path={REPO / 'pipeline/configs/assets/tiny_tokenizer'}"
+    p = _quick("--config", DEBUG, f"--run_dir={tmp_path}/run", "--parallel.backend=none", tok,
+               f"--model.student_path={tmp_path / 'student'}", "--model.student_config=null", timeout=120)
+    refused(p, "model.student_path", str(tmp_path / "student"), "cannot be read", "copy it again")
+    (tmp_path / "folder.txt").mkdir()
+    refused(_quick("--config", DEBUG, f"--run_dir={tmp_path}/run", f"--data.files=[{tmp_path / 'folder.txt'}]"),
+            "data.files", "is a directory")
+    p = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--checkpoint", str(tmp_path), "--config", DEBUG],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    refused(p, "--checkpoint", "not an HF checkpoint directory")
+
+
+def test_a_chat_store_missing_a_file_is_refused_naming_it(tmp_path):
+    from pipeline import config as C, prepare as P, token_store as S
+    cfg = C.load_config(ONPOLICY, [f"--data.files=[{REPO / 'pipeline/configs/assets/tiny_instruct.jsonl'}]"])
+    P.prepare(cfg, str(tmp_path / "store"), workers=1, log=lambda m: None)
+    (tmp_path / "store" / "shard_00000.prompt").unlink()
+    with pytest.raises(S.StoreError, match=r"shard_00000.prompt is missing"):
+        S.TokenStore(str(tmp_path / "store")).examples(cfg.data)
+
+
+def test_two_writers_of_one_file_never_share_a_temporary_name(tmp_path):
+    """Two pipeline.prepare (or precompute_teacher) processes on one directory write the same shards: each through
+    its own temporary file, so neither renames the other's half-written one into place."""
+    import multiprocessing as mp
+    from pipeline import token_store as S
+    target = tmp_path / "shard_00000.bin"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=S.write_atomic, args=(str(target), bytes([i]) * (1 << 22))) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    data = target.read_bytes()
+    assert all(p.exitcode == 0 for p in procs) and len(data) == 1 << 22 and len(set(data)) == 1
+    assert [f.name for f in tmp_path.iterdir()] == ["shard_00000.bin"]  # no temporary left behind

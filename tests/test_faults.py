@@ -309,6 +309,7 @@ def test_signal_during_start_up_is_a_clean_stop(tmp_path):
     assert proc.wait(timeout=120) == 0
     err = proc.stderr.read()
     assert "Traceback" not in err and not (tmp_path / "checkpoints").exists(), err[-3000:]
+    assert "nothing to checkpoint" in err and "checkpoint written" not in err  # it says what it did
 
 
 def test_a_stopped_rank_is_an_error_within_the_bound(tmp_path):
@@ -449,3 +450,42 @@ def test_teacher_weights_are_known_by_content_not_size(tmp_path):
     assert fa != fb and fa == fa2
     assert weights_fingerprint(str(tmp_path / "a"), full=True) == weights_fingerprint(str(tmp_path / "a_again"),
                                                                                        full=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A small file system (tmpfs) of a size the test picks: small_disk("1300k")."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"small{len(mounted)}"
+        mnt.mkdir()
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                           text=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {p.stderr.strip()}")
+        mounted.append(mnt)
+        return mnt
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_during_a_save_says_so_and_keeps_the_last_checkpoint(small_disk):
+    """Room for one of the debug run's checkpoints (~0.9 MB), not two."""
+    d = small_disk("1300k")
+    p = run(d / "run", "none", "--train.steps=6", "--checkpoint.every=2", "--checkpoint.keep_last=1",
+            "--checkpoint.export=false", "--logging.tensorboard=false")
+    refused(p, "disk full while writing checkpoint step", "GiB free", "the last checkpoint took",
+            "step_00000002) is kept", code=1)
+    saved = [x.name for x in (d / "run" / "checkpoints").iterdir()]
+    assert saved == ["step_00000002"] and (d / "run" / "checkpoints" / saved[0] / "COMPLETE").exists()
+
+
+def test_a_full_disk_during_the_export_says_so_and_keeps_the_checkpoint(small_disk):
+    """Room for the final checkpoint, not for the export beside it (~0.3 MB)."""
+    d = small_disk("1000k")
+    p = run(d / "run", "none", "--train.steps=2", "--checkpoint.every=2", "--logging.tensorboard=false")
+    refused(p, "disk full while exporting the student", "the checkpoints are kept", code=1)
+    assert (d / "run" / "checkpoints" / "step_00000002" / "COMPLETE").exists()
+    assert not (d / "run" / "student").exists() and not (d / "run" / "student.tmp").exists()
