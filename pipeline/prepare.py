@@ -1,6 +1,7 @@
 """Tokenise a corpus once into a token store (pipeline/token_store.py) that training then reads with data.store.
 
     python -m pipeline.prepare --config run.yaml [--out DIR] [--workers N] [--shards N] [--task I --tasks N]
+    python -m pipeline.prepare --config run.yaml [--out DIR] --verify      (hash a finished store in full)
 
 Packed text (data.kind text) or instruction examples (data.kind chat: prompt and response tokens per example, as
 data.tokenize_example makes them, with the prompt lengths for the loss masks). The documents are data.files (or
@@ -124,12 +125,24 @@ def main(argv=None) -> int:
     ap.add_argument("--shards", type=cli.positive_int, default=None)
     ap.add_argument("--task", type=cli.count, default=0, help="this array task's index (shards task, task + tasks, ...)")
     ap.add_argument("--tasks", type=cli.positive_int, default=1, help="how many array tasks share the shards")
+    ap.add_argument("--verify", action="store_true",
+                    help="hash every file of the finished store against the digests recorded when it was written "
+                         "(reads it all); exit 1 naming what differs")
     args, overrides = ap.parse_known_args(argv)
     try:
         cfg = C.load_config(args.config, overrides)
         out = args.out or cfg.data.store
         if not out:
             raise ValueError("where to write the store: pass --out DIR or set data.store")
+        if args.verify:
+            from pipeline.integrity import CorruptData
+            try:
+                bad = S.TokenStore(out).verify()
+            except CorruptData as e:
+                bad = [str(e)]
+            print("\n".join(f"differs: {b}" for b in bad) or f"{out}: every file matches its digest",
+                  file=sys.stderr)
+            return 1 if bad else 0
         if not 0 <= args.task < args.tasks:
             raise ValueError(f"--task {args.task} must be in [0, --tasks {args.tasks})")
         prepare(cfg, out, args.workers, args.shards, args.task, args.tasks,

@@ -489,3 +489,17 @@ def test_a_full_disk_during_the_export_says_so_and_keeps_the_checkpoint(small_di
     refused(p, "disk full while exporting the student", "the checkpoints are kept", code=1)
     assert (d / "run" / "checkpoints" / "step_00000002" / "COMPLETE").exists()
     assert not (d / "run" / "student").exists() and not (d / "run" / "student.tmp").exists()
+
+
+def test_prepare_verify_hashes_a_store_in_full(stores, tmp_path, capsys):
+    """The full check on request: a flipped byte in a file training never reads (the document ends of a text
+    store) is found too."""
+    import shutil
+    from pipeline import prepare as P
+    mine = tmp_path / "store"
+    shutil.copytree(stores[0], mine)
+    args = ["--config", "pipeline/configs/debug_cpu.yaml", f"--model.tokenizer_path={TOKENIZER}", "--out", str(mine),
+            "--verify"]
+    assert P.main(args) == 0 and "every file matches" in capsys.readouterr().err
+    _flip(mine / "shard_00000.docs", 5)
+    assert P.main(args) == 1 and f"differs: {mine / 'shard_00000.docs'}" in capsys.readouterr().err
