@@ -25,8 +25,8 @@ export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQ
 if [ -z "${SLURM_JOB_GPUS:-}${SLURM_STEP_GPUS:-}${CUDA_VISIBLE_DEVICES:-}" ] && [ ! -e /dev/nvidia0 ]; then
   export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 fi
-# NCCL: surface collective errors as exceptions (our bounded waits), and say why a communicator failed
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+# NCCL: say why a communicator failed. (TORCH_NCCL_ASYNC_ERROR_HANDLING is the pipeline's own default,
+# distributed.NCCL_ENVIRONMENT: a failed collective ends through its exit-1 path; a value set here would win.)
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES nodes x ${SLURM_NTASKS_PER_NODE:-1} tasks," \
      "rendezvous $MASTER_ADDR:$MASTER_PORT"

@@ -344,3 +344,14 @@ def test_a_tied_student_trains_one_matrix_like_an_hf_tied_model():
 def test_a_tied_student_trains_one_matrix_like_an_hf_tied_model_in_two_processes(backend):
     from tests.dist_utils import run_workers
     run_workers(_tied_case, 2, backend, timeout=240)
+
+
+def test_the_config_reference_page_is_what_the_code_generates():
+    """docs/config.md lists every field of the config tree with its docstring; a field added, renamed or
+    re-documented without regenerating the page fails here."""
+    from pipeline import config as C, config_reference as R
+    assert R.main(["--check"]) == 0, "run: python -m pipeline.config_reference"
+    page = open(R.PAGE).read()
+    for dotted in C.flatten(C.to_dict(C.Config())):
+        if not dotted.startswith(("model.teacher_config.", "model.student_config.", "loss.options.")):
+            assert f"| `{dotted}` |" in page, dotted
