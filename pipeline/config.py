@@ -12,7 +12,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -32,7 +32,7 @@ class ModelConfig:
     """An HF model config for a randomly initialised student."""
     tokenizer_path: str | None = None
     """Tokenizer directory; default: the teacher's checkpoint directory. Teacher and student share it."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype of both models: float32 or bfloat16 (losses always compute in float32)."""
     init_seed: int = 0
     """Seed of random initialisation (identical on every rank)."""
@@ -48,10 +48,10 @@ class DataConfig:
     """A token store directory (`python -m pipeline.prepare` builds it from files / dataset): training then reads
     the pre-tokenised packed text (kind text) or examples (kind chat) from it, each rank only its own rows, instead
     of tokenising at start-up."""
-    kind: str = "text"
+    kind: Literal["text", "chat"] = "text"
     """text: documents packed into seq_len blocks (pretraining-style); chat: prompt/response examples for
     instruction tuning (loss on response tokens only; the rollout section mixes in generations)."""
-    format: str = "auto"
+    format: Literal["auto", "json", "parquet", "text"] = "auto"
     """json, parquet, text or auto (from the file extension)."""
     text_field: str = "text"
     """The column that holds the text."""
@@ -90,7 +90,7 @@ class TaidConfig:
     """Momentum of the relative loss decrease."""
     adaptive: bool = True
     """False: t follows the linear ramp only."""
-    signal: str = "ce"
+    signal: Literal["ce", "kl"] = "ce"
     """The value that drives t: ce (the official cross-entropy value H(p_t) + KL) or kl."""
 
 
@@ -109,7 +109,7 @@ class LossConfig:
     that keep the chunk's working set (about 8 fp32 copies of [chunk, V / shard group]) within chunk_memory_mb."""
     chunk_memory_mb: float = 256.0
     """Memory budget of one loss chunk when chunk_size is None."""
-    matmul_precision: str = "auto"
+    matmul_precision: Literal["auto", "highest", "high", "bf16"] = "auto"
     """The loss's output-layer matmuls: highest (fp32), high (TF32 on GPUs; fp32 on CPUs, which have no TF32), bf16
     (bf16 operands, fp32 accumulation and output) or auto: bf16 on GPUs for a bf16 model, high on GPUs for an fp32
     one, highest on CPUs (fp32 matmuls run at about a tenth of the bf16 rate on an H100; the model's own matmuls are
@@ -142,11 +142,11 @@ class OptimConfig:
     """AdamW betas."""
     warmup_steps: int = 0
     """Linear warm-up steps."""
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """cosine, linear or constant decay after warm-up."""
     grad_clip: float = 1.0
     """Max gradient norm (0 = off)."""
-    clip_scope: str = "global"
+    clip_scope: Literal["global", "separate"] = "global"
     """global: one norm over the body and the output layer, as HF Trainer and TRL clip; separate: each clipped to
     grad_clip on its own."""
 
@@ -178,16 +178,16 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    backend: str = "deepspeed"
+    backend: Literal["deepspeed", "fsdp2", "none"] = "deepspeed"
     """deepspeed (ZeRO-3), fsdp2 or none (one process, no sharding; a reference run)."""
     ds_student_config: str = "ds_configs/zero3_student.json"
     """DeepSpeed JSON for the student (stage 3; batch sizes, LR and clipping come from this config tree)."""
     ds_teacher_config: str = "ds_configs/zero3_teacher.json"
     """DeepSpeed JSON for the frozen teacher (stage 3 inference: no optimizer)."""
-    fsdp_param_dtype: str = "float32"
+    fsdp_param_dtype: Literal["float32", "bfloat16"] = "float32"
     """FSDP2 mixed precision: dtype of gathered parameters for compute (float32 or bfloat16), student and teacher
     alike; a bfloat16 model computes in bf16 either way (its fp32 master shards are gathered as bf16)."""
-    fsdp_reduce_dtype: str = "float32"
+    fsdp_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
     """FSDP2 mixed precision: dtype of gradient reduction."""
     shard_group_size: int | None = None
     """Ranks per shard group (the 2-D layout replicas x shard): parameters are sharded, and the loss is
@@ -197,7 +197,7 @@ class ParallelConfig:
     1: every rank holds full output layers and a chunked loss of its own tokens. DeepSpeed keeps its optimizer
     state sharded over the world and uses the group for ZeRO++ hpZ (the secondary weight partition); FSDP2 runs
     HSDP on a (replicas, shard) device mesh."""
-    teacher: str = "auto"
+    teacher: Literal["auto", "shard", "shard_group", "replicate"] = "auto"
     """Where the frozen teacher's body lives: shard (over all ranks: smallest memory, every forward gathers across
     nodes), shard_group (sharded inside the shard group, replicated across groups: gathers stay in the node),
     replicate (a full copy per rank: no gather at all) or auto (replicate when the copy takes at most
@@ -223,14 +223,14 @@ class RolloutConfig:
     ignore_eos: bool = False
     """Keep generating after an end-of-sequence token, to max_new_tokens (vLLM's option of that name; for
     benchmarks that need a fixed amount of generation per step)."""
-    gather: str = "auto"
+    gather: Literal["auto", "once", "per_step"] = "auto"
     """once: gather the full model on every rank for the rollout, then decode with no collective (fast);
     per_step: decode on the sharded model, every rank in lockstep (a parameter all-gather per token; for models
     whose full copy does not fit); auto: once when the full copy fits gather_memory_fraction of the free memory
     on every rank."""
     gather_memory_fraction: float = 0.5
     """auto: the share of free memory a full copy may take."""
-    engine: str = "auto"
+    engine: Literal["auto", "hf", "vllm"] = "auto"
     """Who decodes: hf (the loop of pipeline.rollout, shaped by rollout.gather) or vllm (one in-process vLLM engine
     per rank and model, weights pushed after each optimiser step that precedes a rollout; needs the vllm extra);
     auto: vllm on GPUs where vLLM is installed, hf otherwise. The two sample differently (same distribution, other
@@ -248,7 +248,7 @@ class RolloutConfig:
     step's worth)."""
     seed: int | None = None
     """Seed of the source choice and of sampling (default: train.seed)."""
-    schedule: str = "fixed"
+    schedule: Literal["fixed", "adaptive"] = "fixed"
     """fixed: the fractions above; adaptive: DistiLLM's adaptive off-policy scheduler (AMiD's official setting): the
     on-policy share starts at adaptive_init and rises by adaptive_step whenever the held-out cross-entropy on dataset
     responses (every adaptive_every steps) has risen by adaptive_eps since the last rise; on-policy steps generate
@@ -264,7 +264,7 @@ class RolloutConfig:
     """adaptive: how much the on-policy share rises each time."""
     adaptive_eps: float = 0.1
     """adaptive: the held-out cross-entropy rise that triggers it."""
-    replay_schedule: str = "decreasing"
+    replay_schedule: Literal["decreasing", "constant", "increasing"] = "decreasing"
     """adaptive: the share of on-policy steps that generate fresh samples once the buffer is full: decreasing (all
     of them at step 0, none at the end), constant (half) or increasing."""
 
@@ -330,6 +330,8 @@ class Config:
 # --------------------------------------------------------------------------------------------------------------
 def _type_ok(value: Any, tp) -> bool:
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        return isinstance(value, str) and value in typing.get_args(tp)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         return any(_type_ok(value, a) for a in typing.get_args(tp))
     if tp is type(None):
@@ -341,6 +343,28 @@ def _type_ok(value: Any, tp) -> bool:
     if tp in (list, dict, str, bool):
         return isinstance(value, tp)
     return isinstance(value, tp)
+
+
+def _check_value(name: str, value: Any, tp) -> None:
+    """The one rule for a field's value: its type (a choice is one of its Literal's values), and a float finite
+    (.nan would pass every range check)."""
+    if not _type_ok(value, tp):
+        if typing.get_origin(tp) is Literal:
+            raise ValueError(f"{name} must be one of {', '.join(typing.get_args(tp))}, got {value!r}")
+        raise ValueError(f"{name}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name}: must be a finite number, got {value!r}")
+
+
+def check_fields(node, path: str = "") -> None:
+    """_check_value on every field of a built config tree (a field set in code skipped _build's check)."""
+    hints = typing.get_type_hints(type(node))
+    for f in dataclasses.fields(node):
+        value, tp = getattr(node, f.name), hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            check_fields(value, f"{path}{f.name}.")
+        else:
+            _check_value(f"{path}{f.name}", value, tp)
 
 
 def _build(cls, data: dict, path: str):
@@ -365,10 +389,7 @@ def _build(cls, data: dict, path: str):
                     value = float(value)
                 except ValueError:
                     pass
-        if not _type_ok(value, tp):
-            raise ValueError(f"{path}{name}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):  # .nan would pass every range check below
-            raise ValueError(f"{path}{name}: must be a finite number, got {value!r}")
+        _check_value(f"{path}{name}", value, tp)
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -513,7 +534,9 @@ def resolve_files(patterns: list, field: str = "data.files") -> list[str]:
 
 
 def validate(cfg: Config, world_size: int | None = None, data_files: bool = True) -> None:
-    """Every check that needs no model: ranges, choices, files, batch arithmetic (when world_size is known)."""
+    """Every check that needs no model: types and choices (check_fields), ranges, files, batch arithmetic (when
+    world_size is known)."""
+    check_fields(cfg)
     m = cfg.model
     for who in ("teacher", "student"):
         p, c = getattr(m, f"{who}_path"), getattr(m, f"{who}_config")
@@ -525,8 +548,7 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
             raise ValueError(f"model.{who}_config needs a model_type (e.g. llama)")
     if m.tokenizer_path is not None and not os.path.isdir(m.tokenizer_path):
         raise ValueError(f"model.tokenizer_path: {m.tokenizer_path!r} is not a directory")
-    if m.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"model.dtype must be float32 or bfloat16, got {m.dtype!r}")
+
 
     d = cfg.data
     if d.files and d.dataset:
@@ -541,15 +563,13 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
     if d.eval_files and data_files:
         resolve_files(d.eval_files, "data.eval_files")
     _positive("data.eval_blocks", d.eval_blocks)
-    if d.format not in ("auto", "json", "parquet", "text"):
-        raise ValueError(f"data.format must be auto, json, parquet or text, got {d.format!r}")
+
     _positive("data.seq_len", d.seq_len)
     if d.seq_len < 2:
         raise ValueError("data.seq_len must be >= 2 (inputs and next-token targets)")
     if d.max_documents is not None:
         _positive("data.max_documents", d.max_documents)
-    if d.kind not in ("text", "chat"):
-        raise ValueError(f"data.kind must be text or chat, got {d.kind!r}")
+
     if d.kind == "chat":
         if d.format == "text":
             raise ValueError("data.kind chat reads json/jsonl or parquet rows; data.format text has no columns")
@@ -589,16 +609,14 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
     if lc.chunk_size is not None:
         _positive("loss.chunk_size", lc.chunk_size)
     _positive("loss.chunk_memory_mb", lc.chunk_memory_mb)
-    if lc.matmul_precision not in ("auto", "highest", "high", "bf16"):
-        raise ValueError(f"loss.matmul_precision must be auto, highest, high or bf16, got {lc.matmul_precision!r}")
+
     t = lc.taid
     try:
         losses.TaidSchedule(total_steps=max(cfg.train.steps, 1), t_start=t.t_start, t_end=t.t_end, alpha=t.alpha,
                             beta=t.beta, adaptive=t.adaptive)
     except ValueError as e:
         raise ValueError(f"loss.taid: {e}") from None
-    if t.signal not in ("ce", "kl"):
-        raise ValueError(f"loss.taid.signal must be ce or kl, got {t.signal!r}")
+
 
     o = cfg.optim
     _positive("optim.lr", o.lr)
@@ -609,13 +627,9 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
     if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
         raise ValueError(f"optim.betas must be two numbers in [0, 1), got {o.betas!r}")
     _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
-    if o.schedule not in ("cosine", "linear", "constant"):
-        raise ValueError(f"optim.schedule must be cosine, linear or constant, got {o.schedule!r}")
+
     _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
-    if o.clip_scope not in ("global", "separate"):
-        raise ValueError(f"optim.clip_scope must be global or separate, got {o.clip_scope!r}")
-    if not isinstance(o.decay_norms_and_biases, bool):
-        raise ValueError(f"optim.decay_norms_and_biases must be true or false, got {o.decay_norms_and_biases!r}")
+
 
     tr = cfg.train
     _positive("train.steps", tr.steps)
@@ -635,14 +649,11 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
                              f"world size ({tr.micro_batch_size} x {tr.grad_accum} x {world_size})")
 
     p = cfg.parallel
-    if p.backend not in ("deepspeed", "fsdp2", "none"):
-        raise ValueError(f"parallel.backend must be deepspeed, fsdp2 or none, got {p.backend!r}")
+
     if p.backend == "deepspeed":
         for name in ("ds_student_config", "ds_teacher_config"):
             read_deepspeed_json(getattr(p, name), f"parallel.{name}")
-    for name in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
-        if getattr(p, name) not in ("float32", "bfloat16"):
-            raise ValueError(f"parallel.{name} must be float32 or bfloat16, got {getattr(p, name)!r}")
+
     if world_size is not None and world_size > 1 and p.backend == "none":
         raise ValueError("parallel.backend none runs one process; use deepspeed or fsdp2 for several")
     if p.shard_group_size is not None:
@@ -650,8 +661,7 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
         if world_size is not None and world_size % p.shard_group_size:
             raise ValueError(f"parallel.shard_group_size ({p.shard_group_size}) must divide the world size "
                              f"({world_size}): use a divisor such as the ranks per node")
-    if p.teacher not in ("auto", "shard", "shard_group", "replicate"):
-        raise ValueError(f"parallel.teacher must be auto, shard, shard_group or replicate, got {p.teacher!r}")
+
     if not 0.0 < p.teacher_replicate_fraction <= 1.0:
         raise ValueError(f"parallel.teacher_replicate_fraction must be in (0, 1], got {p.teacher_replicate_fraction}")
 
@@ -671,22 +681,17 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
             raise ValueError(f"data.max_prompt_len + rollout.max_new_tokens ({d.max_prompt_len} + "
                              f"{r.max_new_tokens}) exceeds data.seq_len ({d.seq_len}); raise seq_len or lower one")
     _positive("rollout.temperature", r.temperature, allow_zero=True)
-    if not isinstance(r.ignore_eos, bool):
-        raise ValueError(f"rollout.ignore_eos must be true or false, got {r.ignore_eos!r}")
+
     if not 0.0 < r.top_p <= 1.0:
         raise ValueError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
-    if r.gather not in ("auto", "once", "per_step"):
-        raise ValueError(f"rollout.gather must be auto, once or per_step, got {r.gather!r}")
+
     if not 0.0 < r.gather_memory_fraction <= 1.0:
         raise ValueError(f"rollout.gather_memory_fraction must be in (0, 1], got {r.gather_memory_fraction}")
-    if r.engine not in ("auto", "hf", "vllm"):
-        raise ValueError(f"rollout.engine must be auto, hf or vllm, got {r.engine!r}")
+
     _positive("rollout.vllm_kv_cache_mb", r.vllm_kv_cache_mb)
-    if not isinstance(r.vllm_sleep, bool):
-        raise ValueError(f"rollout.vllm_sleep must be true or false, got {r.vllm_sleep!r}")
+
     _positive("rollout.replay_capacity", r.replay_capacity, allow_zero=True)
-    if r.schedule not in ("fixed", "adaptive"):
-        raise ValueError(f"rollout.schedule must be fixed or adaptive, got {r.schedule!r}")
+
     if r.adaptive_every and r.schedule != "adaptive":
         raise ValueError("rollout.adaptive_every paces rollout.schedule adaptive's measurements: set the schedule to "
                          "adaptive or leave adaptive_every at 0")
@@ -707,9 +712,6 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
             if not 0.0 <= getattr(r, name) <= 1.0:
                 raise ValueError(f"rollout.{name} must be in [0, 1], got {getattr(r, name)}")
         _positive("rollout.adaptive_eps", r.adaptive_eps, allow_zero=True)
-        if r.replay_schedule not in ("decreasing", "constant", "increasing"):
-            raise ValueError(f"rollout.replay_schedule must be decreasing, constant or increasing, got "
-                             f"{r.replay_schedule!r}")
     if r.replay_ratio > 0:
         need = tr.micro_batch_size * tr.grad_accum
         if r.replay_capacity < need:

@@ -48,9 +48,11 @@ def _default(f: dataclasses.Field) -> str:
 
 
 def _row(name: str, tp, f: dataclasses.Field, doc: str) -> str:
-    kind = getattr(tp, "__name__", None) if not typing.get_args(tp) else None
-    kind = kind or str(tp).replace("typing.", "")
-    cells = [f"`{name}`", f"`{kind}`", _default(f), doc]
+    if typing.get_origin(tp) is typing.Literal:
+        kind = "one of " + ", ".join(f"`{a}`" for a in typing.get_args(tp))
+    else:
+        kind = f"`{getattr(tp, '__name__', None) if not typing.get_args(tp) else str(tp).replace('typing.', '')}`"
+    cells = [f"`{name}`", kind, _default(f), doc]
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"  # a pipe would split the cell
 
 

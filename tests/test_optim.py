@@ -75,5 +75,5 @@ def test_clipping_matches_torch_over_the_chosen_sets(scope, scale):
 
 
 def test_the_clipping_scope_is_checked():
-    with pytest.raises(ValueError, match="optim.clip_scope must be global or separate"):
+    with pytest.raises(ValueError, match="optim.clip_scope must be one of global, separate"):
         C.load_config(DEBUG, ["--optim.clip_scope=everything"])
