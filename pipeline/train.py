@@ -256,6 +256,10 @@ def step_sizes(plans: list[MicroPlan], run: Run) -> tuple[float, list[int]]:
     return float(max(sum(map(sum, table)), 1)), [max(col) for col in zip(*group_rows)]
 
 
+# the step's scalars in the order train_step packs them for its one all-reduce and its one host read
+STEP_SCALARS = ("head_sq", "loss", "nonfinite", "agree", "tokens", "stop", "requeue", "body_norm")
+
+
 def train_step(run: Run, stats_wanted: bool = True) -> dict:
     """One optimiser step over train.grad_accum micro-batches; returns the scalars to log. Two host reads in all
     (the step's sizes, and the end-of-step values), however many micro-batches and loss chunks there are."""
@@ -318,9 +322,10 @@ def train_step(run: Run, stats_wanted: bool = True) -> dict:
                        torch.tensor([float(request == signals.STOP), float(request == signals.REQUEUE)], device=dev)])
     distributed.all_reduce_sum(flags, run.dist.group)
     body = models.grad_norm()
-    values = distributed.host_read(torch.cat([flags, (body if body is not None else flags.new_zeros(())).reshape(1)]))
-    head_sq, total, nonfinite, agree, tokens, stop, requeue, body_norm = values
-    skip = nonfinite > 0 or not math.isfinite(head_sq) or not math.isfinite(body_norm)
+    v = dict(zip(STEP_SCALARS, distributed.host_read(
+        torch.cat([flags, (body if body is not None else flags.new_zeros(())).reshape(1)]))))
+    head_sq, total, body_norm = v["head_sq"], v["loss"], v["body_norm"]
+    skip = v["nonfinite"] > 0 or not math.isfinite(head_sq) or not math.isfinite(body_norm)
     # optim.clip_scope global: one norm over body and output layer (the body's backend adds the head's share)
     both = cfg.optim.clip_scope == "global"
     stepped_norm, skipped = models.step(skip, head_sq=flags[:1] if both else None)
@@ -337,13 +342,13 @@ def train_step(run: Run, stats_wanted: bool = True) -> dict:
     elapsed = time.perf_counter() - t0
     scalars = {"loss/total": total, "lr": lr, "grad_norm/body": body_norm, "grad_norm/head": math.sqrt(head_sq),
                "train/skipped_steps": run.loop.skipped,
-               "tokens_per_s": count / elapsed, "time/step_s": elapsed, "agreement/top1": agree / tokens if tokens else None,
+               "tokens_per_s": count / elapsed, "time/step_s": elapsed, "agreement/top1": v["agree"] / v["tokens"] if v["tokens"] else None,
                "method/t": run.taid.t if run.taid else None, "method/lam": overrides.get("lam"),
                "memory/peak_gb": _peak_memory_gb(),
                # text: how long the step waited for its batches, and how much this rank has read (store / stream)
                "data/wait_s": t_data if cfg.data.kind == "text" else None,
                "data/tokens_read": getattr(run.batches, "tokens_read", None),
-               "_stop": signals.REQUEUE if requeue else signals.STOP if stop else 0}
+               "_stop": signals.REQUEUE if v["requeue"] else signals.STOP if v["stop"] else 0}
     if info:
         _log_rollout(run, info, int(count))
         generated = "seconds" in info
