@@ -99,7 +99,7 @@ class LossConfig:
     method: str = "amid"
     """One of: amid, taid, atkd, fkl, rkl, gjsd, skl, srkl, tvd, alpha_divergence, ab_divergence."""
     options: dict = field(default_factory=dict)
-    """The method's options (see the README's methods table), e.g. {alpha: 0.5, lam: 0.1, divergence: ab}."""
+    """The method's options (docs/methods.md), e.g. {alpha: 0.5, lam: 0.1, divergence: ab}."""
     lam_end: float | None = None
     """AMiD only: schedule lam linearly from options.lam to lam_end over training (None: fixed lam)."""
     ce_weight: float = 0.0
@@ -113,7 +113,7 @@ class LossConfig:
     """The loss's output-layer matmuls: highest (fp32), high (TF32 on GPUs; fp32 on CPUs, which have no TF32), bf16
     (bf16 operands, fp32 accumulation and output) or auto: bf16 on GPUs for a bf16 model, high on GPUs for an fp32
     one, highest on CPUs (fp32 matmuls run at about a tenth of the bf16 rate on an H100; the model's own matmuls are
-    bf16 already). Softmax, divergences and gradients stay fp32 in all of them; the README lists each setting's
+    bf16 already). Softmax, divergences and gradients stay fp32 in all of them; docs/cluster.md lists each setting's
     measured error against float64. A run records the setting auto chose."""
     compile: bool = False
     """torch.compile the per-chunk loss (faster; one compile per run)."""
@@ -277,7 +277,7 @@ class CheckpointConfig:
     """Complete checkpoints to keep."""
     resume: bool = True
     """Resume from the newest checkpoint in the run directory that verifies (checksums, config), if any. Fields that
-    change the meaning of the run must match the checkpoint's config (see the README's failure handling)."""
+    change the meaning of the run must match the checkpoint's config (docs/reliability.md)."""
     overwrite: bool = False
     """With resume false: allowed to delete the checkpoints, logs and export a run directory already holds and
     start again. Without it such a launch is refused and nothing on disk is touched."""
