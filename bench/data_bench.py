@@ -55,7 +55,7 @@ def _rss_mb() -> float:
 def reader(store: str, seq_len: int, batch: int, rank: int, world: int, steps: int) -> dict:
     """One reader process: its rows of `steps` micro-batches, with the training loop's prefetch."""
     import torch
-    from pipeline import data, token_store as S
+    from pipeline.data import batches as data, token_store as S
     torch.set_num_threads(1)
     s = S.TokenStore(store)
     b = data.PackedBatches(s.blocks(seq_len), batch, rank, world, seed=0, prefetch=True)
@@ -69,7 +69,7 @@ def reader(store: str, seq_len: int, batch: int, rank: int, world: int, steps: i
 
 def resume_cost(store: str, seq_len: int, batch: int, world: int, step: int) -> float:
     """Seconds to restore the position of global step `step` and read the next micro-batch (rank 0)."""
-    from pipeline import data, token_store as S
+    from pipeline.data import batches as data, token_store as S
     t0 = time.perf_counter()
     b = data.PackedBatches(S.TokenStore(store).blocks(seq_len), batch, 0, world, seed=0)
     b.load_state_dict({"epoch": step // b.per_epoch, "index": step % b.per_epoch})
@@ -80,7 +80,7 @@ def resume_cost(store: str, seq_len: int, batch: int, world: int, step: int) -> 
 def baseline(corpus: str, tokenizer_dir: str, seq_len: int) -> dict:
     """Today's non-streaming path, in this (fresh) process: tokenise everything, pack in memory."""
     from transformers import AutoTokenizer
-    from pipeline import data
+    from pipeline.data import batches as data
     from pipeline.config import DataConfig
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     t0 = time.perf_counter()
@@ -125,7 +125,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200, help="micro-batches each reader reads")
     ap.add_argument("--skip-baseline", action="store_true")
     args = ap.parse_args()
-    from pipeline import assets, config as C, prepare as P, token_store as S
+    from pipeline import assets, config as C, prepare as P
+    from pipeline.data import token_store as S
     from transformers import AutoTokenizer
     os.makedirs(args.workdir, exist_ok=True)
     tok_dir = assets.teacher_checkpoint(os.path.join(REPO, "runs", "assets"))

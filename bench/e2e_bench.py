@@ -47,7 +47,8 @@ def prepare(work: str):
 def batches(cfg, steps: int) -> list:
     """What our training run reads, step by step (our packing and shuffling, rank 0 of 1): text, the token blocks;
     chat, the (prompt ids, response ids) pairs (the prompts through the tokenizer's chat template)."""
-    from pipeline import data, models as M
+    from pipeline.models import build as M
+    from pipeline.data import batches as data
     source = data.make_batches(cfg, M.load_tokenizer(cfg), 0, 1)
     out = []
     for _ in range(steps):
@@ -187,10 +188,11 @@ def profile_ours(teacher: str, student: str, steps: int) -> None:
 
     import torch
     from transformers import AutoModelForCausalLM
-    from pipeline import config as C, losses as L
-    from pipeline.distributed import Layout
-    from pipeline.parallelize import parallelize
-    from pipeline.vocab_parallel import chunk_rows, fused_linear_loss
+    from pipeline import config as C
+    from pipeline.loss import divergences as L
+    from pipeline.parallel.distributed import Layout
+    from pipeline.parallel.backends import parallelize
+    from pipeline.loss.vocab_parallel import chunk_rows, fused_linear_loss
     cfg = C.load_config(os.path.join(REPO, "pipeline/configs/demo.yaml"), [
         f"--model.teacher_path={teacher}", f"--model.student_path={student}", *COMMON], data_files=False)
     s = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).train()

@@ -113,7 +113,7 @@ def loss_check(vocab: int, hs: int, ht: int, tokens: list[int], check_tokens: in
     the value and of both gradients (hidden states, output layer) per precision, then time, peak memory and TFLOP/s
     at each token count."""
     import torch
-    from pipeline import losses as L, vocab_parallel as VP
+    from pipeline.loss import divergences as L, vocab_parallel as VP
     fns = {m: L.make_loss(m) for m in ("amid", "fkl")}
     cuda = device == "cuda"
 
@@ -173,13 +173,15 @@ def loss_check(vocab: int, hs: int, ht: int, tokens: list[int], check_tokens: in
 def vllm_check(run_dir: str) -> dict:
     """A vLLM engine for the debug student beside its placed model: start (memory fraction from free memory), one
     weight push, one generation. Skipped (said) where vLLM cannot be imported."""
-    from pipeline import config as C, models as M, vllm_rollout
+    from pipeline import config as C
+    from pipeline.models import build as M
+    from pipeline.rollout import vllm as vllm_rollout
     why = vllm_rollout.import_error()
     if why is not None:
         return {"skipped": why}
     cfg = C.load_config(os.path.join(REPO, "pipeline/configs/debug_onpolicy.yaml"),
                         [f"--run_dir={run_dir}", "--rollout.vllm_kv_cache_mb=64", "--parallel.backend=none"])
-    from pipeline.distributed import device
+    from pipeline.parallel.distributed import device
     model = M.build_model(None, dict(cfg.model.student_config, tie_word_embeddings=False), "float32", 0)
     model = model.to(device()).eval()
     t0 = time.perf_counter()

@@ -17,7 +17,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pipeline import config as C, data, losses as L  # noqa: E402
+from pipeline import config as C  # noqa: E402
+from pipeline.data import batches as data  # noqa: E402
+from pipeline.loss import divergences as L  # noqa: E402
 
 ROWS = [("fkl", "fkl", {}), ("rkl", "rkl", {}), ("skl", "skl", {}), ("srkl", "srkl", {}), ("gkd", "gjsd", {}),
         ("taid (t=0.4)", "taid", {}), ("abkd (0.2, 0.7)", "ab_divergence", {}),

@@ -47,7 +47,8 @@ def best(fn, repeat: int) -> float:
 
 def main() -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
-    from pipeline import integrity, token_store as S
+    from pipeline.data import token_store as S
+    from pipeline.run import integrity
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     work = tempfile.mkdtemp(prefix="integrity_bench_")

@@ -63,8 +63,10 @@ def worker(args) -> None:
     """One rank: join the group, load as pipeline.train does, report memory and bytes read as one JSON line."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
-    from pipeline import config as C, distributed, models as M
-    from pipeline.parallelize import parallelize
+    from pipeline import config as C
+    from pipeline.models import build as M
+    from pipeline.parallel import distributed
+    from pipeline.parallel.backends import parallelize
     torch.set_num_threads(1)
     d = distributed.init(require_group=True)
     paths = json.loads(args.paths)

@@ -34,8 +34,8 @@ import time
 
 import torch
 
-from pipeline import losses as L
-from pipeline import vocab_parallel as VP
+from pipeline.loss import divergences as L
+from pipeline.loss import vocab_parallel as VP
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

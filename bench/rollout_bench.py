@@ -61,9 +61,11 @@ def worker(rank: int, world: int, port: int, args, out) -> None:
     torch.set_num_threads(max(1, args.threads // world))
     import deepspeed
     import torch.distributed as dist
-    from pipeline import config as C, models as M, rollout, vllm_rollout
-    from pipeline.distributed import make_layout
-    from pipeline.parallelize import deepspeed_config, parallelize
+    from pipeline import config as C
+    from pipeline.models import build as M
+    from pipeline.rollout import hf as rollout, vllm as vllm_rollout
+    from pipeline.parallel.distributed import make_layout
+    from pipeline.parallel.backends import deepspeed_config, parallelize
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800))
     group = dist.group.WORLD
     student_conf = _student_config(args)

@@ -74,7 +74,8 @@ def worker(args) -> None:
     import torch
     sys.path.insert(0, REPO)
     os.chdir(REPO)
-    from pipeline import config as C, distributed, train
+    from pipeline import config as C, train
+    from pipeline.parallel import distributed
     torch.set_num_threads(1)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     nproc = int(os.environ.get("WORLD_SIZE", "1"))
@@ -115,7 +116,7 @@ def launch(nproc: int, shard: int, grad_accum: int = 2, chunk: int = 256, steps:
     out = tempfile.mkdtemp(prefix=f"scale{nproc}x{shard}_")
     me = [os.path.abspath(__file__), "--worker", "--out", out, "--shard", str(shard), "--grad-accum",
           str(grad_accum), "--chunk", str(chunk), "--steps", str(steps)]
-    from pipeline.distributed import free_port
+    from pipeline.parallel.distributed import free_port
     cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
            + me
            if nproc > 1 else [sys.executable] + me)

@@ -15,7 +15,8 @@ import argparse
 import os
 import sys
 
-from pipeline import losses, study
+from pipeline import study
+from pipeline.loss import divergences as losses
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline import losses
+from pipeline.loss import divergences as losses
 
 
 @dataclass

@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from pipeline import assets, data, evaluate
+from pipeline import assets, evaluate
+from pipeline.data import batches as data
 
 HELD_OUT_PROMPTS = 12
 TRAIN_PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt")
@@ -86,7 +87,7 @@ def onpolicy(args, overrides, teacher_dir, student_init, rows, t0) -> int:
     """Train with pipeline.train on demo_onpolicy.yaml; the figures are its held-out evaluations at step 0 and at
     the end: KL(teacher || student) on the student's own greedy answers and on the teacher's answers."""
     train_file, held_file = chat_files(os.path.join(args.run_dir, "data"), rows)
-    from pipeline import vllm_rollout
+    from pipeline.rollout import vllm as vllm_rollout
     # the student's answers come from vLLM where it is installed (`make setup` installs it), else the HF loop
     engine = "vllm" if vllm_rollout.import_error() is None else "hf"
     print(f"on-policy rollouts with the {engine} engine", file=sys.stderr)

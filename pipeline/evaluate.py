@@ -19,7 +19,11 @@ import sys
 
 import torch
 
-from pipeline import cli, config as C, data, losses, models as M, rollout
+from pipeline import cli, config as C
+from pipeline.models import build as M
+from pipeline.data import batches as data
+from pipeline.loss import divergences as losses
+from pipeline.rollout import hf as rollout
 
 
 def hidden_states(model, tokens, attention_mask):
@@ -216,7 +220,7 @@ def heldout_sample(cfg, tokenizer, n: int) -> tuple[data.Batch, str]:
     if d.eval_files:
         files, where = d.eval_files, "data.eval_files"
     elif d.store:
-        from pipeline.token_store import TokenStore
+        from pipeline.data.token_store import TokenStore
         store = TokenStore(d.store)
         store.check_tokenizer(tokenizer)
         rows = store.examples(d) if d.kind == "chat" else store.blocks(d.seq_len)

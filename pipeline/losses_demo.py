@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from pipeline.losses import METHODS, make_loss
+from pipeline.loss.divergences import METHODS, make_loss
 
 
 def main(argv=None) -> None:

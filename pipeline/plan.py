@@ -36,8 +36,8 @@ class Shapes:
 
 
 def shapes(m, who: str) -> Shapes:
-    from pipeline.models import meta_model
-    from pipeline.parallelize import is_tied
+    from pipeline.models.build import meta_model
+    from pipeline.parallel.backends import is_tied
     model = meta_model(m, who)
     hf = model.config
     head = model.get_output_embeddings().weight
@@ -49,9 +49,9 @@ def shapes(m, who: str) -> Shapes:
 
 def estimate(cfg, s: Shapes, t: Shapes | None, nodes: int, gpus: int, a) -> dict:
     """GiB per GPU by item and seconds per step by part (compute, intra-node, inter-node)."""
-    from pipeline import rollout
-    from pipeline.distributed import Layout
-    from pipeline.parallelize import teacher_placement
+    from pipeline.rollout import hf as rollout
+    from pipeline.parallel.distributed import Layout
+    from pipeline.parallel.backends import teacher_placement
     W = nodes * gpus
     S = cfg.parallel.shard_group_size or gpus  # config.validate checked that it divides W
     R = W // S
@@ -98,7 +98,7 @@ def estimate(cfg, s: Shapes, t: Shapes | None, nodes: int, gpus: int, a) -> dict
     generating = {} if cfg.data.kind != "chat" else {
         who: m for who, m in (("student", s), ("teacher", t)) if m is not None and who in rollout.generating(cfg)}
     if generating and r.engine != "hf":  # auto is vLLM on GPU nodes (environment.yml installs it)
-        from pipeline.vllm_rollout import engine_bytes
+        from pipeline.rollout.vllm import engine_bytes
         engines = sum(engine_bytes(m.params, cfg.model.dtype, r.vllm_kv_cache_mb) for m in generating.values())
         if r.vllm_sleep:  # asleep while training, awake while the activations and loss buffers are released
             transient = act + mem["loss: gathered hidden states + gradient"] + mem["loss: chunk working set"]

@@ -23,102 +23,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline import cli, config as C, integrity, token_store as S
-
-INDEX = "index.json"
-FORMAT = 2  # 2: chunk checksums and digests, the store and the teacher known by content
-
-
-def _chunk(i: int) -> str:
-    return f"chunk_{i:06d}"
-
-
-def teacher_identity(cfg: C.Config) -> str:
-    """What the teacher is, by content: its checkpoint's weights (integrity.weights_fingerprint: config, sizes,
-    headers and sampled spans of every weight file), or for a teacher built from a config, that config and its init
-    seed (which decide its weights)."""
-    m = cfg.model
-    if m.teacher_path:
-        return integrity.weights_fingerprint(m.teacher_path)
-    return integrity.combine({"config": m.teacher_config, "seed": m.init_seed + 1})
-
-
-class TeacherTopk:
-    """Reader of a precomputed cache: rows of blocks -> (log-probs [B, T-1, k] float32, ids [B, T-1, k] int64).
-    Every read is checked against the chunk checksums written with it (integrity.CorruptData otherwise)."""
-
-    def __init__(self, path: str):
-        index_path = os.path.join(path, INDEX)
-        if not os.path.isfile(index_path):
-            raise S.StoreError(f"loss.offline_teacher: {path!r} is not a finished teacher cache (no {INDEX}); run "
-                               f"python -m pipeline.precompute_teacher (it resumes where it stopped)")
-        with open(index_path) as f:
-            self.index = json.load(f)
-        if self.index.get("format") != FORMAT:
-            raise S.StoreError(f"loss.offline_teacher: {path} has format {self.index.get('format')}, this version "
-                               f"reads {FORMAT} (content checksums): compute it again with pipeline.precompute_teacher")
-        self.path, self.k, self.T = path, self.index["k"], self.index["seq_len"]
-        self.chunk = self.index["chunk_blocks"]
-        self.id_dtype = np.dtype(self.index["id_dtype"])
-        self.fingerprint = self.index["fingerprint"]
-        self._files: dict[int, tuple] = {}
-
-    def check(self, cfg: C.Config, store: S.TokenStore) -> None:
-        want = {"store": store.fingerprint, "seq_len": cfg.data.seq_len, "teacher": teacher_identity(cfg)}
-        have = {k: self.index[k] for k in want}
-        bad = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
-        if bad:
-            raise S.StoreError(f"loss.offline_teacher: {self.path} was computed for another setup: "
-                               + ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in bad.items())
-                               + ": compute it again with python -m pipeline.precompute_teacher for this config")
-
-    def _open(self, c: int) -> tuple:
-        if c not in self._files:
-            meta = self.index["chunks"][c]
-            self._files[c] = tuple(
-                integrity.CheckedFile(os.path.join(self.path, _chunk(c) + ext),
-                                      np.asarray(meta["sums"][ext], dtype=np.uint32), meta["bytes"][ext])
-                for ext in (".lp", ".ids"))
-        return self._files[c]
-
-    def read(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        per = (self.T - 1) * self.k
-        lps, ids = [], []
-        for r in rows.tolist():
-            lp_file, ids_file = self._open(r // self.chunk)
-            j = r % self.chunk
-            lps.append(np.frombuffer(lp_file.pread(per * 2, j * per * 2), dtype=np.float16))
-            ids.append(np.frombuffer(ids_file.pread(per * self.id_dtype.itemsize, j * per * self.id_dtype.itemsize),
-                                     dtype=self.id_dtype))
-        shape = (len(lps), self.T - 1, self.k)
-        return (torch.from_numpy(np.stack(lps).astype(np.float32)).view(shape),
-                torch.from_numpy(np.stack(ids).astype(np.int64)).view(shape))
-
-
-class OfflineBlocks:
-    """Store blocks that come with the teacher's stored top-k: indexable like StoreBlocks, returning
-    (tokens [B, T], log-probs [B, T-1, k], ids [B, T-1, k])."""
-
-    def __init__(self, blocks: S.StoreBlocks, topk: TeacherTopk):
-        self.blocks, self.topk, self.store = blocks, topk, blocks.store
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __getitem__(self, rows: Tensor):
-        return (self.blocks[rows], *self.topk.read(rows))
-
+from pipeline import cli, config as C
+from pipeline.data import token_store as S
+from pipeline.data.teacher_topk import FORMAT, INDEX, chunk_name, teacher_identity
+from pipeline.run import integrity
 
 @torch.no_grad()
 def teacher_topk(teacher, tokens: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k of the teacher's log-softmax (fp32) at every position but the last: ([B, T-1, k], [B, T-1, k])."""
-    from pipeline.vocab_parallel import topk_teacher
+    from pipeline.loss.vocab_parallel import topk_teacher
     logits = teacher(input_ids=tokens[:, :-1], use_cache=False).logits
     return topk_teacher(logits, k)
 
 
 def precompute(cfg: C.Config, out: str, k: int, batch: int, chunk: int, rank: int, world: int, log=print) -> dict | None:
-    from pipeline.models import build_model, load_tokenizer
+    from pipeline.models.build import build_model, load_tokenizer
     d = cfg.data
     if not d.store:
         raise ValueError("pipeline.precompute_teacher reads a token store: set data.store (pipeline.prepare)")
@@ -144,10 +63,10 @@ def precompute(cfg: C.Config, out: str, k: int, batch: int, chunk: int, rank: in
         S.write_atomic(head, json.dumps(header, indent=1))
     m = cfg.model
     teacher = build_model(m.teacher_path, m.teacher_config, m.dtype, m.init_seed + 1).eval()
-    from pipeline.distributed import device
+    from pipeline.parallel.distributed import device
     teacher.to(device())
     chunks = -(-n // chunk)
-    todo = [c for c in range(chunks) if c % world == rank and not os.path.exists(os.path.join(out, _chunk(c) + ".json"))]
+    todo = [c for c in range(chunks) if c % world == rank and not os.path.exists(os.path.join(out, chunk_name(c) + ".json"))]
     log(f"precompute_teacher: {n} blocks in {chunks} chunks; rank {rank} of {world} has {len(todo)} to do")
     t0, done_blocks = time.time(), 0
     for c in todo:
@@ -160,18 +79,18 @@ def precompute(cfg: C.Config, out: str, k: int, batch: int, chunk: int, rank: in
         meta = {"blocks": len(rows), "bytes": {}, "sums": {}, "sha256": {}}
         for ext, arr in ((".lp", np.concatenate(lps)), (".ids", np.concatenate(idss))):
             raw = arr.tobytes()
-            S.write_atomic(os.path.join(out, _chunk(c) + ext), raw)
+            S.write_atomic(os.path.join(out, chunk_name(c) + ext), raw)
             meta["bytes"][ext], meta["sha256"][ext] = len(raw), integrity.sha256(raw)
             meta["sums"][ext] = integrity.chunk_sums(raw).tolist()
         # the done marker last, durably: an interrupted run redoes exactly the chunks without one
-        S.write_atomic(os.path.join(out, _chunk(c) + ".json"), json.dumps(meta))
+        S.write_atomic(os.path.join(out, chunk_name(c) + ".json"), json.dumps(meta))
         done_blocks += len(rows)
         log(f"precompute_teacher: chunk {c} done ({done_blocks * (d.seq_len - 1) / (time.time() - t0):,.0f} "
             f"positions/s)")
-    if all(os.path.exists(os.path.join(out, _chunk(c) + ".json")) for c in range(chunks)):
+    if all(os.path.exists(os.path.join(out, chunk_name(c) + ".json")) for c in range(chunks)):
         metas = []
         for c in range(chunks):
-            with open(os.path.join(out, _chunk(c) + ".json")) as f:
+            with open(os.path.join(out, chunk_name(c) + ".json")) as f:
                 metas.append(json.load(f))
         index = {**header, "chunks": metas,
                  "fingerprint": integrity.combine({**header, "chunks": [m["sha256"] for m in metas]})}
@@ -181,7 +100,7 @@ def precompute(cfg: C.Config, out: str, k: int, batch: int, chunk: int, rank: in
 
 
 def main(argv=None) -> int:
-    from pipeline.distributed import env_ranks
+    from pipeline.parallel.distributed import env_ranks
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", help="cache directory (default: loss.offline_teacher of the config)")

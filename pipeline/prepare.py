@@ -21,7 +21,8 @@ import os
 import sys
 import time
 
-from pipeline import cli, config as C, data, token_store as S
+from pipeline import cli, config as C
+from pipeline.data import batches as data, token_store as S
 
 HEADER = "header.json"
 _WORK: dict = {}  # what the forked workers inherit: the documents, the tokenizer, the shard ranges
@@ -53,7 +54,7 @@ def prepare(cfg: C.Config, out: str, workers: int = 1, shards: int | None = None
             log=print) -> dict | None:
     """Build (or finish) the store at `out`; returns its index, or None while other array tasks still have shards
     to do."""
-    from pipeline.models import load_tokenizer
+    from pipeline.models.build import load_tokenizer
     d = cfg.data
     tokenizer = load_tokenizer(cfg)
     chat = d.kind == "chat"
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
         if not out:
             raise ValueError("where to write the store: pass --out DIR or set data.store")
         if args.verify:
-            from pipeline.integrity import CorruptData
+            from pipeline.run.integrity import CorruptData
             try:
                 bad = S.TokenStore(out).verify()
             except CorruptData as e:

@@ -52,7 +52,8 @@ from dataclasses import dataclass, field, replace
 
 import yaml
 
-from pipeline import assets, config as C, losses
+from pipeline import assets, config as C
+from pipeline.loss import divergences as losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT, SPEC = "result.json", "spec.json"
@@ -246,7 +247,8 @@ def teacher_caches(specs: list[RunSpec], inputs: Inputs, assets_dir: str, thread
     count, so not part of a run's identity."""
     import hashlib
     import torch
-    from pipeline import models as M, teacher_cache as TC
+    from pipeline import teacher_cache as TC
+    from pipeline.models import build as M
     torch.set_num_threads(threads)
     out = {}
     for job, overrides in dict.fromkeys((s.job, s.overrides) for s in specs):
@@ -420,7 +422,7 @@ def _chat_eval_inputs(d: str, cfg, with_teacher: bool = True):
     {prompt, response} rows."""
     import torch
     from transformers import AutoModelForCausalLM
-    from pipeline import models as M
+    from pipeline.models import build as M
     student = AutoModelForCausalLM.from_pretrained(os.path.join(d, "student"), dtype=torch.float32).eval()
     teacher = M.build_model(cfg.model.teacher_path, cfg.model.teacher_config, "float32",
                             cfg.model.init_seed + 1).eval() if with_teacher else None

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline import integrity
+from pipeline.run import integrity
 
 INDEX, HIDDEN, ROWS, SUMS = "index.json", "hidden.npy", "rows.json", "hidden.sums"
 FORMAT = 2  # 2: checksums of every file, the teacher known by content
@@ -41,9 +41,9 @@ def digest(prompt, response) -> str:
 
 
 def identity(cfg) -> dict:
-    """What the states depend on besides the examples: the teacher (precompute_teacher.teacher_identity; a teacher
+    """What the states depend on besides the examples: the teacher (data.teacher_topk.teacher_identity; a teacher
     built from a config also by its init seed) and the dtype it runs in."""
-    from pipeline.precompute_teacher import teacher_identity
+    from pipeline.data.teacher_topk import teacher_identity
     m = cfg.model
     return {"teacher": teacher_identity(cfg), "teacher_seed": None if m.teacher_path else m.init_seed + 1,
             "dtype": m.dtype}
@@ -58,7 +58,7 @@ def fingerprint(cfg, examples: list) -> dict:
 def examples_of(cfg, tokenizer) -> list:
     """What a run's cache should hold: every training example and the held-out examples the run's evaluations
     score (data.eval_files' first data.eval_blocks; their teacher-forced KL then skips the teacher too)."""
-    from pipeline import data
+    from pipeline.data import batches as data
     d = cfg.data
     held = data.load_examples(d, tokenizer, files=d.eval_files, what="data.eval_files")[: d.eval_blocks] \
         if d.eval_files else []
@@ -68,8 +68,9 @@ def examples_of(cfg, tokenizer) -> list:
 def build(cfg, examples: list, out: str, batch: int = 8, log=print) -> str:
     """Compute the cache of `examples` (data.load_examples' (prompt ids, response ids)) under `out`; reused when
     it holds exactly these examples for this teacher."""
-    from pipeline import data, models as M
-    from pipeline.parallelize import causal_without_mask_reads, frozen_forward
+    from pipeline.models import build as M
+    from pipeline.data import batches as data
+    from pipeline.parallel.backends import causal_without_mask_reads, frozen_forward
     want = fingerprint(cfg, examples)
     index_path = os.path.join(out, INDEX)
     if os.path.exists(index_path) and {k: v for k, v in json.load(open(index_path)).items() if k in want} == want:
@@ -99,7 +100,7 @@ def build(cfg, examples: list, out: str, batch: int = 8, log=print) -> str:
             log(f"teacher cache: {min(i + batch, len(examples))}/{len(examples)} examples")
     states.flush()
     del states
-    from pipeline.token_store import write_atomic
+    from pipeline.data.token_store import write_atomic
     # checksums of what was written, read back once: every later read of the states is checked against them
     tmp = os.path.join(out, HIDDEN + ".tmp.npy")
     sums, whole = [], hashlib.sha256()
@@ -167,7 +168,8 @@ class TeacherHidden:
 
 
 def main(argv=None) -> int:
-    from pipeline import cli, config as C, models as M
+    from pipeline import cli, config as C
+    from pipeline.models import build as M
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", required=True)

@@ -9,7 +9,7 @@ Shapes: B micro-batch, T sequence length, H hidden size, N = B (T - 1) predicted
 """
 from __future__ import annotations
 
-from pipeline import signals
+from pipeline.run import signals
 
 if __name__ == "__main__":  # before the slow imports below: a SIGUSR1 / SIGTERM during start-up is a stop request
     signals.install()
@@ -24,9 +24,14 @@ from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 
-from pipeline import checkpoint, config as C, data, distributed, integrity, losses, rollout, rundir, vllm_rollout  # noqa: E402
-from pipeline.metrics import Metrics, Progress  # noqa: E402
-from pipeline.vocab_parallel import chunk_rows, fused_linear_loss, fused_topk_loss  # noqa: E402
+from pipeline import config as C  # noqa: E402
+from pipeline.data import batches as data  # noqa: E402
+from pipeline.loss import divergences as losses  # noqa: E402
+from pipeline.parallel import distributed  # noqa: E402
+from pipeline.rollout import hf as rollout, vllm as vllm_rollout  # noqa: E402
+from pipeline.run import checkpoint, integrity, rundir  # noqa: E402
+from pipeline.run.metrics import Metrics, Progress  # noqa: E402
+from pipeline.loss.vocab_parallel import chunk_rows, fused_linear_loss, fused_topk_loss  # noqa: E402
 
 EXIT_INPUT = 2      # the config, the data or the run directory needs a fix (said in the message); nothing lost
 EXIT_NONFINITE = 3  # too many consecutive non-finite steps; the last good state was checkpointed
@@ -78,8 +83,8 @@ class Run:
     """What the loop needs, built once: no behaviour beyond holding things (the loop is the functions below)."""
 
     def __init__(self, cfg: C.Config, dist_ctx: distributed.Dist):
-        from pipeline import models as M
-        from pipeline.parallelize import full_numel, parallelize
+        from pipeline.models import build as M
+        from pipeline.parallel.backends import full_numel, parallelize
         self.cfg, self.dist = cfg, dist_ctx
         engine = vllm_rollout.resolve(cfg.rollout.engine) if cfg.data.kind == "chat" else "hf"
         self.tokenizer = M.load_tokenizer(cfg)

@@ -8,7 +8,7 @@ import time
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.distributed import free_port  # noqa: F401 (re-exported for the tests)
+from pipeline.parallel.distributed import free_port  # noqa: F401 (re-exported for the tests)
 
 
 def _entry(rank: int, world: int, port: int, fn, args):
@@ -36,8 +36,8 @@ def _entry(rank: int, world: int, port: int, fn, args):
 # transformers (about 4 CPU-s per process here, most of a small test's time); DeepSpeed through
 # tests.preload_deepspeed, which sets the CPU accelerator in the server first.
 _PRELOAD = ["torch", "torch.distributed", "transformers", "transformers.models.llama.modeling_llama",
-            "datasets", "tests.preload_deepspeed", "pipeline.losses", "pipeline.vocab_parallel", "pipeline.models",
-            "pipeline.rollout", "pipeline.parallelize", "pipeline.train", "tests.dist_utils"]
+            "datasets", "tests.preload_deepspeed", "pipeline.loss.divergences", "pipeline.loss.vocab_parallel", "pipeline.models.build",
+            "pipeline.rollout.hf", "pipeline.parallel.backends", "pipeline.train", "tests.dist_utils"]
 mp.set_forkserver_preload(_PRELOAD)
 
 

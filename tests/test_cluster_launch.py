@@ -13,7 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import config as C, distributed, evaluate, vllm_rollout
+from pipeline import config as C, evaluate
+from pipeline.parallel import distributed
+from pipeline.rollout import vllm as vllm_rollout
 from tests.test_rollout import TEMPLATE
 
 TINY = dict(model_type="llama", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -273,7 +275,7 @@ def test_loss_matmul_precision_auto_by_device_and_dtype():
 
 def test_rng_state_holds_this_ranks_gpu_only(monkeypatch):
     """A checkpoint written with eight visible GPUs resumes where each task sees one, and the reverse."""
-    from pipeline.checkpoint import RngState
+    from pipeline.run.checkpoint import RngState
     mine, other, restored = torch.tensor([7], dtype=torch.uint8), torch.tensor([9], dtype=torch.uint8), []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
@@ -333,9 +335,9 @@ def test_gpu_check_parts_run_on_cpus_and_report_one_json(tmp_path):
 
 def _offload_worker(rank, world, tmp):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
-    from pipeline import models as M
-    from pipeline.distributed import make_layout
-    from pipeline.parallelize import parallelize
+    from pipeline.models import build as M
+    from pipeline.parallel.distributed import make_layout
+    from pipeline.parallel.backends import parallelize
     cfg = C.load_config("pipeline/configs/debug_cpu.yaml", [
         "--parallel.ds_student_config=ds_configs/zero3_student_offload.json",
         "--parallel.ds_teacher_config=ds_configs/zero3_teacher_offload.json", f"--run_dir={tmp}/run",
@@ -371,7 +373,7 @@ class _Body:
 
 def _syncfs_worker(rank, world, tmp):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    from pipeline import checkpoint
+    from pipeline.run import checkpoint
     flushed = []
     real = checkpoint._syncfs
     checkpoint._syncfs = lambda path: flushed.append(sorted(os.listdir(path))) or real(path)

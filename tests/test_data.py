@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from pipeline import data
+from pipeline.data import batches as data
 from pipeline.config import DataConfig
 
 TOK = Path(__file__).resolve().parents[1] / "pipeline/configs/assets/tiny_tokenizer"

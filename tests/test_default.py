@@ -89,7 +89,7 @@ def test_evaluate_on_tiny_models():
 def test_response_divergences_equal_a_float64_reference_over_the_response_tokens_only():
     """The study's teacher-forced metrics on a padded batch of (prompt, response) pairs, against probabilities in
     float64 at exactly the positions that predict a response token."""
-    from pipeline import data
+    from pipeline.data import batches as data
     g = torch.Generator().manual_seed(1)
     pairs = [(torch.randint(1, 64, (n,), generator=g).tolist(), torch.randint(1, 64, (m,), generator=g).tolist())
              for n, m in ((3, 4), (5, 2), (2, 6))]
@@ -144,7 +144,10 @@ def test_real_chat_template_split_and_rollout_equal_hf_generate(smollm2):
     """SmolLM2's own chat template through the instruction-data path, and the real model's greedy rollout through
     pipeline.rollout (output layer detached, gathered into a replica) = HF generate, stopping at its EOS."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from pipeline import config as C, data, models, rollout
+    from pipeline import config as C
+    from pipeline.models import build as models
+    from pipeline.data import batches as data
+    from pipeline.rollout import hf as rollout
     tok = AutoTokenizer.from_pretrained(smollm2)
     d = C.DataConfig(kind="chat", files=["unused.jsonl"], seq_len=256, max_prompt_len=128)
     row = {"prompt": "What is the capital of France?", "response": "Paris."}
@@ -165,7 +168,7 @@ def test_real_chat_template_split_and_rollout_equal_hf_generate(smollm2):
 def _real_vllm_worker(rank, world, smollm2, tmp):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # torchrun's, which vLLM reads
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from pipeline import vllm_rollout
+    from pipeline.rollout import vllm as vllm_rollout
     student = assets.student_from_teacher(smollm2, os.path.join(tmp, "student"), [0, 29])  # tied, real weights
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(student)
@@ -192,7 +195,7 @@ def _real_vllm_worker(rank, world, smollm2, tmp):
 def test_vllm_engine_on_the_real_tied_smollm2_equals_hf_generate(smollm2, tmp_path):
     """The real model (tied output layer, 49k vocabulary): vLLM's CPU path keeps a packed copy of a tied output layer
     that its weight reload does not refresh (the engine re-packs it); without that the completions are garbage."""
-    from pipeline import vllm_rollout
+    from pipeline.rollout import vllm as vllm_rollout
     if vllm_rollout.import_error() is not None and not os.environ.get("PIPELINE_REQUIRE_VLLM"):
         pytest.skip("vLLM is not installed")
     from tests.dist_utils import run_workers

@@ -21,7 +21,7 @@ def test_stale_slurm_variables_do_not_make_a_world(tmp_path):
 
 
 def test_world_size_source_is_reported():
-    from pipeline.distributed import env_ranks
+    from pipeline.parallel.distributed import env_ranks
     step = {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4", "SLURM_PROCID": "3",
             "SLURM_LOCALID": "1"}
     assert env_ranks(step) == (3, 4, 1, "SLURM_STEP_NUM_TASKS=4")
@@ -110,7 +110,8 @@ def test_config_problems_exit_2_before_any_model_loads(tmp_path):
 @pytest.mark.parametrize("override,words", CONFIG_PROBLEMS)
 def test_config_problems_are_found_by_the_start_up_checks(tmp_path, override, words):
     """What the command line runs before any model loads: the config's validation, then the model preflight."""
-    from pipeline import config as C, models as M
+    from pipeline import config as C
+    from pipeline.models import build as M
     args, words = _config_problem(tmp_path, override, words)
     with pytest.raises(ValueError) as e:
         cfg = C.load_config(args[1], args[2:])
@@ -176,7 +177,9 @@ def test_data_errors_exit_2_and_write_nothing(tmp_path):
 def test_data_errors_name_the_file_row_and_field(tmp_path, rows, eval_rows, words):
     """The training start-up's own data path: the config's file checks, the training examples, the held-out ones."""
     from types import SimpleNamespace
-    from pipeline import config as C, data, models as M, train
+    from pipeline import config as C, train
+    from pipeline.models import build as M
+    from pipeline.data import batches as data
     with pytest.raises(ValueError) as e:
         cfg = C.load_config(ONPOLICY, _chat_files(tmp_path, rows, eval_rows))
         tok = M.load_tokenizer(cfg)
@@ -188,7 +191,8 @@ def test_data_errors_name_the_file_row_and_field(tmp_path, rows, eval_rows, word
 
 def test_a_teacher_with_another_tokenizer_is_refused(tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from pipeline import config as C, models as M
+    from pipeline import config as C
+    from pipeline.models import build as M
     tok = AutoTokenizer.from_pretrained(REPO / "pipeline/configs/assets/tiny_tokenizer")
     teacher = tmp_path / "teacher"
     LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -247,7 +251,8 @@ def test_unreadable_inputs_are_one_line_naming_the_file(tmp_path):
 
 
 def test_a_chat_store_missing_a_file_is_refused_naming_it(tmp_path):
-    from pipeline import config as C, prepare as P, token_store as S
+    from pipeline import config as C, prepare as P
+    from pipeline.data import token_store as S
     cfg = C.load_config(ONPOLICY, [f"--data.files=[{REPO / 'pipeline/configs/assets/tiny_instruct.jsonl'}]"])
     P.prepare(cfg, str(tmp_path / "store"), workers=1, log=lambda m: None)
     (tmp_path / "store" / "shard_00000.prompt").unlink()
@@ -259,7 +264,7 @@ def test_two_writers_of_one_file_never_share_a_temporary_name(tmp_path):
     """Two pipeline.prepare (or precompute_teacher) processes on one directory write the same shards: each through
     its own temporary file, so neither renames the other's half-written one into place."""
     import multiprocessing as mp
-    from pipeline import token_store as S
+    from pipeline.data import token_store as S
     target = tmp_path / "shard_00000.bin"
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=S.write_atomic, args=(str(target), bytes([i]) * (1 << 22))) for i in range(4)]

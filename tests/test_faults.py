@@ -380,7 +380,7 @@ def test_a_store_rebuilt_in_place_is_refused_on_resume(stores, tmp_path):
     mine = tmp_path / "store"
     shutil.copytree(store, mine)
     ok(_store_run(tmp_path, mine, "--train.steps=4", "--train.stop_after=2", "--checkpoint.every=2"))
-    from pipeline.token_store import TokenStore
+    from pipeline.data.token_store import TokenStore
     before_fp, after_fp = TokenStore(str(mine)).fingerprint, TokenStore(other).fingerprint
     assert TokenStore(str(mine)).total == TokenStore(other).total and before_fp != after_fp
     shutil.rmtree(mine)
@@ -439,7 +439,7 @@ def test_a_cache_of_another_store_or_teacher_is_refused(stores, tmp_path):
 
 def test_teacher_weights_are_known_by_content_not_size(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
-    from pipeline.integrity import weights_fingerprint
+    from pipeline.run.integrity import weights_fingerprint
     conf = AutoConfig.for_model("llama", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                 num_attention_heads=2, num_key_value_heads=1)
     for name, seed in (("a", 0), ("b", 1), ("a_again", 0)):

@@ -44,9 +44,10 @@ def test_two_groups_of_two_match_the_reference_for_every_teacher_placement_and_r
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    from pipeline import config as C, models as M
-    from pipeline.distributed import Layout
-    from pipeline.parallelize import parallelize
+    from pipeline import config as C
+    from pipeline.models import build as M
+    from pipeline.parallel.distributed import Layout
+    from pipeline.parallel.backends import parallelize
     grads = []
     for ac in (False, True):
         cfg = C.load_config("pipeline/configs/debug_cpu.yaml", ["--parallel.backend=none",
@@ -65,7 +66,8 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 def _steps_syncs(tmp_path, *overrides):
     """Host reads of each of 3 training steps (one process, the real Run and train_step)."""
-    from pipeline import config as C, distributed, train
+    from pipeline import config as C, train
+    from pipeline.parallel import distributed
     cfg = C.load_config("pipeline/configs/debug_cpu.yaml", [
         f"--run_dir={tmp_path}", "--parallel.backend=none", "--data.seq_len=32", "--data.max_documents=12",
         "--logging.tensorboard=false", "--logging.progress=false", "--train.micro_batch_size=2", *overrides])
@@ -86,7 +88,7 @@ def test_host_reads_per_step_do_not_grow_with_micro_batches_or_chunks(tmp_path):
 
 
 def test_the_sync_counter_counts_scalar_reads():
-    from pipeline import distributed
+    from pipeline.parallel import distributed
     x = torch.ones(3)
     with distributed.SyncCounter() as c:
         float(x.sum())
@@ -107,7 +109,7 @@ def _precision_problem(seed=0, n=96, h=64, v=700):
 
 def precision_errors(precision: str, method: str = "amid") -> tuple[float, float]:
     """(relative error of the loss, of the hidden-state gradient) against float64, for loss.matmul_precision."""
-    from pipeline import losses as L, vocab_parallel as VP
+    from pipeline.loss import divergences as L, vocab_parallel as VP
     hs, ht, ws, wt = _precision_problem()
     fn = L.make_loss(method)
     n = hs.shape[0]
@@ -140,7 +142,7 @@ def test_matmul_precisions_against_float64():
     ({}, 4, (4, "one group")),
 ])
 def test_the_default_shard_group_is_a_node(env, world, want):
-    from pipeline.distributed import shard_size_for
+    from pipeline.parallel.distributed import shard_size_for
     size, why = shard_size_for(world, None, env)
     assert size == want[0] and want[1] in why, (size, why)
     assert shard_size_for(world, 2, env)[0] == 2
@@ -149,7 +151,7 @@ def test_the_default_shard_group_is_a_node(env, world, want):
 
 
 def test_gpu_choice_with_one_gpu_per_task_and_with_all_visible():
-    from pipeline.distributed import local_device
+    from pipeline.parallel.distributed import local_device
     assert local_device(3, 1) == 0  # srun --gpus-per-task: CUDA_VISIBLE_DEVICES holds this task's GPU only
     assert local_device(3, 8) == 3
     with pytest.raises(ValueError, match="one GPU per task"):
@@ -157,7 +159,7 @@ def test_gpu_choice_with_one_gpu_per_task_and_with_all_visible():
 
 
 def test_a_gpu_node_with_a_cpu_only_torch_is_refused(monkeypatch):
-    from pipeline.distributed import check_gpu_build
+    from pipeline.parallel.distributed import check_gpu_build
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="install the CUDA build"):
         check_gpu_build({"CUDA_VISIBLE_DEVICES": "0,1"})
@@ -168,8 +170,8 @@ def test_a_gpu_node_with_a_cpu_only_torch_is_refused(monkeypatch):
 
 
 def test_teacher_placement_auto_replicates_what_fits():
-    from pipeline.distributed import Layout
-    from pipeline.parallelize import teacher_placement
+    from pipeline.parallel.distributed import Layout
+    from pipeline.parallel.backends import teacher_placement
     lay = Layout(8, 4, 0, 0)
     gib = 2**30
     assert teacher_placement("auto", 14 * gib, lay, 0.25, memory=80 * gib)[0] == "replicate"  # 7B bf16 on 80 GB
@@ -179,7 +181,7 @@ def test_teacher_placement_auto_replicates_what_fits():
 
 
 def test_chunk_rows_fit_the_budget():
-    from pipeline.vocab_parallel import chunk_rows
+    from pipeline.loss.vocab_parallel import chunk_rows
     rows = chunk_rows(256, 152064 // 8)
     assert rows % 64 == 0 and 8 * 4 * rows * (152064 // 8) <= 256 * 2**20
     assert chunk_rows(1, 10**6) == 64  # never below one useful chunk
@@ -213,7 +215,7 @@ def test_plan_counts_the_vllm_engines_the_tied_table_and_the_runtime(capsys, mon
     and its gradient; the CUDA context and NCCL's buffers."""
     import json
     from pipeline import plan
-    from pipeline.vllm_rollout import engine_bytes
+    from pipeline.rollout.vllm import engine_bytes
     monkeypatch.setenv("USER", "ada")
     base = ["--config", "pipeline/configs/cluster_7b_to_1b_onpolicy.yaml", "--nodes", "4", "--gpus-per-node", "8",
             "--json", "--model.teacher_path=pipeline/configs/assets/shapes/qwen2.5-7b-instruct",
@@ -239,9 +241,10 @@ def test_plan_counts_the_vllm_engines_the_tied_table_and_the_runtime(capsys, mon
 
 
 def _fsdp_bf16_worker(rank, world):
-    from pipeline import config as C, models as M
-    from pipeline.distributed import make_layout
-    from pipeline.parallelize import parallelize
+    from pipeline import config as C
+    from pipeline.models import build as M
+    from pipeline.parallel.distributed import make_layout
+    from pipeline.parallel.backends import parallelize
     cfg = C.load_config("pipeline/configs/debug_cpu.yaml", ["--parallel.backend=fsdp2", "--model.dtype=bfloat16"])
     student = M.build_model(None, cfg.model.student_config, "bfloat16", 0).train()
     teacher = M.build_model(None, cfg.model.teacher_config, "bfloat16", 1).eval().requires_grad_(False)
@@ -273,10 +276,12 @@ def _tied_case(rank, world, backend):
     """Each rank's share of one forward-KL batch through the pipeline's pieces (parallelize, the fused loss, the
     heads' replica reduction) against a plain HF model whose lm_head IS its embedding, trained by hand: the loss, the
     tied matrix's gradient (both uses summed) and a body gradient."""
-    from pipeline import config as C, losses as L, models as M
-    from pipeline.distributed import make_layout
-    from pipeline.parallelize import TiedEmbedding, parallelize
-    from pipeline.vocab_parallel import fused_linear_loss
+    from pipeline import config as C
+    from pipeline.models import build as M
+    from pipeline.loss import divergences as L
+    from pipeline.parallel.distributed import make_layout
+    from pipeline.parallel.backends import TiedEmbedding, parallelize
+    from pipeline.loss.vocab_parallel import fused_linear_loss
     if world > 1:  # a spawned worker: what a launcher sets (DeepSpeed asks); never in the pytest process itself
         import os
         os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))

@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from pipeline import config as C, loading
+from pipeline import config as C
+from pipeline.models import loading
 from tests.dist_utils import run_workers
 
 BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -40,9 +41,9 @@ def _checkpoints(tmp, tied_student: bool) -> tuple[str, str, str]:
 def _check_worker(rank, world, backend, teacher_placement, tmp, tied):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     from transformers import AutoModelForCausalLM
-    from pipeline import models as M
-    from pipeline.distributed import make_layout
-    from pipeline.parallelize import iter_full_state, parallelize
+    from pipeline.models import build as M
+    from pipeline.parallel.distributed import make_layout
+    from pipeline.parallel.backends import iter_full_state, parallelize
     teacher_dir, student_dir, tok = (os.path.join(tmp, n) for n in ("teacher", "student", "tok"))
     cfg = C.load_config("pipeline/configs/debug_cpu.yaml", [
         f"--model.teacher_path={teacher_dir}", f"--model.student_path={student_dir}", f"--model.tokenizer_path={tok}",
@@ -84,8 +85,9 @@ def _check_streamed_export(models, student_dir, tok, tmp):
     """The export, written in files of at most a few layers (checkpoint.EXPORT_SHARD_BYTES lowered), loads with
     from_pretrained as exactly the trained student: every body tensor and the output layer (tied or not)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from pipeline import checkpoint, distributed
-    from pipeline.parallelize import full_state_dict
+    from pipeline.parallel import distributed
+    from pipeline.run import checkpoint
+    from pipeline.parallel.backends import full_state_dict
     dist_ctx = distributed.init(require_group=True)
     state = {k: v.clone() for k, v in full_state_dict(models.student).items()}
     head = models.heads.full_weight(models.heads.student)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from pipeline import losses as L
+from pipeline.loss import divergences as L
 from tests import reference as ref
 
 METHOD_CASES = [

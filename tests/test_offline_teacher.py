@@ -8,8 +8,11 @@ import json
 import pytest
 import torch
 
-from pipeline import config as C, losses, precompute_teacher as PT, prepare as P, token_store as S
-from pipeline.vocab_parallel import fused_topk_loss, shard_range, topk_loss, topk_teacher
+from pipeline import config as C, precompute_teacher as PT, prepare as P
+from pipeline.data import token_store as S
+from pipeline.loss import divergences as losses
+from pipeline.data.teacher_topk import TeacherTopk
+from pipeline.loss.vocab_parallel import fused_topk_loss, shard_range, topk_loss, topk_teacher
 from tests.dist_utils import run_workers
 from tests.test_faults import run, ok, loss_lines
 from tests.test_train import DEBUG, REPO
@@ -34,7 +37,7 @@ def cache(tmp_path_factory):
 
 
 def _teacher(cfg):
-    from pipeline.models import build_model
+    from pipeline.models.build import build_model
     m = cfg.model
     return build_model(m.teacher_path, m.teacher_config, m.dtype, m.init_seed + 1).eval()
 
@@ -44,7 +47,7 @@ def test_the_cache_holds_the_teachers_top_k(cache):
     cfg = _cfg(store)
     blocks = S.TokenStore(store).blocks(32)
     rows = torch.tensor([0, 5, 150, len(blocks) - 1])  # across chunk files
-    lp, ids = PT.TeacherTopk(out).read(rows)
+    lp, ids = TeacherTopk(out).read(rows)
     want_lp, want_ids = PT.teacher_topk(_teacher(cfg), blocks[rows], K)
     assert lp.shape == (4, 31, K) and torch.equal(ids, want_ids)
     assert torch.equal(lp, want_lp.to(torch.float16).float())

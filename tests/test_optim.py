@@ -8,9 +8,10 @@ import copy
 import pytest
 import torch
 
-from pipeline import config as C, models as M
-from pipeline.distributed import Layout
-from pipeline.parallelize import build_adamw, parallelize
+from pipeline import config as C
+from pipeline.models import build as M
+from pipeline.parallel.distributed import Layout
+from pipeline.parallel.backends import build_adamw, parallelize
 
 DEBUG = "pipeline/configs/debug_cpu.yaml"
 

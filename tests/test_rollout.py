@@ -12,7 +12,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline import config as C, data, rollout
+from pipeline import config as C
+from pipeline.data import batches as data
+from pipeline.rollout import hf as rollout
 from tests.dist_utils import run_workers
 
 ONPOLICY = "pipeline/configs/debug_onpolicy.yaml"
@@ -78,7 +80,7 @@ def test_greedy_is_argmax_and_ignores_top_p():
 # decoding (one process)
 # --------------------------------------------------------------------------------------------------------------
 def test_greedy_decoding_equals_hf_generate_with_left_padding():
-    from pipeline import models as M
+    from pipeline.models import build as M
     model = eos_prone_student(scale=0.0).eval()  # EOS never wins: full-length rows
     reference = copy.deepcopy(model)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
@@ -93,7 +95,7 @@ def test_greedy_decoding_equals_hf_generate_with_left_padding():
 
 
 def test_rows_end_at_their_first_eos_and_pad_after():
-    from pipeline import models as M
+    from pipeline.models import build as M
     model = eos_prone_student(scale=6.0).eval()
     replica = rollout.local_replica(model, M.detach_head(model))
     g = torch.Generator().manual_seed(2)
@@ -274,7 +276,7 @@ def test_rollout_config_errors_name_the_field(override, field):
 # distributed
 # --------------------------------------------------------------------------------------------------------------
 def _vp_logits_worker(rank, world, V, H, B):
-    from pipeline.vocab_parallel import shard_range
+    from pipeline.loss.vocab_parallel import shard_range
     g = torch.Generator().manual_seed(0)
     w = torch.randn(V, H, generator=g)
     h = torch.randn(world, B, H, generator=g)
@@ -292,9 +294,9 @@ def test_vocab_parallel_decoding_logits_equal_the_full_matmul(world, V):
 
 def _generate_worker(rank, world, backend):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
-    from pipeline import models as M
-    from pipeline.distributed import make_layout
-    from pipeline.parallelize import parallelize
+    from pipeline.models import build as M
+    from pipeline.parallel.distributed import make_layout
+    from pipeline.parallel.backends import parallelize
     cfg = C.load_config(ONPOLICY, [f"--parallel.backend={backend}", "--train.micro_batch_size=3",
                                    "--train.grad_accum=1"])
     student = eos_prone_student(scale=40.0)

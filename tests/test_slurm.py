@@ -230,5 +230,5 @@ def test_prepare_array_members_share_the_shards_and_finish_the_store(slurm, tmp_
         assert info["JobState"] == "COMPLETED", (tmp_path / f"{arr}_{i}.out").read_text()[-2000:]
     logs = [(tmp_path / f"{arr}_{i}.out").read_text() for i in (0, 1)]
     assert all("2 to do here" in log for log in logs)  # shards 0, 2 and 1, 3
-    from pipeline.token_store import TokenStore
+    from pipeline.data.token_store import TokenStore
     assert len(TokenStore(str(store)).index["shards"]) == 4

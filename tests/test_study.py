@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from pipeline import checkpoint, evaluate, instruct_task as T, study
+from pipeline import evaluate, instruct_task as T, study
+from pipeline.run import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import config as C, data, models as M, teacher_cache as TC
-from pipeline.parallelize import causal_without_mask_reads, frozen_forward
+from pipeline import config as C, teacher_cache as TC
+from pipeline.models import build as M
+from pipeline.data import batches as data
+from pipeline.parallel.backends import causal_without_mask_reads, frozen_forward
 from tests.dist_utils import launch_preloaded
 from tests.test_faults import refused
 from tests.test_train import ENV, REPO, losses

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import config as C, data, prepare as P, token_store as S
+from pipeline import config as C, prepare as P
+from pipeline.data import batches as data, token_store as S
 from tests.dist_utils import launch_preloaded, run_workers
 from tests.test_train import DEBUG, ENV, REPO
 

@@ -137,7 +137,7 @@ def test_exact_resume_after_kill_9_mid_run(tmp_path, two_ranks):
 
 
 def test_incomplete_checkpoints_are_never_loaded(tmp_path):
-    from pipeline import checkpoint
+    from pipeline.run import checkpoint
     ck = tmp_path / "checkpoints"
     (ck / "step_00000004").mkdir(parents=True)
     (ck / "step_00000004" / "COMPLETE").write_text("4\n")
@@ -168,10 +168,10 @@ def test_vocabulary_checks_before_training():
     """A model whose output layer cannot cover the shared tokenizer is refused with a message that says what to
     fix; a larger (padded) head is accepted and its extra rows are dropped from the vocab-parallel split."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from pipeline import models as M
-    from pipeline.parallelize import OutputHeads
+    from pipeline.models import build as M
+    from pipeline.parallel.backends import OutputHeads
     from pipeline.config import OptimConfig
-    from pipeline.distributed import Layout
+    from pipeline.parallel.distributed import Layout
     tok = AutoTokenizer.from_pretrained(REPO / "pipeline/configs/assets/tiny_tokenizer")
     conf = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=1)

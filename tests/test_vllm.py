@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline import config as C, rollout, vllm_rollout
+from pipeline import config as C
+from pipeline.rollout import hf as rollout, vllm as vllm_rollout
 from tests.dist_utils import launch_preloaded, run_workers
 from tests.test_faults import refused
 from tests.test_rollout import EOS, eos_prone_student
@@ -36,9 +37,9 @@ MODELS = [f"--model.student_config={json.dumps(STUDENT)}", f"--model.teacher_con
 
 def _engine_worker(rank, world, backend, tied, dtype, run_dir):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
-    from pipeline import models as M
-    from pipeline.distributed import make_layout
-    from pipeline.parallelize import parallelize
+    from pipeline.models import build as M
+    from pipeline.parallel.distributed import make_layout
+    from pipeline.parallel.backends import parallelize
     cfg = C.load_config(ONPOLICY, [f"--parallel.backend={backend}", "--train.micro_batch_size=3",
                                    "--train.grad_accum=1", f"--run_dir={run_dir}", "--rollout.vllm_kv_cache_mb=16",
                                    f"--model.dtype={dtype}", *MODELS])

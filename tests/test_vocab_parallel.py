@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline import losses as L
-from pipeline import vocab_parallel as VP
+from pipeline.loss import divergences as L
+from pipeline.loss import vocab_parallel as VP
 from tests.dist_utils import run_workers
 
 WIDTH, REAL_V = 23, 20  # logits are 23 wide; columns 20..22 are padded output rows

@@ -18,7 +18,8 @@ import shutil
 import socket
 import time
 
-from pipeline import checkpoint, config as C, integrity
+from pipeline import config as C
+from pipeline.run import checkpoint, integrity
 
 LOCK = ".lock"
 HISTORY = "history.jsonl"

@@ -24,9 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pipeline import loading, models as M
-from pipeline.distributed import Layout
-from pipeline.vocab_parallel import gather_shards, shard_range
+from pipeline.models import build as M
+from pipeline.models import loading
+from pipeline.parallel.distributed import Layout
+from pipeline.loss.vocab_parallel import gather_shards, shard_range
 
 
 class Models(Protocol):
@@ -319,7 +320,7 @@ def apply_fsdp2(student, teacher, cfg, layout: Layout, placement: str) -> None:
     group); the teacher (no optimizer) placed by `placement`."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
-    from pipeline.distributed import device
+    from pipeline.parallel.distributed import device
     bf16 = torch.bfloat16 in (M.DTYPES[cfg.model.dtype], M.DTYPES[cfg.parallel.fsdp_param_dtype])
     if bf16:
         # bf16 compute, fp32 masters: the sharded parameters (and so AdamW's state) stay fp32, FSDP2 gathers them
@@ -421,7 +422,7 @@ class TorchModels:
             set_state_dict(self.student, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"])
             return
-        from pipeline.distributed import device
+        from pipeline.parallel.distributed import device
         state = torch.load(os.path.join(path, "body.pt"), weights_only=False, map_location=device())
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -470,7 +471,7 @@ def init_deepspeed(student, teacher, cfg, layout: Layout, placement: str):
     inside the shard group) and the teacher placed by `placement`: a ZeRO-3 inference engine (no optimizer) over
     every rank or with hpZ in the group, or a plain replica on the device (no engine)."""
     import deepspeed
-    from pipeline.distributed import device
+    from pipeline.parallel.distributed import device
     if device().type == "cpu":
         # DeepSpeed's CPU shared-memory all-reduce serves tensor-parallel inference only, which this pipeline never
         # uses; left on, every fresh machine JIT-compiles it (about a minute of both cores here) on first init
@@ -561,7 +562,7 @@ def rank_memory_bytes() -> int:
     """Memory one rank may count on: its GPU's, or on CPUs the host's divided by the ranks on this node."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    from pipeline.distributed import ranks_per_node
+    from pipeline.parallel.distributed import ranks_per_node
     per_node, _ = ranks_per_node()
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(per_node or 1, 1)
 
@@ -585,7 +586,7 @@ def parallelize(student, teacher, vocab_size: int, cfg, layout: Layout, log=None
     """Detach both output layers into vocab-sharded heads, place the teacher (parallel.teacher) and wrap both bodies
     for the configured backend on the layout. Activation checkpointing (train.activation_checkpointing) is switched
     on in the student before any wrapping, so the backends shard the checkpointed blocks."""
-    from pipeline.distributed import device
+    from pipeline.parallel.distributed import device
     tied = is_tied(student)
     dtype = student.get_input_embeddings().weight.dtype
     # an empty model (loading.empty_model) hands OutputHeads a RowSource: each rank reads only its vocabulary rows

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.distributed import barrier
-from pipeline.parallelize import iter_full_state
+from pipeline.parallel.distributed import barrier
+from pipeline.parallel.backends import iter_full_state
 
 MARKER = "COMPLETE"
 MANIFEST = "MANIFEST.json"
@@ -348,7 +348,7 @@ def export_student(out_dir: str, models, student_config, tokenizer, dist_ctx) ->
     gathered onto rank 0 alone. Refused when the state is not finite; written beside out_dir and renamed into place,
     so a reader never sees half an export."""
     from transformers import AutoModelForCausalLM
-    from pipeline.models import embedding_name, head_name
+    from pipeline.models.build import embedding_name, head_name
     if not _all_true(models.local_state_is_finite(), dist_ctx):
         raise NonFiniteState("the trained student is not finite: not exported")
     tied, vocab = models.heads.tied, models.heads.vocab_size

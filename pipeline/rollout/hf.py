@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pipeline.distributed import any_rank
+from pipeline.parallel.distributed import any_rank
 
 SOURCES = ("dataset", "student", "teacher", "replay")
 
@@ -98,8 +98,8 @@ def local_replica(body, head_weight: Tensor):
     are built on the meta device and then take the gathered tensors (no random init, no second copy)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-    from pipeline.models import embedding_name, head_name
-    from pipeline.parallelize import full_state_dict
+    from pipeline.models.build import embedding_name, head_name
+    from pipeline.parallel.backends import full_state_dict
     state = full_state_dict(body)
     with init_empty_weights(include_buffers=False):
         replica = AutoModelForCausalLM.from_config(body.config)
@@ -127,7 +127,7 @@ def vocab_parallel_logits(h: Tensor, w_shard: Tensor, vocab_size: int, group) ->
     """This rank's rows h [B, H] (B equal on every rank) -> their full-vocabulary logits [B, V], from every rank's
     rows of the output layer: all-gather the B hidden states, one local [world B, Vp] matmul, and an all-to-all
     that hands each rank the columns of its own rows. Only the last position of each sequence is ever full-vocab."""
-    from pipeline.vocab_parallel import shard_range
+    from pipeline.loss.vocab_parallel import shard_range
     world = dist.get_world_size(group)
     B = h.shape[0]
     per = -(-vocab_size // world)
@@ -166,7 +166,7 @@ def choose_gather(mode: str, body, vocab_size: int, fraction: float, group) -> s
     """once / per_step; auto asks whether a full copy fits on every rank (one MIN all-reduce: all agree)."""
     if mode != "auto":
         return mode
-    from pipeline.parallelize import full_numel
+    from pipeline.parallel.backends import full_numel
     elem = next(body.parameters()).element_size()
     hidden = body.config.get_text_config().hidden_size
     need = (full_numel(body) + vocab_size * hidden) * elem

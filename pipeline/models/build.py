@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
-from pipeline import loading
+from pipeline.models import loading
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

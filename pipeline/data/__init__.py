@@ -1,0 +1,1 @@
+"""Training data: packed text and instruction examples, per-rank batches, the token store."""
