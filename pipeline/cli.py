@@ -1,4 +1,5 @@
-"""Argument types the command-line tools share: a number out of range is argparse's one-line error (exit 2) naming
+"""The command line: `distill TOOL ...` (the console script) runs one of the tools, as `python -m pipeline.TOOL ...`
+does; and the argument types the tools share, so a number out of range is argparse's one-line error (exit 2) naming
 the option, before any config, model or data is read."""
 from __future__ import annotations
 
@@ -27,3 +28,24 @@ count = _number(int, 0, low_ok=True)           # >= 0
 positive_float = _number(float, 0)             # > 0
 nonnegative_float = _number(float, 0, low_ok=True)
 fraction = _number(float, 0, 1.0)              # (0, 1]
+
+
+# `distill TOOL ...` (the console script): the same as `python -m pipeline.TOOL ...`
+TOOLS = {"train": "pipeline.train", "prepare": "pipeline.prepare", "precompute-teacher": "pipeline.precompute_teacher",
+         "teacher-cache": "pipeline.teacher_cache", "plan": "pipeline.plan", "submit": "pipeline.submit",
+         "evaluate": "pipeline.evaluate", "study": "pipeline.study", "demo": "pipeline.demo",
+         "compare": "pipeline.compare", "config-reference": "pipeline.config_reference"}
+
+
+def main(argv=None) -> int:
+    import importlib
+    import sys
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in TOOLS:
+        print(f"usage: distill {{{','.join(TOOLS)}}} [options]   (the same as python -m pipeline.TOOL; TOOL --help "
+              f"for its options)", file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    if argv[0] == "train":  # as `python -m pipeline.train` does: a signal during start-up is a stop request
+        from pipeline.run import signals
+        signals.install()
+    return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])

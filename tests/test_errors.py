@@ -275,3 +275,12 @@ def test_two_writers_of_one_file_never_share_a_temporary_name(tmp_path):
     data = target.read_bytes()
     assert all(p.exitcode == 0 for p in procs) and len(data) == 1 << 22 and len(set(data)) == 1
     assert [f.name for f in tmp_path.iterdir()] == ["shard_00000.bin"]  # no temporary left behind
+
+
+def test_the_distill_command_runs_each_tool_and_names_them_when_asked_for_another(capsys):
+    from pipeline import cli
+    with pytest.raises(SystemExit) as e:  # dispatched: the tool's own argument check answers
+        cli.main(["plan", "--config", DEBUG, "--nodes", "0", "--gpus-per-node", "8"])
+    assert e.value.code == 2 and "argument --nodes" in capsys.readouterr().err
+    assert cli.main(["config-reference", "--check"]) == 0
+    assert cli.main(["distil"]) == 2 and "distill {train,prepare," in capsys.readouterr().err
