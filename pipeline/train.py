@@ -129,6 +129,10 @@ class Run:
         self.loop = LoopState()
         self.fault = parse_fault(os.environ.get("PIPELINE_FAULT"))
         self.pad_id = M.pad_id(self.tokenizer)
+        # who decodes how: one interface (rollout.hf.Generator), vLLM where an engine started, else the HF loop
+        self.generators = {who: vllm_rollout.VllmGenerator(self.engines[who], self.models, who) if who in self.engines
+                           else rollout.HFGenerator(self.models, who, cfg.rollout, self.pad_id, dist_ctx.group)
+                           for who in ("student", "teacher")}
         r = cfg.rollout
         self.rollout_seed = cfg.train.seed if r.seed is None else r.seed
         self.replay = rollout.ReplayBuffer(r.replay_capacity)
@@ -182,14 +186,10 @@ def generate(run: Run, who: str, prompts: list, *, seed: int, eos_id: int | None
              temperature: float | None = None) -> tuple[list, dict]:
     """`who`'s completions for this rank's prompts on the run's engine (collective: every rank calls it together)."""
     r = run.cfg.rollout
-    temperature = r.temperature if temperature is None else temperature
-    if who in run.engines:
-        # the student's weights change with every optimiser step; the frozen teacher's are pushed once
-        return vllm_rollout.generate(run.engines[who], run.models, who, prompts,
-                                     version=run.step if who == "student" else 0, max_new=run.max_new_tokens(),
-                                     eos_id=eos_id, temperature=temperature, top_p=r.top_p, seed=seed)
-    return rollout.generate(run.models, who, prompts, rc=r, max_new=run.max_new_tokens(), eos_id=eos_id,
-                            pad_id=run.pad_id, seed=seed, group=run.dist.group, temperature=temperature)
+    sampling = rollout.Sampling(run.max_new_tokens(), eos_id, r.temperature if temperature is None else temperature,
+                                r.top_p, seed)
+    # the student's weights change with every optimiser step; the frozen teacher's never do
+    return run.generators[who].generate(prompts, sampling, version=run.step if who == "student" else 0)
 
 
 def step_batches(run: Run) -> tuple[list, dict]:

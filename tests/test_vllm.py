@@ -53,13 +53,15 @@ def _engine_worker(rank, world, backend, tied, dtype, run_dir):
     prompts = [torch.randint(2, 512, (int(n),), generator=g).tolist() for n in (4, 7, 5, 9)[: 4 - rank]]
     group = dist.group.WORLD
 
+    # the two engines behind the loop's one interface (rollout.hf.Generator)
+    hf = {who: rollout.HFGenerator(models, who, cfg.rollout, 1, group) for who in engines}
+    fast = {who: vllm_rollout.VllmGenerator(engines[who], models, who) for who in engines}
+
     def both(who, version):
         """vLLM's and the HF engine's greedy completions of this rank's prompts (EOS stops rank 0's rows)."""
-        eos = EOS if rank == 0 else None
-        got, info = vllm_rollout.generate(engines[who], models, who, prompts, version=version, max_new=20,
-                                          eos_id=eos, temperature=0.0, top_p=1.0, seed=3)
-        want, _ = rollout.generate(models, who, prompts, rc=cfg.rollout, max_new=20, eos_id=eos, pad_id=1, seed=3,
-                                   group=group, temperature=0.0)
+        greedy = rollout.Sampling(max_new=20, eos_id=EOS if rank == 0 else None, temperature=0.0, top_p=1.0, seed=3)
+        got, info = fast[who].generate(prompts, greedy, version)
+        want, _ = hf[who].generate(prompts, greedy, version)
         assert got == want, (who, version, got, want)
         return got, info
 

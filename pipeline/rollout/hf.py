@@ -18,7 +18,10 @@ Shapes: B sequences, P prompt length (left-padded), L generated length, H hidden
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -32,6 +35,39 @@ SOURCES = ("dataset", "student", "teacher", "replay")
 # --------------------------------------------------------------------------------------------------------------
 # sampling and the decode loop (pure, single rank)
 # --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sampling:
+    """How a rollout decodes: at most max_new tokens, stopping at eos_id (None: never), temperature (0 = greedy),
+    top_p, and the seed each prompt's randomness derives from (reproducible whatever else the engine ran)."""
+    max_new: int
+    eos_id: int | None
+    temperature: float
+    top_p: float
+    seed: int
+
+
+class Generator(Protocol):
+    """What a rollout engine offers the loop, the HF decode loop and vLLM alike: `who`'s completions (token ids, EOS
+    included when reached, nothing after it) for this rank's prompts, and stats. Collective: every rank calls it
+    for the same rollout. version: the optimiser step the model's weights come from (an engine that holds its own
+    copy of them refreshes it when this changes)."""
+
+    def generate(self, prompts: list, sampling: Sampling, version: int) -> tuple[list, dict]: ...
+
+
+class HFGenerator:
+    """The HF decode loop (generate below) behind the Generator interface: it reads the trainer's (sharded) weights
+    at every rollout, so `version` needs no push."""
+
+    def __init__(self, models, who: str, rc, pad_id: int, group):
+        self.models, self.who, self.rc, self.pad_id, self.group = models, who, rc, pad_id, group
+
+    def generate(self, prompts: list, sampling: Sampling, version: int) -> tuple[list, dict]:
+        rc = dataclasses.replace(self.rc, top_p=sampling.top_p)
+        return generate(self.models, self.who, prompts, rc=rc, max_new=sampling.max_new, eos_id=sampling.eos_id,
+                        pad_id=self.pad_id, seed=sampling.seed, group=self.group, temperature=sampling.temperature)
+
+
 def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
     """[B, V] logits -> [B] token ids. temperature 0 is greedy; top_p < 1 samples from the smallest set of tokens
     whose probability reaches top_p (the most likely token is always kept)."""

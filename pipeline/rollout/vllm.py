@@ -329,6 +329,19 @@ def start(model_config, vocab_size: int, cfg, who: str, rank: int, params: int =
                   params=params)
 
 
+class VllmGenerator:
+    """An engine behind the rollout interface (rollout.hf.Generator): pushes `who`'s weights when `version` moved
+    since its last push, then decodes."""
+
+    def __init__(self, engine: Engine, models, who: str):
+        self.engine, self.models, self.who = engine, models, who
+
+    def generate(self, prompts: list, sampling: rollout.Sampling, version: int) -> tuple[list, dict]:
+        s = sampling
+        return generate(self.engine, self.models, self.who, prompts, version=version, max_new=s.max_new,
+                        eos_id=s.eos_id, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
+
+
 def generate(engine: Engine, models, who: str, prompts: list, *, version, max_new: int, eos_id: int | None,
              temperature: float, top_p: float, seed: int) -> tuple[list, dict]:
     """rollout.generate's contract on the vLLM engine: (completions, stats). Pushes `who`'s weights first when they
