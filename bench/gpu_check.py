@@ -175,6 +175,8 @@ def vllm_check(run_dir: str) -> dict:
     weight push, one generation. Skipped (said) where vLLM cannot be imported."""
     from pipeline import config as C
     from pipeline.models import build as M
+    from pipeline.models.build import embedding_name
+    from pipeline.parallel.backends import iter_full_state
     from pipeline.rollout import vllm as vllm_rollout
     why = vllm_rollout.import_error()
     if why is not None:
@@ -190,7 +192,7 @@ def vllm_check(run_dir: str) -> dict:
                                  workdir=os.path.join(run_dir, "engine"), sleep=vllm_rollout.sleep_level("student", cfg),
                                  params=sum(p.numel() for p in model.parameters()))
     started = time.perf_counter() - t0
-    pushed = engine.push(model, model.get_output_embeddings().weight.detach(), 1)
+    pushed = engine.push(iter_full_state(model), embedding_name(model), model.get_output_embeddings().weight.detach(), 1)
     out = engine.generate([[1, 2, 3]], max_new=8, eos_id=None, temperature=0.0, top_p=1.0, seed=0)
     return {"start_s": round(started, 1), "push_s": round(pushed, 3), "generated": len(out[0])}
 

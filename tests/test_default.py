@@ -168,6 +168,8 @@ def test_real_chat_template_split_and_rollout_equal_hf_generate(smollm2):
 def _real_vllm_worker(rank, world, smollm2, tmp):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # torchrun's, which vLLM reads
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from pipeline.models.build import embedding_name
+    from pipeline.parallel.backends import iter_full_state
     from pipeline.rollout import vllm as vllm_rollout
     student = assets.student_from_teacher(smollm2, os.path.join(tmp, "student"), [0, 29])  # tied, real weights
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
@@ -182,7 +184,8 @@ def _real_vllm_worker(rank, world, smollm2, tmp):
         if version:  # another set of weights: the push must replace the first
             with torch.no_grad():
                 model.get_input_embeddings().weight.mul_(1.5)
-        engine.push(model, model.get_output_embeddings().weight.detach(), version)
+        engine.push(iter_full_state(model), embedding_name(model), model.get_output_embeddings().weight.detach(),
+                    version)
         got = engine.generate(prompts, max_new=12, eos_id=tok.eos_token_id, temperature=0.0, top_p=1.0, seed=0)
         for p, g in zip(prompts, got):
             ids = torch.tensor([p])

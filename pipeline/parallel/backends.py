@@ -43,6 +43,7 @@ class Models(Protocol):
     def save(self, path: str) -> None: ...
     def load(self, path: str) -> None: ...
     def teacher_state_digest(self) -> str: ...
+    def full_weights(self, who: str): ...
 
 
 class OutputHeads:
@@ -402,6 +403,11 @@ class TorchModels:
         self.optimizer.zero_grad(set_to_none=True)
         return None, skip
 
+    def full_weights(self, who: str):
+        """`who`'s body ('student' / 'teacher') unsharded, as its HF model names its weights (iter_full_state:
+        collective; a tensor is valid until the next is asked for)."""
+        return iter_full_state(self.student if who == "student" else self.teacher)
+
     def local_state_is_finite(self) -> Tensor:
         return state_is_finite(self.student, self.heads)
 
@@ -546,6 +552,11 @@ class DeepSpeedModels:
         skipped = skip or bool(getattr(self.engine.optimizer, "overflow", False))
         norm = self.engine.get_global_grad_norm()  # DeepSpeed's own value (it read it to check for overflow)
         return (float("inf") if skipped or norm is None else float(norm)), skipped
+
+    def full_weights(self, who: str):
+        """`who`'s body ('student' / 'teacher') unsharded, as its HF model names its weights (iter_full_state:
+        collective; a tensor is valid until the next is asked for)."""
+        return iter_full_state(self.student if who == "student" else self.teacher)
 
     def local_state_is_finite(self) -> Tensor:
         return state_is_finite(self.student, self.heads)

@@ -241,18 +241,16 @@ class Engine:
             self.asleep = False
 
     # ----------------------------------------------------------------------------------------------------------
-    def push(self, body, head_weight: torch.Tensor, version) -> float:
-        """Load the current weights of `body` (possibly sharded; collective: every rank pushes together) and the
-        full output layer [V, H] in place; returns the seconds it took."""
-        from pipeline.models.build import embedding_name
-        from pipeline.parallel.backends import iter_full_state
+    def push(self, body_weights, embedding: str, head_weight: torch.Tensor, version) -> float:
+        """Load the body's current weights (`body_weights`: the models' full_weights, gathered as they stream;
+        collective: every rank pushes together), whose input embedding is named `embedding`, and the full output
+        layer [V, H] in place; returns the seconds it took."""
         t0 = time.perf_counter()
         self._wake()
-        embedding = embedding_name(body)
 
         def weights():
             seen = False
-            for name, t in iter_full_state(body):
+            for name, t in body_weights:
                 if name == embedding:
                     seen, t = True, t[: self.vocab_size]
                 yield name, t
@@ -350,8 +348,10 @@ def generate(engine: Engine, models, who: str, prompts: list, *, version, max_ne
     t0 = time.perf_counter()
     pushed = 0.0
     if engine.version != version:
+        from pipeline.models.build import embedding_name
         body, shard = rollout.body_and_head(models, who)
-        pushed = engine.push(body, models.heads.full_weight(shard.detach()), version)
+        pushed = engine.push(models.full_weights(who), embedding_name(body), models.heads.full_weight(shard.detach()),
+                             version)
     out = engine.generate(prompts, max_new=max_new, eos_id=eos_id, temperature=temperature, top_p=top_p, seed=seed)
     lengths = [len(c) for c in out]
     return out, {"mode": "vllm", "seconds": time.perf_counter() - t0, "gather_seconds": pushed,

@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 
 from pipeline.parallel.distributed import barrier
-from pipeline.parallel.backends import iter_full_state
 
 MARKER = "COMPLETE"
 MANIFEST = "MANIFEST.json"
@@ -343,7 +342,7 @@ EXPORT_SHARD_BYTES = 2 << 30
 def export_student(out_dir: str, models, student_config, tokenizer, dist_ctx) -> str | None:
     """A plain HF checkpoint (safetensors) that from_pretrained loads: the body's full state plus the gathered
     output layer (untied, or the embedding when tied). Streamed (collective: every rank calls it): the body is
-    gathered a bucket at a time (parallelize.iter_full_state) and rank 0, the only writer, holds at most
+    gathered a bucket at a time (the models' full_weights) and rank 0, the only writer, holds at most
     EXPORT_SHARD_BYTES of it on the host before writing a file (a 7B student is 15-30 GB whole); the output layer is
     gathered onto rank 0 alone. Refused when the state is not finite; written beside out_dir and renamed into place,
     so a reader never sees half an export."""
@@ -367,7 +366,7 @@ def export_student(out_dir: str, models, student_config, tokenizer, dist_ctx) ->
         shutil.rmtree(tmp, ignore_errors=True)
         writer = ShardWriter(tmp, EXPORT_SHARD_BYTES)
     dtype, embedding = None, embedding_name(model)
-    for name, t in iter_full_state(models.student):
+    for name, t in models.full_weights("student"):
         dtype = dtype or t.dtype
         if writer is not None and name in expected:
             writer.add(name, (t[:vocab] if name == embedding else t).to("cpu", copy=True))
