@@ -394,27 +394,50 @@ def _teacher_logits(spec: LossSpec, mm: _Matmul, h: Tensor, wt_op: Tensor) -> Te
     return mask_padded_columns(mm(mm.operand(h), wt_op), spec.vocab_start, spec.vocab_size)
 
 
-def _pre_pass(spec: LossSpec, ops: ShardedVocab, mm: _Matmul, ht: Tensor, wt_op: Tensor, tg: Tensor, valid: Tensor,
-              groups: Tensor, n_groups: int, chunks) -> dict:
+@dataclass
+class _Pass:
+    """What every chunk of one call shares: the spec, the vocabulary reductions, the matmul at the chosen precision,
+    both output layers as matmul operands (prepared once per call, not per chunk), whether gradients are wanted,
+    and the chunk loss (compiled or not)."""
+    spec: LossSpec
+    ops: ShardedVocab
+    mm: _Matmul
+    ws_op: Tensor
+    wt_op: Tensor
+    needs_grad: bool
+    chunk_fn: Callable[..., Tensor]
+
+
+@dataclass
+class _Chunk:
+    """One chunk's rows: the student's hidden states (a matmul operand), the teacher's logits, the token weights
+    and targets, and the method's per-token overrides."""
+    h: Tensor
+    zt: Tensor
+    w: Tensor
+    targets: Tensor
+    kw: dict
+
+
+def _pre_pass(p: _Pass, ht: Tensor, tg: Tensor, valid: Tensor, groups: Tensor, *, n_groups: int, chunks) -> dict:
     """A method's teacher-only pass over all tokens (ATKD's hard/easy split needs whole scopes)."""
-    pre = spec.loss_fn.teacher_pre_pass
+    pre = p.spec.loss_fn.teacher_pre_pass
     stat = torch.zeros(ht.shape[0], device=ht.device)
     with torch.no_grad():
         for c0, c1 in chunks:
-            (lp,) = losses.log_normalize(_teacher_logits(spec, mm, ht[c0:c1], wt_op), ops=ops)
-            stat[c0:c1] = pre.token_stat(lp, tg[c0:c1], ops)
+            (lp,) = losses.log_normalize(_teacher_logits(p.spec, p.mm, ht[c0:c1], p.wt_op), ops=p.ops)
+            stat[c0:c1] = pre.token_stat(lp, tg[c0:c1], p.ops)
     return pre.overrides(stat, valid, groups, n_groups)
 
 
-def _chunk_gradient(spec: LossSpec, ops: ShardedVocab, mm: _Matmul, h_c: Tensor, ws_op: Tensor, zt: Tensor,
-                    w_c: Tensor, tg_c: Tensor, kw: dict, needs_grad: bool, chunk_fn):
+def _chunk_gradient(p: _Pass, c: _Chunk):
     """Step 3, one chunk: the student's logits, this rank's share of the weighted loss sum, and the gradient of the
     whole loss with respect to this rank's logits (each rank backpropagates its own share; the normalisers'
     backward all-reduces make the gradient whole)."""
     with torch.enable_grad():
-        zs = mm(h_c, ws_op).requires_grad_(needs_grad)
-        value = chunk_fn(zs, zt, w_c, tg_c, ops, spec.vocab_start, spec.vocab_size, spec.ce_weight, kw)
-        g_z = torch.autograd.grad(value, zs)[0] if needs_grad else None
+        zs = p.mm(c.h, p.ws_op).requires_grad_(p.needs_grad)
+        value = p.chunk_fn(zs, c.zt, c.w, c.targets, p.ops, c.kw)
+        g_z = torch.autograd.grad(value, zs)[0] if p.needs_grad else None
     return value.detach(), zs.detach(), g_z
 
 
@@ -431,39 +454,39 @@ class _FusedLinearLoss(torch.autograd.Function):
         all_gr = all_gr + torch.arange(rows, device=dev) // max(n_max, 1) * n_groups
         chunks = _plan_chunks(spec, rows)
         mm = _Matmul(spec.precision, dev)
-        ws_op, wt_op = mm.operand(ws.detach()).t(), mm.operand(wt).t()  # once per call, not per chunk
-        chunk_fn = _compiled_chunk(spec.loss_fn) if spec.compile else functools.partial(_chunk_loss, spec.loss_fn)
         # shares of the totals: a chunk's last vocabulary sum costs no collective; the shares add up once, below
-        ops = ShardedVocab(spec.group, spec.vocab_start, partial_totals=True)
+        p = _Pass(spec, ShardedVocab(spec.group, spec.vocab_start, partial_totals=True), mm,
+                  mm.operand(ws.detach()).t(), mm.operand(wt).t(), needs_grad,
+                  _compiled_chunk(spec) if spec.compile else functools.partial(_chunk_loss, spec=spec))
         # matmul outputs are finite unless padded columns are masked: then -inf checks are not needed (no host sync)
         finite = spec.vocab_size is None or spec.vocab_start + ws.shape[0] <= spec.vocab_size
         with losses.finite_logits() if finite else contextlib.nullcontext():
             per_token = {}
             if spec.loss_fn.teacher_pre_pass is not None:
-                per_token = _pre_pass(spec, ops, mm, all_ht, wt_op, all_tg, all_w != 0, all_gr,
-                                      n_groups * spec.world, chunks)
+                per_token = _pre_pass(p, all_ht, all_tg, all_w != 0, all_gr, n_groups=n_groups * spec.world,
+                                      chunks=chunks)
             total = torch.zeros((), dtype=torch.float64, device=dev)
             grad_all_h = torch.zeros(all_hs.shape, dtype=torch.float32, device=dev) if needs_grad else None
             grad_ws = torch.zeros(ws.shape, dtype=torch.float32, device=dev) if needs_grad else None
             for c0, c1 in chunks:
                 n = spec.chunk_size if spec.compile else c1 - c0  # compile: one static shape, zero-weight padding
-                zt = _teacher_logits(spec, mm, _rows(all_ht, c0, c1, n), wt_op)
-                h_c = mm.operand(_rows(all_hs, c0, c1, n))
-                w_c = _rows(all_w, c0, c1, n)
                 kw = dict(spec.overrides)
                 kw.update({k: tuple(_rows(t, c0, c1, n) for t in v) for k, v in per_token.items()})
-                value, zs, g_z = _chunk_gradient(spec, ops, mm, h_c, ws_op, zt, w_c, _rows(all_tg, c0, c1, n), kw,
-                                                 needs_grad, chunk_fn)
+                c = _Chunk(mm.operand(_rows(all_hs, c0, c1, n)), _teacher_logits(spec, mm, _rows(all_ht, c0, c1, n),
+                                                                                 p.wt_op),
+                           _rows(all_w, c0, c1, n), _rows(all_tg, c0, c1, n), kw)
+                value, zs, g_z = _chunk_gradient(p, c)
                 total += value.double()
                 if stats is not None:  # on the device: no host read per chunk
-                    real = (w_c != 0).float()
-                    agree = losses.top1_agreement(mask_padded_columns(zs, spec.vocab_start, spec.vocab_size), zt, ops)
+                    real = (c.w != 0).float()
+                    agree = losses.top1_agreement(mask_padded_columns(zs, spec.vocab_start, spec.vocab_size), c.zt,
+                                                  p.ops)
                     stats.add_(torch.stack([(agree * real).sum(), real.sum()]))
                 if needs_grad:
                     g_op = mm.operand(g_z)
-                    grad_all_h[c0:c1] = mm(g_op, ws_op.t())[: c1 - c0]
-                    mm.add_to(grad_ws, g_op.t(), h_c)
-                del zs, zt, g_z
+                    grad_all_h[c0:c1] = mm(g_op, p.ws_op.t())[: c1 - c0]
+                    mm.add_to(grad_ws, g_op.t(), c.h)
+                del zs, c, g_z
         if needs_grad:
             ctx.save_for_backward(_sum_to_owners(grad_all_h, n_max, spec.group)[:nk], grad_ws)
         ctx.dtypes = (hs.dtype, ws.dtype)
@@ -479,22 +502,24 @@ class _FusedLinearLoss(torch.autograd.Function):
         return (gh, None, gw) + (None,) * 8
 
 
-def _chunk_loss(loss_fn, zs: Tensor, zt: Tensor, w: Tensor, targets: Tensor, ops, vocab_start: int, vocab_size,
-                ce_weight: float, kw: dict) -> Tensor:
-    """sum_n w_n (loss_n + ce_weight CE_n) for one chunk of logits [c, Vp]."""
-    zs = mask_padded_columns(zs, vocab_start, vocab_size)
-    per_tok = loss_fn(zs, zt, targets=targets, ops=ops, **kw)
-    if ce_weight:
-        per_tok = per_tok + ce_weight * losses.cross_entropy(zs, targets, ops)
+def _chunk_loss(zs: Tensor, zt: Tensor, w: Tensor, targets: Tensor, ops, kw: dict, *, spec: LossSpec) -> Tensor:
+    """sum_n w_n (loss_n + spec.ce_weight CE_n) for one chunk of logits [c, Vp]."""
+    zs = mask_padded_columns(zs, spec.vocab_start, spec.vocab_size)
+    per_tok = spec.loss_fn(zs, zt, targets=targets, ops=ops, **kw)
+    if spec.ce_weight:
+        per_tok = per_tok + spec.ce_weight * losses.cross_entropy(zs, targets, ops)
     return (per_tok * w.to(per_tok.dtype)).sum()
 
 
-def _compiled_chunk(loss_fn):
-    """torch.compile of the chunk loss, cached on the loss callable: Inductor fuses the ~20 elementwise passes of a
-    mixture loss (3x faster on CPU here); collectives stay eager between the compiled pieces."""
-    if getattr(loss_fn, "_compiled_chunk", None) is None:
-        loss_fn._compiled_chunk = torch.compile(functools.partial(_chunk_loss, loss_fn), dynamic=False)
-    return loss_fn._compiled_chunk
+def _compiled_chunk(spec: LossSpec):
+    """torch.compile of the chunk loss, cached on the loss callable (per vocabulary split and CE weight): Inductor
+    fuses the ~20 elementwise passes of a mixture loss (3x faster on CPU here); collectives stay eager between the
+    compiled pieces."""
+    cache = spec.loss_fn.__dict__.setdefault("_compiled_chunks", {})
+    key = (spec.vocab_start, spec.vocab_size, spec.ce_weight)
+    if key not in cache:
+        cache[key] = torch.compile(functools.partial(_chunk_loss, spec=spec), dynamic=False)
+    return cache[key]
 
 
 def fused_linear_loss(loss_fn: Callable[..., Tensor], student_hidden: Tensor, teacher_hidden: Tensor,
@@ -571,7 +596,7 @@ class _GatherTokens(torch.autograd.Function):
         return _sum_to_owners(grad.contiguous().clone(), ctx.n_max, ctx.group)[: ctx.nk], None, None
 
 
-def _topk_chunk(h: Tensor, w: Tensor, lt: Tensor, ids: Tensor, weight: Tensor, targets, loss_fn, group,
+def _topk_chunk(h: Tensor, w: Tensor, lt: Tensor, ids: Tensor, weight: Tensor, targets, *, loss_fn, group,
                 vocab_start: int, vocab_size, overrides: dict) -> Tensor:
     zs = losses.upcast(h) @ losses.upcast(w).t()
     kw = dict(overrides)
@@ -612,6 +637,7 @@ def fused_topk_loss(loss_fn: Callable[..., Tensor], student_hidden: Tensor, stud
     for c0 in range(0, all_h.shape[0], chunk_size):  # sizes known on the host: the same chunks on every rank
         c1 = c0 + chunk_size
         total = total + checkpoint(_topk_chunk, all_h[c0:c1], student_weight, all_lt[c0:c1], all_ids[c0:c1],
-                                   all_w[c0:c1], all_tg[c0:c1] if all_tg is not None else None, loss_fn, group,
-                                   vocab_start, vocab_size, overrides, use_reentrant=False)
+                                   all_w[c0:c1], all_tg[c0:c1] if all_tg is not None else None, loss_fn=loss_fn,
+                                   group=group, vocab_start=vocab_start, vocab_size=vocab_size, overrides=overrides,
+                                   use_reentrant=False)
     return total
