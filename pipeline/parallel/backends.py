@@ -354,6 +354,26 @@ def apply_fsdp(model: nn.Module, mesh, mp) -> None:
     fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
+# what both Models implementations do alike, given to each as its method
+def _teacher_digest(models) -> str:
+    return teacher_state_digest(models.teacher, models.heads)
+
+
+def _set_lrs(models, lr: float) -> None:
+    _set_lr(models.optimizer, lr)
+    _set_lr(models.heads.optimizer, lr)
+
+
+def _local_state_is_finite(models) -> Tensor:
+    return state_is_finite(models.student, models.heads)
+
+
+def _full_weights(models, who: str):
+    """Models.full_weights: `who`'s body ('student' / 'teacher') unsharded, as its HF model names its weights
+    (iter_full_state: collective; a tensor is valid until the next is asked for)."""
+    return iter_full_state(models.student if who == "student" else models.teacher)
+
+
 class TorchModels:
     """Plain torch modules with torch's AdamW: unsharded (backend none) or sharded in place by apply_fsdp2
     (`sharded`: checkpoints then go through torch.distributed.checkpoint, each rank writing its shards)."""
@@ -369,12 +389,7 @@ class TorchModels:
     def teacher_hidden(self, input_ids, attention_mask):
         return frozen_forward(self.teacher, input_ids, attention_mask)
 
-    def teacher_state_digest(self):
-        return teacher_state_digest(self.teacher, self.heads)
-
-    def set_lr(self, lr):
-        _set_lr(self.optimizer, lr)
-        _set_lr(self.heads.optimizer, lr)
+    teacher_state_digest, set_lr = _teacher_digest, _set_lrs
 
     def backward(self, loss):
         loss.backward()
@@ -403,13 +418,9 @@ class TorchModels:
         self.optimizer.zero_grad(set_to_none=True)
         return None, skip
 
-    def full_weights(self, who: str):
-        """`who`'s body ('student' / 'teacher') unsharded, as its HF model names its weights (iter_full_state:
-        collective; a tensor is valid until the next is asked for)."""
-        return iter_full_state(self.student if who == "student" else self.teacher)
+    full_weights = _full_weights
 
-    def local_state_is_finite(self) -> Tensor:
-        return state_is_finite(self.student, self.heads)
+    local_state_is_finite = _local_state_is_finite
 
     def save(self, path):
         if self.sharded:
@@ -512,12 +523,7 @@ class DeepSpeedModels:
         return frozen_forward(self.teacher_engine if self.teacher_engine is not None else self.teacher, input_ids,
                               attention_mask)
 
-    def teacher_state_digest(self):
-        return teacher_state_digest(self.teacher, self.heads)
-
-    def set_lr(self, lr):
-        _set_lr(self.optimizer, lr)
-        _set_lr(self.heads.optimizer, lr)
+    teacher_state_digest, set_lr = _teacher_digest, _set_lrs
 
     def backward(self, loss):
         # the token weights already divide by the count over the whole accumulation window
@@ -553,13 +559,9 @@ class DeepSpeedModels:
         norm = self.engine.get_global_grad_norm()  # DeepSpeed's own value (it read it to check for overflow)
         return (float("inf") if skipped or norm is None else float(norm)), skipped
 
-    def full_weights(self, who: str):
-        """`who`'s body ('student' / 'teacher') unsharded, as its HF model names its weights (iter_full_state:
-        collective; a tensor is valid until the next is asked for)."""
-        return iter_full_state(self.student if who == "student" else self.teacher)
+    full_weights = _full_weights
 
-    def local_state_is_finite(self) -> Tensor:
-        return state_is_finite(self.student, self.heads)
+    local_state_is_finite = _local_state_is_finite
 
     def save(self, path):
         self.engine.save_checkpoint(os.path.join(path, "body"), tag="state", save_latest=False)
