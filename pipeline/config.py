@@ -534,10 +534,22 @@ def resolve_files(patterns: list, field: str = "data.files") -> list[str]:
 
 
 def validate(cfg: Config, world_size: int | None = None, data_files: bool = True) -> None:
-    """Every check that needs no model: types and choices (check_fields), ranges, files, batch arithmetic (when
-    world_size is known)."""
+    """Every check that needs no model: types and choices (check_fields), each section's own ranges and files, then
+    the rules between sections (world_size: the batch arithmetic and layout, when known)."""
     check_fields(cfg)
-    m = cfg.model
+    _check_model(cfg.model)
+    _check_data(cfg.data, data_files)
+    _check_loss(cfg.loss)
+    _check_optim(cfg.optim)
+    _check_train(cfg.train, world_size)
+    _check_parallel(cfg.parallel, world_size)
+    _check_rollout(cfg.rollout)
+    _check_checkpoint(cfg.checkpoint)
+    _check_safety(cfg.safety)
+    _check_across(cfg)
+
+
+def _check_model(m: ModelConfig) -> None:
     for who in ("teacher", "student"):
         p, c = getattr(m, f"{who}_path"), getattr(m, f"{who}_config")
         if (p is None) == (c is None):
@@ -550,7 +562,7 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
         raise ValueError(f"model.tokenizer_path: {m.tokenizer_path!r} is not a directory")
 
 
-    d = cfg.data
+def _check_data(d: DataConfig, data_files: bool) -> None:
     if d.files and d.dataset:
         raise ValueError("data.files / data.dataset: give exactly one")
     if not (d.files or d.dataset or d.store):
@@ -563,13 +575,11 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
     if d.eval_files and data_files:
         resolve_files(d.eval_files, "data.eval_files")
     _positive("data.eval_blocks", d.eval_blocks)
-
     _positive("data.seq_len", d.seq_len)
     if d.seq_len < 2:
         raise ValueError("data.seq_len must be >= 2 (inputs and next-token targets)")
     if d.max_documents is not None:
         _positive("data.max_documents", d.max_documents)
-
     if d.kind == "chat":
         if d.format == "text":
             raise ValueError("data.kind chat reads json/jsonl or parquet rows; data.format text has no columns")
@@ -581,7 +591,8 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
             raise ValueError(f"data.max_prompt_len ({d.max_prompt_len}) must be < data.seq_len ({d.seq_len}): "
                              f"seq_len holds prompt and response")
 
-    lc = cfg.loss
+
+def _check_loss(lc: LossConfig) -> None:
     try:
         losses.resolve_options(lc.method, lc.options)
     except ValueError as e:
@@ -592,33 +603,18 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
         if not 0.0 <= lc.lam_end <= 1.0:
             raise ValueError(f"loss.lam_end must be in [0, 1], got {lc.lam_end}")
     _positive("loss.ce_weight", lc.ce_weight, allow_zero=True)
-    if lc.teacher_cache is not None and (d.kind != "chat" or d.store or lc.offline_teacher):
-        raise ValueError("loss.teacher_cache is for instruction data read from data.files (data.kind chat, no "
-                         "data.store) with a live teacher (no loss.offline_teacher)")
     if lc.offline_teacher is not None:
-        if not d.store:
-            raise ValueError("loss.offline_teacher is computed over a token store: set data.store")
         if lc.method == "atkd":
             raise ValueError("loss.offline_teacher: atkd needs the teacher's full distribution; pick another method")
         if lc.method == "taid" or lc.ce_weight:
             raise ValueError("loss.offline_teacher keeps the teacher's top-k only: taid and loss.ce_weight are not "
                              "supported with it")
-        if d.eval_files and cfg.train.eval_every:
-            raise ValueError("loss.offline_teacher loads no teacher, so there is no held-out KL to compute: unset "
-                             "data.eval_files or train.eval_every")
     if lc.chunk_size is not None:
         _positive("loss.chunk_size", lc.chunk_size)
     _positive("loss.chunk_memory_mb", lc.chunk_memory_mb)
 
-    t = lc.taid
-    try:
-        losses.TaidSchedule(total_steps=max(cfg.train.steps, 1), t_start=t.t_start, t_end=t.t_end, alpha=t.alpha,
-                            beta=t.beta, adaptive=t.adaptive)
-    except ValueError as e:
-        raise ValueError(f"loss.taid: {e}") from None
 
-
-    o = cfg.optim
+def _check_optim(o: OptimConfig) -> None:
     _positive("optim.lr", o.lr)
     _positive("optim.min_lr", o.min_lr, allow_zero=True)
     if o.min_lr > o.lr:
@@ -627,11 +623,10 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
     if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
         raise ValueError(f"optim.betas must be two numbers in [0, 1), got {o.betas!r}")
     _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
-
     _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
 
 
-    tr = cfg.train
+def _check_train(tr: TrainConfig, world_size: int | None) -> None:
     _positive("train.steps", tr.steps)
     _positive("train.micro_batch_size", tr.micro_batch_size)
     _positive("train.grad_accum", tr.grad_accum)
@@ -648,12 +643,11 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
             raise ValueError(f"train.global_batch_size ({tr.global_batch_size}) != micro_batch_size x grad_accum x "
                              f"world size ({tr.micro_batch_size} x {tr.grad_accum} x {world_size})")
 
-    p = cfg.parallel
 
+def _check_parallel(p: ParallelConfig, world_size: int | None) -> None:
     if p.backend == "deepspeed":
         for name in ("ds_student_config", "ds_teacher_config"):
             read_deepspeed_json(getattr(p, name), f"parallel.{name}")
-
     if world_size is not None and world_size > 1 and p.backend == "none":
         raise ValueError("parallel.backend none runs one process; use deepspeed or fsdp2 for several")
     if p.shard_group_size is not None:
@@ -661,11 +655,11 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
         if world_size is not None and world_size % p.shard_group_size:
             raise ValueError(f"parallel.shard_group_size ({p.shard_group_size}) must divide the world size "
                              f"({world_size}): use a divisor such as the ranks per node")
-
     if not 0.0 < p.teacher_replicate_fraction <= 1.0:
         raise ValueError(f"parallel.teacher_replicate_fraction must be in (0, 1], got {p.teacher_replicate_fraction}")
 
-    r = cfg.rollout
+
+def _check_rollout(r: RolloutConfig) -> None:
     for name in ("student_fraction", "teacher_fraction", "replay_ratio"):
         v = getattr(r, name)
         if not 0.0 <= v <= 1.0:
@@ -673,64 +667,81 @@ def validate(cfg: Config, world_size: int | None = None, data_files: bool = True
     if r.student_fraction + r.teacher_fraction > 1.0 + 1e-9:
         raise ValueError(f"rollout.student_fraction + teacher_fraction must be <= 1, got "
                          f"{r.student_fraction} + {r.teacher_fraction}")
-    if (r.student_fraction or r.teacher_fraction) and d.kind != "chat":
-        raise ValueError("rollout.student_fraction / teacher_fraction need prompts: set data.kind to chat")
     if r.max_new_tokens is not None:
         _positive("rollout.max_new_tokens", r.max_new_tokens)
-        if d.kind == "chat" and d.max_prompt_len + r.max_new_tokens > d.seq_len:
-            raise ValueError(f"data.max_prompt_len + rollout.max_new_tokens ({d.max_prompt_len} + "
-                             f"{r.max_new_tokens}) exceeds data.seq_len ({d.seq_len}); raise seq_len or lower one")
     _positive("rollout.temperature", r.temperature, allow_zero=True)
-
     if not 0.0 < r.top_p <= 1.0:
         raise ValueError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
-
     if not 0.0 < r.gather_memory_fraction <= 1.0:
         raise ValueError(f"rollout.gather_memory_fraction must be in (0, 1], got {r.gather_memory_fraction}")
-
     _positive("rollout.vllm_kv_cache_mb", r.vllm_kv_cache_mb)
-
     _positive("rollout.replay_capacity", r.replay_capacity, allow_zero=True)
-
     if r.adaptive_every and r.schedule != "adaptive":
         raise ValueError("rollout.adaptive_every paces rollout.schedule adaptive's measurements: set the schedule to "
                          "adaptive or leave adaptive_every at 0")
     if r.schedule == "adaptive":
-        if d.kind != "chat":
-            raise ValueError("rollout.schedule adaptive schedules student generations: set data.kind to chat")
         if r.student_fraction or r.teacher_fraction or r.replay_ratio:
             raise ValueError("rollout.schedule adaptive sets the on-policy and replay shares itself: leave "
                              "rollout.student_fraction, teacher_fraction and replay_ratio at 0")
         _positive("rollout.adaptive_every", r.adaptive_every, allow_zero=True)
-        if not (d.eval_files and (tr.eval_every or r.adaptive_every)):
-            raise ValueError("rollout.schedule adaptive follows the held-out cross-entropy: set data.eval_files and "
-                             "train.eval_every (or rollout.adaptive_every)")
-        if r.replay_capacity < tr.micro_batch_size * tr.grad_accum:
-            raise ValueError(f"rollout.schedule adaptive needs rollout.replay_capacity >= one step's generations per "
-                             f"rank ({tr.micro_batch_size * tr.grad_accum}), got {r.replay_capacity}")
         for name in ("adaptive_init", "adaptive_step"):
             if not 0.0 <= getattr(r, name) <= 1.0:
                 raise ValueError(f"rollout.{name} must be in [0, 1], got {getattr(r, name)}")
         _positive("rollout.adaptive_eps", r.adaptive_eps, allow_zero=True)
-    if r.replay_ratio > 0:
-        need = tr.micro_batch_size * tr.grad_accum
-        if r.replay_capacity < need:
-            raise ValueError(f"rollout.replay_ratio > 0 needs rollout.replay_capacity >= one step's generations "
-                             f"per rank ({need} = train.micro_batch_size x grad_accum), got {r.replay_capacity}")
-        if r.student_fraction == 0:
-            raise ValueError("rollout.replay_ratio reuses student generations: set rollout.student_fraction > 0")
+    if r.replay_ratio > 0 and r.student_fraction == 0:
+        raise ValueError("rollout.replay_ratio reuses student generations: set rollout.student_fraction > 0")
 
-    c = cfg.checkpoint
+
+def _check_checkpoint(c: CheckpointConfig) -> None:
     _positive("checkpoint.every", c.every, allow_zero=True)
     _positive("checkpoint.keep_last", c.keep_last)
     if c.overwrite and c.resume:
         raise ValueError("checkpoint.overwrite deletes what the run directory holds: it needs checkpoint.resume "
                          "false (resume true continues the run instead)")
 
-    s = cfg.safety
+
+def _check_safety(s: SafetyConfig) -> None:
     _positive("safety.max_consecutive_skips", s.max_consecutive_skips, allow_zero=True)
     for name in ("collective_timeout_s", "startup_timeout_s", "save_timeout_s"):
         _positive(f"safety.{name}", getattr(s, name))
+
+
+def _check_across(cfg: Config) -> None:
+    """The rules between sections."""
+    d, lc, tr, r = cfg.data, cfg.loss, cfg.train, cfg.rollout
+    if lc.teacher_cache is not None and (d.kind != "chat" or d.store or lc.offline_teacher):
+        raise ValueError("loss.teacher_cache is for instruction data read from data.files (data.kind chat, no "
+                         "data.store) with a live teacher (no loss.offline_teacher)")
+    if lc.offline_teacher is not None:
+        if not d.store:
+            raise ValueError("loss.offline_teacher is computed over a token store: set data.store")
+        if d.eval_files and tr.eval_every:
+            raise ValueError("loss.offline_teacher loads no teacher, so there is no held-out KL to compute: unset "
+                             "data.eval_files or train.eval_every")
+    t = lc.taid
+    try:
+        losses.TaidSchedule(total_steps=max(tr.steps, 1), t_start=t.t_start, t_end=t.t_end, alpha=t.alpha,
+                            beta=t.beta, adaptive=t.adaptive)
+    except ValueError as e:
+        raise ValueError(f"loss.taid: {e}") from None
+    if (r.student_fraction or r.teacher_fraction) and d.kind != "chat":
+        raise ValueError("rollout.student_fraction / teacher_fraction need prompts: set data.kind to chat")
+    if r.max_new_tokens is not None and d.kind == "chat" and d.max_prompt_len + r.max_new_tokens > d.seq_len:
+        raise ValueError(f"data.max_prompt_len + rollout.max_new_tokens ({d.max_prompt_len} + "
+                         f"{r.max_new_tokens}) exceeds data.seq_len ({d.seq_len}); raise seq_len or lower one")
+    step = tr.micro_batch_size * tr.grad_accum  # one step's generations per rank
+    if r.schedule == "adaptive":
+        if d.kind != "chat":
+            raise ValueError("rollout.schedule adaptive schedules student generations: set data.kind to chat")
+        if not (d.eval_files and (tr.eval_every or r.adaptive_every)):
+            raise ValueError("rollout.schedule adaptive follows the held-out cross-entropy: set data.eval_files and "
+                             "train.eval_every (or rollout.adaptive_every)")
+        if r.replay_capacity < step:
+            raise ValueError(f"rollout.schedule adaptive needs rollout.replay_capacity >= one step's generations per "
+                             f"rank ({step}), got {r.replay_capacity}")
+    if r.replay_ratio > 0 and r.replay_capacity < step:
+        raise ValueError(f"rollout.replay_ratio > 0 needs rollout.replay_capacity >= one step's generations "
+                         f"per rank ({step} = train.micro_batch_size x grad_accum), got {r.replay_capacity}")
 
 
 # fields of the DeepSpeed JSON that this config tree owns (one source of truth)
