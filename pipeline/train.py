@@ -472,8 +472,9 @@ def _save(run: Run, dist_ctx) -> None:
     cfg = run.cfg
     # rank 0 writes the manifest and renames alone; the others wait for it at a barrier
     with distributed.timeout_scope(cfg.safety.save_timeout_s, cfg.safety.collective_timeout_s):
-        checkpoint.save(cfg.run_dir, run.step, run.models, run.state, dist_ctx, cfg.checkpoint.keep_last,
-                        C.to_dict(cfg), C.fingerprint(C.to_dict(cfg), dist_ctx.world), run.inputs)
+        checkpoint.save(cfg.run_dir, run.step, run.models, run.state, dist_ctx, keep_last=cfg.checkpoint.keep_last,
+                        config=C.to_dict(cfg), fingerprint=C.fingerprint(C.to_dict(cfg), dist_ctx.world),
+                        inputs=run.inputs)
 
 
 def _say(dist_ctx, msg: str) -> None:
@@ -559,7 +560,8 @@ def _run(cfg: C.Config, dist_ctx: distributed.Dist, lock: rundir.RunLock, argv: 
     if dist_ctx.is_main:
         if resumed:
             print(f"resumed from {resumed} at step {start}", file=sys.stderr)
-        rundir.record_start(cfg, dist_ctx.world, dist_ctx.source, resumed, start, changes, argv)
+        rundir.record_start(cfg, dist_ctx.world, dist_ctx.source, resumed_from=resumed, start_step=start,
+                            changes=changes, argv=argv)
     progress = Progress(cfg.train.steps, dist_ctx.is_main and cfg.logging.progress, start)
     digest_before = run.models.teacher_state_digest()
     losses_seen = []

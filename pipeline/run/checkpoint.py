@@ -200,7 +200,7 @@ def _all_true(flag: torch.Tensor, dist_ctx) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 # save
 # --------------------------------------------------------------------------------------------------------------
-def save(run_dir: str, step: int, models, state: dict[str, Stateful], dist_ctx, keep_last: int,
+def save(run_dir: str, step: int, models, state: dict[str, Stateful], dist_ctx, *, keep_last: int,
          config: dict, fingerprint: str, inputs: dict | None = None) -> str:
     """Write checkpoint `step` (collective: every rank calls it). state: the registry of this rank's small state.
     config / fingerprint: the resolved config and config.fingerprint(); inputs: the content fingerprints of what the

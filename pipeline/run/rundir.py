@@ -141,7 +141,7 @@ def clear_outputs(run_dir: str) -> None:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-def record_start(cfg: C.Config, world: int, source: str, resumed_from: str | None, start_step: int,
+def record_start(cfg: C.Config, world: int, source: str, *, resumed_from: str | None, start_step: int,
                  changes: dict, argv: list[str]) -> None:
     """Rank 0, once the run has started: the resolved config.yaml and a line in history.jsonl."""
     C.save_resolved(cfg, os.path.join(cfg.run_dir, "config.yaml"))
