@@ -76,12 +76,14 @@ def precompute(cfg: C.Config, out: str, k: int, batch: int, chunk: int, rank: in
             lp, ids = teacher_topk(teacher, blocks[rows[b0:b0 + batch]].to(device()), k)
             lps.append(lp.to(torch.float16).cpu().numpy())
             idss.append(ids.cpu().numpy().astype(S.token_dtype(vocab)))
-        meta = {"blocks": len(rows), "bytes": {}, "sums": {}, "sha256": {}}
+        meta = {"blocks": len(rows), "bytes": {}, "sha256": {}}
         for ext, arr in ((".lp", np.concatenate(lps)), (".ids", np.concatenate(idss))):
             raw = arr.tobytes()
-            S.write_atomic(os.path.join(out, chunk_name(c) + ext), raw)
-            meta["bytes"][ext], meta["sha256"][ext] = len(raw), integrity.sha256(raw)
-            meta["sums"][ext] = integrity.chunk_sums(raw).tolist()
+            sums = integrity.chunk_sums(raw).tobytes()  # beside the file, as a store's: the index stays small
+            for name, data in ((ext, raw), (ext + ".sums", sums)):
+                S.write_atomic(os.path.join(out, chunk_name(c) + name), data)
+                meta["sha256"][name] = integrity.sha256(data)
+            meta["bytes"][ext] = len(raw)
         # the done marker last, durably: an interrupted run redoes exactly the chunks without one
         S.write_atomic(os.path.join(out, chunk_name(c) + ".json"), json.dumps(meta))
         done_blocks += len(rows)

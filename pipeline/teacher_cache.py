@@ -41,12 +41,10 @@ def digest(prompt, response) -> str:
 
 
 def identity(cfg) -> dict:
-    """What the states depend on besides the examples: the teacher (data.teacher_topk.teacher_identity; a teacher
-    built from a config also by its init seed) and the dtype it runs in."""
+    """What the states depend on besides the examples: the teacher (data.teacher_topk.teacher_identity: its weights by
+    content, or its config and init seed) and the dtype it runs in."""
     from pipeline.data.teacher_topk import teacher_identity
-    m = cfg.model
-    return {"teacher": teacher_identity(cfg), "teacher_seed": None if m.teacher_path else m.init_seed + 1,
-            "dtype": m.dtype}
+    return {"teacher": teacher_identity(cfg), "dtype": cfg.model.dtype}
 
 
 def fingerprint(cfg, examples: list) -> dict:

@@ -399,7 +399,8 @@ def _flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["store bit flip", "store truncated", "cache ids random", "cache log-probs zero"])
+@pytest.mark.parametrize("damage", ["store bit flip", "store truncated", "cache ids random", "cache log-probs zero",
+                                    "cache checksums missing"])
 def test_a_damaged_store_or_cache_stops_the_run_naming_the_file(stores, tmp_path, damage):
     """Exit 1 with the file named, before a step trains on what it read (no losses recorded for it)."""
     import shutil
@@ -410,12 +411,15 @@ def test_a_damaged_store_or_cache_stops_the_run_naming_the_file(stores, tmp_path
     shutil.copytree(topk, mine_topk)
     target = {"store bit flip": mine_store / "shard_00000.bin", "store truncated": mine_store / "shard_00000.bin",
               "cache ids random": mine_topk / "chunk_000000.ids",
-              "cache log-probs zero": mine_topk / "chunk_000000.lp"}[damage]
+              "cache log-probs zero": mine_topk / "chunk_000000.lp",
+              "cache checksums missing": mine_topk / "chunk_000000.ids.sums"}[damage]
     size = target.stat().st_size
     if damage == "store bit flip":
         _flip(target, size // 3)
     elif damage == "store truncated":
         target.write_bytes(target.read_bytes()[: size - 100])
+    elif damage == "cache checksums missing":
+        target.unlink()
     elif damage == "cache ids random":
         target.write_bytes(np.random.default_rng(0).integers(0, 512, size // 2, dtype=np.uint16).tobytes())
     else:
@@ -423,7 +427,9 @@ def test_a_damaged_store_or_cache_stops_the_run_naming_the_file(stores, tmp_path
     extra = [f"--loss.offline_teacher={mine_topk}", "--train.eval_every=0"] if "cache" in damage else []
     p = _store_run(tmp_path, mine_store, "--train.steps=400", *extra)  # every block is read within 400 steps
     refused(p, str(target), code=1)
-    assert ("truncated" in p.stderr) if "truncated" in damage else ("do not match the checksum" in p.stderr)
+    expected = {"store truncated": "truncated", "cache checksums missing": "is missing"}.get(damage,
+                                                                                          "do not match the checksum")
+    assert expected in p.stderr, p.stderr[-2000:]
 
 
 def test_a_cache_of_another_store_or_teacher_is_refused(stores, tmp_path):

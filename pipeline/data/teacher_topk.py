@@ -63,10 +63,11 @@ class TeacherTopk:
 
     def _open(self, c: int) -> tuple:
         if c not in self._files:
-            meta = self.index["chunks"][c]
+            meta, base = self.index["chunks"][c], os.path.join(self.path, chunk_name(c))
             self._files[c] = tuple(
-                integrity.CheckedFile(os.path.join(self.path, chunk_name(c) + ext),
-                                      np.asarray(meta["sums"][ext], dtype=np.uint32), meta["bytes"][ext])
+                integrity.CheckedFile(base + ext, np.frombuffer(
+                    integrity.check_whole(base + ext + ".sums", meta["sha256"][ext + ".sums"], "its chunk"),
+                    dtype=np.uint32), meta["bytes"][ext])
                 for ext in (".lp", ".ids"))
         return self._files[c]
 

@@ -103,7 +103,7 @@ class TokenStore:
         for i, s in enumerate(self.index["shards"]):
             for suffix, digest in s["sha256"].items():
                 path = os.path.join(self.path, shard_name(i) + suffix)
-                if not os.path.isfile(path) or integrity.file_sha256(path) != digest:
+                if not os.path.isfile(path) or integrity.file_sha256(path)[1] != digest:
                     bad.append(path)
         return bad
 

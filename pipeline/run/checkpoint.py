@@ -17,7 +17,6 @@ Layout: run_dir/checkpoints/step_00000040/{body/..., rank0.pt, rank1.pt, ..., MA
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -30,7 +29,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.models.build import embedding_name, head_name
 from pipeline.parallel.distributed import barrier
+from pipeline.run.integrity import file_sha256
 
 MARKER = "COMPLETE"
 MANIFEST = "MANIFEST.json"
@@ -112,19 +113,6 @@ def _files(root: str) -> list[str]:
             if rel not in (MANIFEST, MARKER):
                 out.append(rel)
     return sorted(out)
-
-
-def _sha256(path: str, fsync: bool = False) -> tuple[int, str]:
-    """(size, sha256) of a file; fsync it too (Linux flushes a file's dirty pages through any descriptor)."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-            size += len(block)
-        if fsync:
-            os.fsync(f.fileno())
-    return size, h.hexdigest()
 
 
 def _disk_full(e: BaseException) -> bool:
@@ -237,7 +225,7 @@ def save(run_dir: str, step: int, models, state: dict[str, Stateful], dist_ctx, 
     files = _broadcast(_files(tmp) if dist_ctx.is_main else None, dist_ctx)
     mine = {}
     for rel in files[dist_ctx.rank::dist_ctx.world]:
-        size, digest = _sha256(os.path.join(tmp, rel), fsync=True)
+        size, digest = file_sha256(os.path.join(tmp, rel), fsync=True)
         mine[rel] = {"size": size, "sha256": digest}
     sums = _gather_dicts(mine, dist_ctx)
     if dist_ctx.is_main:
@@ -283,7 +271,7 @@ def verify(path: str, dist_ctx) -> list[str]:
         if not os.path.isfile(full):
             mine[rel] = "missing"
             continue
-        size, digest = _sha256(full)
+        size, digest = file_sha256(full)
         if size != want["size"]:
             mine[rel] = f"truncated or grown: {size} bytes, {want['size']} expected"
         elif digest != want["sha256"]:
@@ -347,7 +335,6 @@ def export_student(out_dir: str, models, student_config, tokenizer, dist_ctx) ->
     gathered onto rank 0 alone. Refused when the state is not finite; written beside out_dir and renamed into place,
     so a reader never sees half an export."""
     from transformers import AutoModelForCausalLM
-    from pipeline.models.build import embedding_name, head_name
     if not _all_true(models.local_state_is_finite(), dist_ctx):
         raise NonFiniteState("the trained student is not finite: not exported")
     tied, vocab = models.heads.tied, models.heads.vocab_size

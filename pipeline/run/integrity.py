@@ -32,12 +32,18 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def file_sha256(path: str) -> str:
+def file_sha256(path: str, fsync: bool = False) -> tuple[int, str]:
+    """(size, sha256) of a file read in full; fsync it too (Linux flushes a file's dirty pages through any
+    descriptor)."""
     h = hashlib.sha256()
+    size = 0
     with open(path, "rb") as f:
         while block := f.read(8 << 20):
             h.update(block)
-    return h.hexdigest()
+            size += len(block)
+        if fsync:
+            os.fsync(f.fileno())
+    return size, h.hexdigest()
 
 
 def chunk_sums(data: bytes | memoryview) -> np.ndarray:
@@ -79,8 +85,8 @@ class CheckedFile:
         if len(got) != len(want) or not np.array_equal(got, want):
             bad = first + int(np.flatnonzero(got != want[:len(got)])[0]) if len(got) == len(want) else last
             raise CorruptData(f"{self.path}: bytes {bad * CHUNK}-{(bad + 1) * CHUNK} do not match the checksum written "
-                              f"with them (corrupted on disk or overwritten): rebuild the file's "
-                              f"{'store' if '.bin' in self.path else 'cache'}, or restore it")
+                              f"with them (corrupted on disk or overwritten): restore the file, or build the store "
+                              f"or cache it belongs to again")
         return raw[offset - start: offset - start + n]
 
     def close(self) -> None:
@@ -91,8 +97,11 @@ class CheckedFile:
 
 def check_whole(path: str, digest: str, what: str) -> bytes:
     """The bytes of a small file, refused unless their sha256 is `digest`."""
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise CorruptData(f"{path} is missing ({what} lists it): restore it, or build it again") from None
     if sha256(data) != digest:
         raise CorruptData(f"{path}: its content does not match the digest recorded for {what} (corrupted or "
                           f"replaced): rebuild it")

@@ -71,14 +71,10 @@ def prepare(cfg: C.Config, world: int, is_main: bool = True) -> tuple[str | None
     run_dir = cfg.run_dir
     existing = checkpoint.complete_checkpoints(run_dir)
     done = [] if existing else finished_outputs(run_dir)
-    if done:  # no checkpoint to resume from, but a run's results: a new start would replace or mix them
-        if not cfg.checkpoint.overwrite:
-            raise RunDirError(f"{run_dir} holds {' and '.join(done)} of an earlier run but no checkpoint to resume "
-                              f"from: choose another run_dir, or pass --checkpoint.resume=false --checkpoint.overwrite=true "
-                              f"to delete them and start again")
-        if is_main:
-            clear_outputs(run_dir)
-        return None, {}
+    if done and not cfg.checkpoint.overwrite:  # no checkpoint, but a run's results: a new start would lose them
+        raise RunDirError(f"{run_dir} holds {' and '.join(done)} of an earlier run but no checkpoint to resume "
+                          f"from: choose another run_dir, or pass --checkpoint.resume=false "
+                          f"--checkpoint.overwrite=true to delete them and start again")
     if not cfg.checkpoint.resume:
         if existing and not cfg.checkpoint.overwrite:
             raise RunDirError(f"{run_dir} already holds {len(existing)} checkpoint(s) (newest "
