@@ -27,7 +27,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pipeline import study  # noqa: E402
+from pipeline.study import grid as study_grid, report as study_report, runner  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     grids = {}
     for name in ("headline", "alpha"):
-        grid = study.load_grid(os.path.join(HERE, "study", name + ".yaml"))
+        grid = study_grid.load_grid(os.path.join(HERE, "study", name + ".yaml"))
         if args.steps or args.seeds:
             runs = [dataclasses.replace(r, steps=args.steps or r.steps) for r in grid.runs
                     if args.seeds is None or r.seed < args.seeds]
@@ -61,12 +61,12 @@ def main(argv=None) -> int:
 
     def rewrite(spec=None):  # the tables and figures, from every result so far (ledger included)
         for name, grid in grids.items():
-            reports[name] = study.report(grid, out[name], os.path.join(args.docs, name), record[name])
+            reports[name] = study_report.report(grid, out[name], os.path.join(args.docs, name), record[name])
 
     # one pool over both grids, seed-major (every run of seed 0, then of seed 1, ...), the tables rewritten after
     # each run: a bench cut short leaves every finished run in the ledgers and in docs/ (the next machine runs only
     # the rest), and a grid's odd last run of a seed shares the cores with the next run rather than an idle core
-    counts = study.run_grids([(grids[name], out[name], record[name]) for name in grids], jobs=args.jobs,
+    counts = runner.run_grids([(grids[name], out[name], record[name]) for name in grids], jobs=args.jobs,
                              threads=args.threads, log=log, on_done=rewrite)
     if counts["failed"]:
         log(f"{counts['failed']} run(s) failed; see the study.log files under {args.out}")

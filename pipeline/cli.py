@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import importlib
+import sys
+from pipeline.run import signals
 
 
 def _number(kind, low: float, high: float | None = None, low_ok: bool = False):
@@ -33,19 +36,16 @@ fraction = _number(float, 0, 1.0)              # (0, 1]
 # `distill TOOL ...` (the console script): the same as `python -m pipeline.TOOL ...`
 TOOLS = {"train": "pipeline.train", "prepare": "pipeline.prepare", "precompute-teacher": "pipeline.precompute_teacher",
          "teacher-cache": "pipeline.teacher_cache", "plan": "pipeline.plan", "submit": "pipeline.submit",
-         "evaluate": "pipeline.evaluate", "study": "pipeline.study", "demo": "pipeline.demo",
+         "evaluate": "pipeline.evaluate", "study": "pipeline.study.cli", "demo": "pipeline.demo",
          "compare": "pipeline.compare", "config-reference": "pipeline.config_reference"}
 
 
 def main(argv=None) -> int:
-    import importlib
-    import sys
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in TOOLS:
         print(f"usage: distill {{{','.join(TOOLS)}}} [options]   (the same as python -m pipeline.TOOL; TOOL --help "
               f"for its options)", file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     if argv[0] == "train":  # as `python -m pipeline.train` does: a signal during start-up is a stop request
-        from pipeline.run import signals
         signals.install()
     return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])

@@ -15,7 +15,8 @@ import argparse
 import os
 import sys
 
-from pipeline import study
+from pipeline import demo
+from pipeline.study import grid as study_grid, report as study_report, runner
 from pipeline.loss import divergences as losses
 
 
@@ -35,25 +36,24 @@ def main(argv=None) -> int:
         print(f"--methods must name methods of {sorted(losses.METHODS)} (bad: {bad}); --seeds and --steps >= 1",
               file=sys.stderr)
         return 2
-    inputs, config = study.Inputs(), args.config
+    inputs, config = runner.Inputs(), args.config
     if config is None:
-        from pipeline import demo
         teacher, student, train_file, held_file, _ = demo.prepare(args.assets, os.path.join(args.out, "data"))
         config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
-        inputs = study.Inputs((f"--model.teacher_path={teacher}", f"--model.student_path={student}",
+        inputs = runner.Inputs((f"--model.teacher_path={teacher}", f"--model.student_path={student}",
                                f"--data.files=[{train_file}]", f"--data.eval_files=[{held_file}]"),
                               (train_file, held_file))
     extra = (f"--train.eval_every={args.eval_every}", *[o for o in overrides if o != "--"])
-    runs = [study.RunSpec(m, seed, m, {}, extra, args.steps, os.path.abspath(config))
+    runs = [study_grid.RunSpec(m, seed, m, {}, extra, args.steps, os.path.abspath(config))
             for m in methods for seed in range(args.seeds)]
-    grid = study.Grid(runs, embedded_pair=False)
+    grid = study_grid.Grid(runs, embedded_pair=False)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
-        counts = study.run_grid(grid, args.out, threads=os.cpu_count() or 1, inputs=inputs, log=log)
+        counts = runner.run_grid(grid, args.out, threads=os.cpu_count() or 1, inputs=inputs, log=log)
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2
-    rep = study.report(grid, args.out)
+    rep = study_report.report(grid, args.out)
     print(rep["table"])
     print(f"table: {args.out}/results.md  plot: {args.out}/curves.png", file=sys.stderr)
     return 1 if counts["failed"] else 0

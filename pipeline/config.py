@@ -13,6 +13,8 @@ import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
+import json
+import hashlib
 
 import yaml
 
@@ -751,7 +753,6 @@ DS_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accu
 
 def read_deepspeed_json(path: str, field_name: str = "parallel.ds_*_config") -> dict:
     """The DeepSpeed JSON, checked: it parses, is ZeRO stage 3, and leaves the fields this config owns alone."""
-    import json
     if not os.path.isfile(path):
         raise ValueError(f"{field_name}: {path!r} does not exist")
     try:
@@ -820,8 +821,6 @@ def config_changes(saved: dict, current: dict) -> tuple[dict, dict]:
 
 def fingerprint(cfg_dict: dict, world_size: int) -> str:
     """sha256 over the fields that define the run (not the safe-to-change ones) and the world size."""
-    import hashlib
-    import json
     meaning = {k: v for k, v in flatten(cfg_dict).items() if not is_safe_to_change(k)}
     meaning["world_size"] = world_size
     return hashlib.sha256(json.dumps(meaning, sort_keys=True, default=str).encode()).hexdigest()

@@ -20,9 +20,11 @@ import sys
 import time
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import assets, evaluate
+from pipeline import assets, config as C, evaluate, prepare as P
 from pipeline.data import batches as data
+from pipeline.rollout import vllm as vllm_rollout
 
 HELD_OUT_PROMPTS = 12
 TRAIN_PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt")
@@ -39,7 +41,6 @@ def references(teacher_dir: str, cache: str) -> list[dict]:
     """The teacher's greedy answers to every prompt, generated once."""
     if os.path.exists(cache):
         return [json.loads(line) for line in open(cache)]
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     prompts = [json.loads(line)["prompt"] for line in open(assets.PROMPTS)]
@@ -52,7 +53,6 @@ def references(teacher_dir: str, cache: str) -> list[dict]:
 
 def build_corpus(out_dir: str, teacher_dir: str, rows: list[dict]) -> tuple[str, str]:
     """(training jsonl, held-out jsonl), one document per line in a `text` field."""
-    from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     os.makedirs(out_dir, exist_ok=True)
     texts = {os.path.basename(f): f for f in assets.shakespeare_files()}
@@ -87,7 +87,6 @@ def onpolicy(args, overrides, teacher_dir, student_init, rows, t0) -> int:
     """Train with pipeline.train on demo_onpolicy.yaml; the figures are its held-out evaluations at step 0 and at
     the end: KL(teacher || student) on the student's own greedy answers and on the teacher's answers."""
     train_file, held_file = chat_files(os.path.join(args.run_dir, "data"), rows)
-    from pipeline.rollout import vllm as vllm_rollout
     # the student's answers come from vLLM where it is installed (`make setup` installs it), else the HF loop
     engine = "vllm" if vllm_rollout.import_error() is None else "hf"
     print(f"on-policy rollouts with the {engine} engine", file=sys.stderr)
@@ -123,7 +122,6 @@ def prepare(assets_dir: str, data_dir: str):
 
 
 def measure(student_dir: str, teacher, tok, blocks, prompts, refs) -> dict:
-    from transformers import AutoModelForCausalLM
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     scores = evaluate.evaluate_models(student, teacher, blocks)
     answers = evaluate.generate(student, tok, prompts)
@@ -150,7 +148,6 @@ def main(argv=None) -> int:
     if args.onpolicy:
         return onpolicy(args, overrides, teacher_dir, student_init, rows, t0)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     held_docs = data.load_documents(data.DataConfig(files=[held_file], seq_len=128))
@@ -164,7 +161,6 @@ def main(argv=None) -> int:
     # tokenise the training text once into a token store (what a cluster run does with pipeline.prepare)
     models = [f"--model.teacher_path={teacher_dir}", f"--model.student_path={student_init}"]
     store = os.path.join(args.run_dir, "data", "store")
-    from pipeline import config as C, prepare as P
     P.prepare(C.load_config(args.config, models + [f"--data.files=[{train_file}]"]), store,
               workers=os.cpu_count() or 1, log=lambda m: print(m, file=sys.stderr))
     cmd = [sys.executable, "-m", "pipeline.train", "--config", args.config, f"--run_dir={args.run_dir}", *models,

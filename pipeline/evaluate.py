@@ -16,14 +16,17 @@ import json
 import math
 import os
 import sys
+import dataclasses
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from pipeline import cli, config as C
 from pipeline.models import build as M
 from pipeline.data import batches as data
 from pipeline.loss import divergences as losses
 from pipeline.rollout import hf as rollout
+from pipeline.data.token_store import TokenStore
 
 
 def hidden_states(model, tokens, attention_mask):
@@ -117,7 +120,7 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int = 6
 def rouge_l(predictions: list[str], references: list[str]) -> float:
     """Mean ROUGE-L F1 (rouge_score's rougeL with stemming, as in the AMiD / DistiLLM / MiniLLM evaluations), in
     percent."""
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # deferred: rouge_score is imported only when answers are scored
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
     return 100.0 * sum(scores) / max(len(scores), 1)
@@ -144,7 +147,7 @@ def response_divergences(student, teacher, batch, batch_size: int = 8) -> dict:
     return {"fkl": kl_pq, "rkl": kl_qp, "top1_agreement": agree, "entropy": entropy}
 
 
-def answers(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, seed: int | None,
+def answers(model, tokenizer, prompts: list[str], max_new_tokens: int, *, temperature: float, seed: int | None,
             batch_size: int = 50) -> list[str]:
     """Responses to `prompts` in batches of `batch_size`: greedy at temperature 0, else sampled, batch i of a seed
     seeded by seed * 1000 + its first index (so an answer does not depend on how many batches ran before)."""
@@ -183,8 +186,9 @@ def instruct_scores(student, teacher, tokenizer, rows: list[dict], d, *, sample_
     temperature 1 stray from its greedy answer), and forward KL on the student's own greedy answers. `d`: the
     DataConfig whose chat format and lengths the training used."""
     prompts, refs = [r["prompt"] for r in rows], [r["response"] for r in rows]
-    greedy = answers(student, tokenizer, prompts, max_new_tokens, 0.0, None, batch_size)
-    sampled = [rouge_l(answers(student, tokenizer, prompts, max_new_tokens, 1.0, seed, batch_size), refs)
+    greedy = answers(student, tokenizer, prompts, max_new_tokens, temperature=0.0, seed=None, batch_size=batch_size)
+    sampled = [rouge_l(answers(student, tokenizer, prompts, max_new_tokens, temperature=1.0, seed=seed,
+                                     batch_size=batch_size), refs)
                for seed in sampling_seeds(sample_seeds)]
     n = min(kl_prompts, len(rows))
     on_refs = pair_divergences(student, teacher, tokenizer, prompts[:n], refs[:n], d)
@@ -215,12 +219,10 @@ def heldout_sample(cfg, tokenizer, n: int) -> tuple[data.Batch, str]:
     """(a batch of at most `n` held-out sequences, where they came from), for the config's data kind, reading only
     what it needs: data.eval_files' first rows when set; else the tail of the token store (data.store), else the
     first rows of the last training file (the training data: seen in training, said in the result)."""
-    import dataclasses
     d, pad = cfg.data, M.pad_id(tokenizer)
     if d.eval_files:
         files, where = d.eval_files, "data.eval_files"
     elif d.store:
-        from pipeline.data.token_store import TokenStore
         store = TokenStore(d.store)
         store.check_tokenizer(tokenizer)
         rows = store.examples(d) if d.kind == "chat" else store.blocks(d.seq_len)
@@ -263,7 +265,6 @@ def evaluate_checkpoint(checkpoint: str, cfg, n_blocks: int, prompts=None) -> di
     """Held-out metrics of an HF student checkpoint against the config's teacher on at most `n_blocks` held-out
     sequences (heldout_sample; instruction data: on the response tokens); ROUGE-L too when `prompts` = (prompts,
     references)."""
-    from transformers import AutoModelForCausalLM
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):
         raise ValueError(f"--checkpoint {checkpoint!r} is not an HF checkpoint directory (no config.json): give the "
                          f"run's exported student, e.g. run_dir/student")

@@ -19,8 +19,11 @@ import os
 import random
 import re
 import sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+import shutil
 
-from pipeline import assets
+from pipeline import assets, evaluate
 
 HELD_OUT_PLAYS = ("tempest", "lear", "twelfth_night", "merchant_of_venice")
 PACKAGED = os.path.join(os.path.dirname(assets.PROMPTS), "instruct")
@@ -100,9 +103,6 @@ def build_prompts(n_train: int = 1000, n_heldout: int = 200, seed: int = 0) -> t
 
 def answer(teacher_dir: str, prompts: list[str], max_new_tokens: int, batch_size: int = 16, log=print) -> list[str]:
     """The teacher's greedy answers, in batches (left padding)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from pipeline import evaluate
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     out = []
@@ -118,13 +118,12 @@ def _cached(directory: str, key: str) -> bool:
         os.path.exists(os.path.join(directory, f)) for f in ("train.jsonl", "heldout.jsonl"))
 
 
-def build(out_dir: str, teacher_dir: str, n_train: int = 1000, n_heldout: int = 200, seed: int = 0,
+def build(out_dir: str, teacher_dir: str, n_train: int = 1000, n_heldout: int = 200, *, seed: int = 0,
           max_new_tokens: int = 64, log=print, teacher_id: str | None = None,
           packaged: str = PACKAGED) -> tuple[str, str]:
     """(train.jsonl, heldout.jsonl) under out_dir, answered by the teacher; reused when the prompt set and the teacher
     are the same (`manifest.json` records both), copied from `packaged` when that holds them. `teacher_id`: what
     identifies the teacher (default: its directory; the embedded one: assets.teacher_source())."""
-    import shutil
     train, held = build_prompts(n_train, n_heldout, seed)
     key = hashlib.sha256(json.dumps([teacher_id or teacher_dir, max_new_tokens, [r["prompt"] for r in train + held]])
                          .encode()).hexdigest()[:16]

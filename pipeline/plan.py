@@ -14,6 +14,13 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from pipeline.models.build import meta_model
+from pipeline.parallel.backends import is_tied, teacher_placement
+from pipeline.rollout import hf as rollout
+from pipeline.parallel.distributed import Layout
+from pipeline.rollout.vllm import engine_bytes
+from pipeline import cli, config as C
+import json
 
 GIB = 2**30
 
@@ -36,8 +43,6 @@ class Shapes:
 
 
 def shapes(m, who: str) -> Shapes:
-    from pipeline.models.build import meta_model
-    from pipeline.parallel.backends import is_tied
     model = meta_model(m, who)
     hf = model.config
     head = model.get_output_embeddings().weight
@@ -49,16 +54,22 @@ def shapes(m, who: str) -> Shapes:
 
 def estimate(cfg, s: Shapes, t: Shapes | None, nodes: int, gpus: int, a) -> dict:
     """GiB per GPU by item and seconds per step by part (compute, intra-node, inter-node)."""
-    from pipeline.rollout import hf as rollout
-    from pipeline.parallel.distributed import Layout
-    from pipeline.parallel.backends import teacher_placement
     W = nodes * gpus
     S = cfg.parallel.shard_group_size or gpus  # config.validate checked that it divides W
-    R = W // S
+    lay = Layout(W, S, 0, 0)
+    mem, placement = memory(cfg, s, t, lay, a)
+    time, loss_bytes = step_time(cfg, s, t, lay, placement, nodes=nodes, gpus=gpus, a=a)
+    return {"world": W, "shard": S, "replicas": W // S, "teacher": placement, "memory": mem, "time": time,
+            "tokens_per_step": cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum * W,
+            "loss_bytes_per_rank": loss_bytes}
+
+
+def memory(cfg, s: Shapes, t: Shapes | None, lay: Layout, a) -> tuple[dict, str]:
+    """Bytes per GPU by item, and where the teacher is placed."""
+    W, S = lay.world, lay.shard_size
     b = 2 if cfg.model.dtype == "bfloat16" else 4
-    tr, d = cfg.train, cfg.data
-    tokens = tr.micro_batch_size * d.seq_len          # per micro-batch and rank
-    step_tokens = tokens * tr.grad_accum
+    tr = cfg.train
+    tokens = tr.micro_batch_size * cfg.data.seq_len          # per micro-batch and rank
     ds = cfg.parallel.backend == "deepspeed"
     body = s.body
     # student: bf16/fp32 weights, fp32 master + AdamW moments (12 bytes, skipped when the weights are fp32 already)
@@ -83,8 +94,8 @@ def estimate(cfg, s: Shapes, t: Shapes | None, nodes: int, gpus: int, a) -> dict
     placement = "none"
     if t is not None:
         tb = t.body * b
-        placement, _ = teacher_placement(cfg.parallel.teacher, tb, Layout(W, S, 0, 0),
-                                         cfg.parallel.teacher_replicate_fraction, memory=a.gpu_memory_gb * GIB)
+        placement, _ = teacher_placement(cfg.parallel.teacher, tb, lay, cfg.parallel.teacher_replicate_fraction,
+                                         memory=a.gpu_memory_gb * GIB)
         mem[f"teacher ({placement})"] = {"replicate": tb, "shard_group": tb / S + (tb / W if ds else 0),
                                         "shard": tb / W}[placement]
         mem["teacher gathered block"] = 0 if placement == "replicate" else t.largest_layer * b
@@ -98,7 +109,6 @@ def estimate(cfg, s: Shapes, t: Shapes | None, nodes: int, gpus: int, a) -> dict
     generating = {} if cfg.data.kind != "chat" else {
         who: m for who, m in (("student", s), ("teacher", t)) if m is not None and who in rollout.generating(cfg)}
     if generating and r.engine != "hf":  # auto is vLLM on GPU nodes (environment.yml installs it)
-        from pipeline.rollout.vllm import engine_bytes
         engines = sum(engine_bytes(m.params, cfg.model.dtype, r.vllm_kv_cache_mb) for m in generating.values())
         if r.vllm_sleep:  # asleep while training, awake while the activations and loss buffers are released
             transient = act + mem["loss: gathered hidden states + gradient"] + mem["loss: chunk working set"]
@@ -107,10 +117,23 @@ def estimate(cfg, s: Shapes, t: Shapes | None, nodes: int, gpus: int, a) -> dict
             mem["vLLM engines (always awake)"] = engines
     elif "student" in generating:
         mem["rollout replica (gather once)"] = s.params * b
+    return mem, placement
+
+
+def step_time(cfg, s: Shapes, t: Shapes | None, lay: Layout, placement: str, *, nodes: int, gpus: int,
+              a) -> tuple[dict, float]:
+    """Seconds per step by part (compute, intra-node, inter-node), and the loss's bytes per rank and step."""
+    W, S = lay.world, lay.shard_size
+    R = W // S
+    b = 2 if cfg.model.dtype == "bfloat16" else 4
+    tr = cfg.train
+    tokens = tr.micro_batch_size * cfg.data.seq_len
+    ds = cfg.parallel.backend == "deepspeed"
+    body, head_rows, h_sum = s.body, s.vocab / S, s.hidden + (t.hidden if t else 0)
     # time: 6 FLOPs per parameter and token for the student (8 with recomputation), 2 for the teacher forward, the
     # loss's output-layer matmuls (2 forward per model, 4 for the student's gradients), all at mfu x peak
-    flops = step_tokens * ((8 if tr.activation_checkpointing else 6) * body + (2 * t.body if t else 0)
-                           + 2 * s.vocab * h_sum + 4 * s.vocab * s.hidden)
+    flops = tokens * tr.grad_accum * ((8 if tr.activation_checkpointing else 6) * body + (2 * t.body if t else 0)
+                                      + 2 * s.vocab * h_sum + 4 * s.vocab * s.hidden)
     intra = inter = 0.0
     ga = tr.grad_accum
     # the loss: all-gather of the group's hidden states (+ weight, target, scope id per token), reduce-scatter of
@@ -141,8 +164,9 @@ def estimate(cfg, s: Shapes, t: Shapes | None, nodes: int, gpus: int, a) -> dict
             intra += ga * t.body * b * share
     time = {"compute": flops / (a.tflops * 1e12 * a.mfu), "intra-node": intra / (a.intra_gbs * 1e9),
             "inter-node": inter / (a.inter_gbs * 1e9) if nodes > 1 else 0.0}
-    return {"world": W, "shard": S, "replicas": R, "teacher": placement, "memory": mem, "time": time,
-            "tokens_per_step": step_tokens * W, "loss_bytes_per_rank": loss_bytes}
+    return time, loss_bytes
+
+
 
 
 def report(e: dict, a) -> str:
@@ -165,7 +189,6 @@ def report(e: dict, a) -> str:
 
 
 def main(argv=None) -> int:
-    from pipeline import cli, config as C
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--nodes", type=cli.positive_int, required=True)
@@ -190,7 +213,6 @@ def main(argv=None) -> int:
         print(f"plan error: {err}", file=sys.stderr)
         return 2
     if a.json:
-        import json
         print(json.dumps({**e, "memory_gib": {k: v / GIB for k, v in e["memory"].items()}}))
     else:
         print(report(e, a))

@@ -27,17 +27,18 @@ from pipeline import cli, config as C
 from pipeline.data import token_store as S
 from pipeline.data.teacher_topk import FORMAT, INDEX, chunk_name, teacher_identity
 from pipeline.run import integrity
+from pipeline.loss.vocab_parallel import topk_teacher
+from pipeline.models.build import build_model, load_tokenizer
+from pipeline.parallel.distributed import device, env_ranks
 
 @torch.no_grad()
 def teacher_topk(teacher, tokens: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k of the teacher's log-softmax (fp32) at every position but the last: ([B, T-1, k], [B, T-1, k])."""
-    from pipeline.loss.vocab_parallel import topk_teacher
     logits = teacher(input_ids=tokens[:, :-1], use_cache=False).logits
     return topk_teacher(logits, k)
 
 
-def precompute(cfg: C.Config, out: str, k: int, batch: int, chunk: int, rank: int, world: int, log=print) -> dict | None:
-    from pipeline.models.build import build_model, load_tokenizer
+def precompute(cfg: C.Config, out: str, *, k: int, batch: int, chunk: int, rank: int, world: int, log=print) -> dict | None:
     d = cfg.data
     if not d.store:
         raise ValueError("pipeline.precompute_teacher reads a token store: set data.store (pipeline.prepare)")
@@ -63,7 +64,6 @@ def precompute(cfg: C.Config, out: str, k: int, batch: int, chunk: int, rank: in
         S.write_atomic(head, json.dumps(header, indent=1))
     m = cfg.model
     teacher = build_model(m.teacher_path, m.teacher_config, m.dtype, m.init_seed + 1).eval()
-    from pipeline.parallel.distributed import device
     teacher.to(device())
     chunks = -(-n // chunk)
     todo = [c for c in range(chunks) if c % world == rank and not os.path.exists(os.path.join(out, chunk_name(c) + ".json"))]
@@ -102,7 +102,6 @@ def precompute(cfg: C.Config, out: str, k: int, batch: int, chunk: int, rank: in
 
 
 def main(argv=None) -> int:
-    from pipeline.parallel.distributed import env_ranks
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", help="cache directory (default: loss.offline_teacher of the config)")
@@ -116,7 +115,7 @@ def main(argv=None) -> int:
         if not out:
             raise ValueError("where to write: pass --out DIR or set loss.offline_teacher")
         rank, world, _, _ = env_ranks()
-        precompute(cfg, out, args.k, args.batch, args.chunk, rank, world,
+        precompute(cfg, out, k=args.k, batch=args.batch, chunk=args.chunk, rank=rank, world=world,
                    log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -20,9 +20,12 @@ import json
 import os
 import sys
 import time
+import multiprocessing as mp
 
 from pipeline import cli, config as C
 from pipeline.data import batches as data, token_store as S
+from pipeline.models.build import load_tokenizer
+from pipeline.run.integrity import CorruptData
 
 HEADER = "header.json"
 _WORK: dict = {}  # what the forked workers inherit: the documents, the tokenizer, the shard ranges
@@ -50,11 +53,10 @@ def _tokenize_shard(i: int) -> tuple[int, int]:
     return i, meta["tokens"]
 
 
-def prepare(cfg: C.Config, out: str, workers: int = 1, shards: int | None = None, task: int = 0, tasks: int = 1,
+def prepare(cfg: C.Config, out: str, *, workers: int = 1, shards: int | None = None, task: int = 0, tasks: int = 1,
             log=print) -> dict | None:
     """Build (or finish) the store at `out`; returns its index, or None while other array tasks still have shards
     to do."""
-    from pipeline.models.build import load_tokenizer
     d = cfg.data
     tokenizer = load_tokenizer(cfg)
     chat = d.kind == "chat"
@@ -93,7 +95,6 @@ def prepare(cfg: C.Config, out: str, workers: int = 1, shards: int | None = None
                  layout=data.chat_layout(docs, d) if chat else None)
     t0, tokens = time.time(), 0
     if workers > 1 and len(todo) > 1:
-        import multiprocessing as mp
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; tokenizers' pool and fork clash
         with mp.get_context("fork").Pool(workers) as pool:
             results = pool.imap_unordered(_tokenize_shard, todo)
@@ -136,7 +137,6 @@ def main(argv=None) -> int:
         if not out:
             raise ValueError("where to write the store: pass --out DIR or set data.store")
         if args.verify:
-            from pipeline.run.integrity import CorruptData
             try:
                 bad = S.TokenStore(out).verify()
             except CorruptData as e:
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
             return 1 if bad else 0
         if not 0 <= args.task < args.tasks:
             raise ValueError(f"--task {args.task} must be in [0, --tasks {args.tasks})")
-        prepare(cfg, out, args.workers, args.shards, args.task, args.tasks,
+        prepare(cfg, out, workers=args.workers, shards=args.shards, task=args.task, tasks=args.tasks,
                 log=lambda m: print(m, file=sys.stderr, flush=True))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -30,6 +30,12 @@ import torch
 from torch import Tensor
 
 from pipeline.run import integrity
+from pipeline.data.teacher_topk import teacher_identity
+from pipeline.data import batches as data
+from pipeline.models import build as M
+from pipeline.parallel.backends import causal_without_mask_reads, frozen_forward
+from pipeline.data.token_store import write_atomic
+from pipeline import cli, config as C
 
 INDEX, HIDDEN, ROWS, SUMS = "index.json", "hidden.npy", "rows.json", "hidden.sums"
 FORMAT = 2  # 2: checksums of every file, the teacher known by content
@@ -43,7 +49,6 @@ def digest(prompt, response) -> str:
 def identity(cfg) -> dict:
     """What the states depend on besides the examples: the teacher (data.teacher_topk.teacher_identity: its weights by
     content, or its config and init seed) and the dtype it runs in."""
-    from pipeline.data.teacher_topk import teacher_identity
     return {"teacher": teacher_identity(cfg), "dtype": cfg.model.dtype}
 
 
@@ -56,7 +61,6 @@ def fingerprint(cfg, examples: list) -> dict:
 def examples_of(cfg, tokenizer) -> list:
     """What a run's cache should hold: every training example and the held-out examples the run's evaluations
     score (data.eval_files' first data.eval_blocks; their teacher-forced KL then skips the teacher too)."""
-    from pipeline.data import batches as data
     d = cfg.data
     held = data.load_examples(d, tokenizer, files=d.eval_files, what="data.eval_files")[: d.eval_blocks] \
         if d.eval_files else []
@@ -66,9 +70,6 @@ def examples_of(cfg, tokenizer) -> list:
 def build(cfg, examples: list, out: str, batch: int = 8, log=print) -> str:
     """Compute the cache of `examples` (data.load_examples' (prompt ids, response ids)) under `out`; reused when
     it holds exactly these examples for this teacher."""
-    from pipeline.models import build as M
-    from pipeline.data import batches as data
-    from pipeline.parallel.backends import causal_without_mask_reads, frozen_forward
     want = fingerprint(cfg, examples)
     index_path = os.path.join(out, INDEX)
     if os.path.exists(index_path) and {k: v for k, v in json.load(open(index_path)).items() if k in want} == want:
@@ -98,7 +99,6 @@ def build(cfg, examples: list, out: str, batch: int = 8, log=print) -> str:
             log(f"teacher cache: {min(i + batch, len(examples))}/{len(examples)} examples")
     states.flush()
     del states
-    from pipeline.data.token_store import write_atomic
     # checksums of what was written, read back once: every later read of the states is checked against them
     tmp = os.path.join(out, HIDDEN + ".tmp.npy")
     sums, whole = [], hashlib.sha256()
@@ -166,8 +166,6 @@ class TeacherHidden:
 
 
 def main(argv=None) -> int:
-    from pipeline import cli, config as C
-    from pipeline.models import build as M
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", required=True)

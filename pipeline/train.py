@@ -21,6 +21,9 @@ import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -32,6 +35,9 @@ from pipeline.rollout import hf as rollout, vllm as vllm_rollout  # noqa: E402
 from pipeline.run import checkpoint, integrity, rundir  # noqa: E402
 from pipeline.run.metrics import Metrics, Progress  # noqa: E402
 from pipeline.loss.vocab_parallel import chunk_rows, fused_linear_loss, fused_topk_loss  # noqa: E402
+from pipeline.models import build as M  # noqa: E402
+from pipeline.parallel.backends import full_numel, parallelize  # noqa: E402
+from pipeline.teacher_cache import TeacherHidden  # noqa: E402
 
 EXIT_INPUT = 2      # the config, the data or the run directory needs a fix (said in the message); nothing lost
 EXIT_NONFINITE = 3  # too many consecutive non-finite steps; the last good state was checkpointed
@@ -83,8 +89,6 @@ class Run:
     """What the loop needs, built once: no behaviour beyond holding things (the loop is the functions below)."""
 
     def __init__(self, cfg: C.Config, dist_ctx: distributed.Dist):
-        from pipeline.models import build as M
-        from pipeline.parallel.backends import full_numel, parallelize
         self.cfg, self.dist = cfg, dist_ctx
         engine = vllm_rollout.resolve(cfg.rollout.engine) if cfg.data.kind == "chat" else "hf"
         self.tokenizer = M.load_tokenizer(cfg)
@@ -99,7 +103,6 @@ class Run:
         self.student_config = student.config
         self.teacher_cache = None  # loss.teacher_cache: checked against every training example before any step
         if cfg.loss.teacher_cache:
-            from pipeline.teacher_cache import TeacherHidden
             self.teacher_cache = TeacherHidden(cfg.loss.teacher_cache)
             self.teacher_cache.check(cfg, self.batches.blocks, int(teacher.config.hidden_size))
         wanted = rollout.generating(cfg) if engine == "vllm" else set()
@@ -167,7 +170,6 @@ class Run:
 
 
 def _heldout(cfg: C.Config, tokenizer, dist_ctx):
-    import dataclasses
     d = cfg.data
     if d.kind == "chat":
         examples = data.load_examples(d, tokenizer, files=d.eval_files, what="data.eval_files")[: d.eval_blocks]
@@ -268,10 +270,9 @@ STEP_SCALARS = ("head_sq", "loss", "nonfinite", "agree", "tokens", "stop", "requ
 def train_step(run: Run, stats_wanted: bool = True) -> dict:
     """One optimiser step over train.grad_accum micro-batches; returns the scalars to log. Two host reads in all
     (the step's sizes, and the end-of-step values), however many micro-batches and loss chunks there are."""
-    cfg, models, heads, lay, world = run.cfg, run.models, run.models.heads, run.layout, run.dist.world
-    dev = run.dist.device
+    models, dev = run.models, run.dist.device
     t0 = time.perf_counter()
-    lr = lr_at(run.step, cfg.optim, cfg.train.steps)
+    lr = lr_at(run.step, run.cfg.optim, run.cfg.train.steps)
     models.set_lr(lr)
     micro, info = step_batches(run)
     with distributed.host_data():
@@ -286,72 +287,22 @@ def train_step(run: Run, stats_wanted: bool = True) -> dict:
     total = torch.zeros((), device=dev)  # this shard group's share of the global loss, kept on the device
     stats = torch.zeros(2, device=dev) if stats_wanted else None  # (top-1 agreements, tokens)
     for mb, plan, rows_max in zip(micro, plans, n_max):
-        inputs, targets = mb.tokens[:, :-1], mb.tokens[:, 1:]
-        attn = mb.attention_mask[:, :-1] if plan.padded else None  # None: no padding (nothing for HF to check)
-        hs = models.student_hidden(inputs, attn)                           # [B, T-1, Hs]
-        n = targets.numel()
-        rows = None if plan.rows is None else data.to_device(plan.rows, dev)
-        keep = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))
-        weight = torch.full((plan.n_rows,), (float("nan") if poison else 1.0) / count, device=dev)
-        if mb.teacher_logprobs is not None:  # loss.offline_teacher: the stored top-k [B, T-1, k], no teacher model
-            k = mb.teacher_logprobs.shape[-1]
-            loss = fused_topk_loss(
-                run.loss_fn, keep(hs.reshape(n, -1)), heads.student, keep(mb.teacher_logprobs.reshape(n, k)),
-                keep(mb.teacher_ids.reshape(n, k)), token_weight=weight, group=lay.shard_group,
-                vocab_start=heads.start, chunk_size=run.chunk_size, n_max=rows_max, **overrides)
-        else:
-            if mb.teacher_hidden is not None:  # loss.teacher_cache: the stored states of exactly the loss rows
-                ht_rows = mb.teacher_hidden.to(hs.dtype)
-            else:
-                ht_rows = keep(models.teacher_hidden(inputs, attn).reshape(n, -1))  # [rows, Ht]
-            # ATKD's per-sequence scope
-            groups = torch.arange(inputs.shape[0], device=dev).repeat_interleave(inputs.shape[1])
-            loss = fused_linear_loss(
-                run.loss_fn, keep(hs.reshape(n, -1)), ht_rows, heads.student, heads.teacher,
-                token_weight=weight, targets=keep(targets.reshape(n)), groups=keep(groups),
-                n_groups=inputs.shape[0], group=lay.shard_group, vocab_start=heads.start, chunk_size=run.chunk_size,
-                compile=cfg.loss.compile, ce_weight=cfg.loss.ce_weight, precision=cfg.loss.matmul_precision,
-                n_max=rows_max, stats=stats, **overrides)
+        loss = micro_loss(run, mb, plan, rows_max, (float("nan") if poison else 1.0) / count, stats=stats,
+                          overrides=overrides)
         # DeepSpeed / FSDP average body gradients over ranks, but each rank already holds the gradient of the
         # global loss for its tokens: scale up here, the heads scale their (never averaged) gradient back down
-        models.backward(loss * world)
+        models.backward(loss * run.dist.world)
         total += loss.detach()
-    # The step's one all-reduce of scalars: the output layer's squared gradient norm, the loss, whether it was
-    # finite, the metric counts and any rank's stop request (values replicated inside a shard group count 1/S).
-    # With the body's norm it is read in ONE host read that decides the update: a bad step is skipped on every rank
-    # alike (no update, optimizer state untouched).
-    request = signals.local_request()
-    s = float(lay.shard_size)
-    flags = torch.cat([heads.local_grad_sq(), (total / s).reshape(1), (~torch.isfinite(total)).float().reshape(1),
-                       (stats if stats is not None else torch.zeros(2, device=dev)) / s,
-                       torch.tensor([float(request == signals.STOP), float(request == signals.REQUEUE)], device=dev)])
-    distributed.all_reduce_sum(flags, run.dist.group)
-    body = models.grad_norm()
-    v = dict(zip(STEP_SCALARS, distributed.host_read(
-        torch.cat([flags, (body if body is not None else flags.new_zeros(())).reshape(1)]))))
-    head_sq, total, body_norm = v["head_sq"], v["loss"], v["body_norm"]
-    skip = v["nonfinite"] > 0 or not math.isfinite(head_sq) or not math.isfinite(body_norm)
-    # optim.clip_scope global: one norm over body and output layer (the body's backend adds the head's share)
-    both = cfg.optim.clip_scope == "global"
-    stepped_norm, skipped = models.step(skip, head_sq=flags[:1] if both else None)
-    body_norm = body_norm if stepped_norm is None else stepped_norm
-    heads.step(cfg.optim.grad_clip, flags[:1] + body_norm ** 2 if both else flags[:1], skipped)
-    run.loop.step += 1
-    if skipped:
-        run.loop.skipped += 1
-        run.loop.consecutive_skips += 1
-    else:
-        run.loop.consecutive_skips = 0
-        if run.taid is not None:
-            run.taid.update(total)  # identical on every rank: `total` is the global loss
+    v = update(run, total, stats)
     elapsed = time.perf_counter() - t0
-    scalars = {"loss/total": total, "lr": lr, "grad_norm/body": body_norm, "grad_norm/head": math.sqrt(head_sq),
-               "train/skipped_steps": run.loop.skipped,
-               "tokens_per_s": count / elapsed, "time/step_s": elapsed, "agreement/top1": v["agree"] / v["tokens"] if v["tokens"] else None,
+    scalars = {"loss/total": v["loss"], "lr": lr, "grad_norm/body": v["body_norm"],
+               "grad_norm/head": math.sqrt(v["head_sq"]), "train/skipped_steps": run.loop.skipped,
+               "tokens_per_s": count / elapsed, "time/step_s": elapsed,
+               "agreement/top1": v["agree"] / v["tokens"] if v["tokens"] else None,
                "method/t": run.taid.t if run.taid else None, "method/lam": overrides.get("lam"),
                "memory/peak_gb": _peak_memory_gb(),
                # text: how long the step waited for its batches, and how much this rank has read (store / stream)
-               "data/wait_s": t_data if cfg.data.kind == "text" else None,
+               "data/wait_s": t_data if run.cfg.data.kind == "text" else None,
                "data/tokens_read": getattr(run.batches, "tokens_read", None),
                "_stop": signals.REQUEUE if v["requeue"] else signals.STOP if v["stop"] else 0}
     if info:
@@ -367,10 +318,76 @@ def train_step(run: Run, stats_wanted: bool = True) -> dict:
     return scalars
 
 
+def micro_loss(run: Run, mb, plan, rows_max, weight: float, *, stats, overrides: dict):
+    """One micro-batch's share of the global loss (a 0-d tensor on the device): the student's body, then the
+    fused loss against the teacher's output layer, its cached states or its stored top-k. `weight`: each loss
+    token's weight (1 / the step's token count); `stats` (or None) accumulates (top-1 agreements, tokens)."""
+    cfg, models, heads, dev = run.cfg, run.models, run.models.heads, run.dist.device
+    group = run.layout.shard_group
+    inputs, targets = mb.tokens[:, :-1], mb.tokens[:, 1:]
+    attn = mb.attention_mask[:, :-1] if plan.padded else None  # None: no padding (nothing for HF to check)
+    hs = models.student_hidden(inputs, attn)                           # [B, T-1, Hs]
+    n = targets.numel()
+    rows = None if plan.rows is None else data.to_device(plan.rows, dev)
+    keep = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))
+    weight = torch.full((plan.n_rows,), weight, device=dev)
+    if mb.teacher_logprobs is not None:  # loss.offline_teacher: the stored top-k [B, T-1, k], no teacher model
+        k = mb.teacher_logprobs.shape[-1]
+        return fused_topk_loss(
+            run.loss_fn, keep(hs.reshape(n, -1)), heads.student, keep(mb.teacher_logprobs.reshape(n, k)),
+            keep(mb.teacher_ids.reshape(n, k)), token_weight=weight, group=group,
+            vocab_start=heads.start, chunk_size=run.chunk_size, n_max=rows_max, **overrides)
+    if mb.teacher_hidden is not None:  # loss.teacher_cache: the stored states of exactly the loss rows
+        ht_rows = mb.teacher_hidden.to(hs.dtype)
+    else:
+        ht_rows = keep(models.teacher_hidden(inputs, attn).reshape(n, -1))  # [rows, Ht]
+    groups = torch.arange(inputs.shape[0], device=dev).repeat_interleave(inputs.shape[1])  # ATKD's per-sequence scope
+    return fused_linear_loss(
+        run.loss_fn, keep(hs.reshape(n, -1)), ht_rows, heads.student, heads.teacher,
+        token_weight=weight, targets=keep(targets.reshape(n)), groups=keep(groups),
+        n_groups=inputs.shape[0], group=group, vocab_start=heads.start, chunk_size=run.chunk_size,
+        compile=cfg.loss.compile, ce_weight=cfg.loss.ce_weight, precision=cfg.loss.matmul_precision,
+        n_max=rows_max, stats=stats, **overrides)
+
+
+def update(run: Run, total, stats) -> dict:
+    """The step's end: one all-reduce of scalars and ONE host read decide the update; then the optimisers step (or
+    skip, on every rank alike) and the loop's counters move. Returns the step's values by name (STEP_SCALARS, with
+    `loss` the global loss and `body_norm` the norm that was clipped)."""
+    cfg, models, heads, dev = run.cfg, run.models, run.models.heads, run.dist.device
+    # The scalars: the output layer's squared gradient norm, the loss, whether it was finite, the metric counts and
+    # any rank's stop request (values replicated inside a shard group count 1/S). With the body's norm they are read
+    # in one host read: a bad step is skipped on every rank alike (no update, optimizer state untouched).
+    request = signals.local_request()
+    s = float(run.layout.shard_size)
+    flags = torch.cat([heads.local_grad_sq(), (total / s).reshape(1), (~torch.isfinite(total)).float().reshape(1),
+                       (stats if stats is not None else torch.zeros(2, device=dev)) / s,
+                       torch.tensor([float(request == signals.STOP), float(request == signals.REQUEUE)], device=dev)])
+    distributed.all_reduce_sum(flags, run.dist.group)
+    body = models.grad_norm()
+    v = dict(zip(STEP_SCALARS, distributed.host_read(
+        torch.cat([flags, (body if body is not None else flags.new_zeros(())).reshape(1)]))))
+    skip = v["nonfinite"] > 0 or not math.isfinite(v["head_sq"]) or not math.isfinite(v["body_norm"])
+    # optim.clip_scope global: one norm over body and output layer (the body's backend adds the head's share)
+    both = cfg.optim.clip_scope == "global"
+    stepped_norm, skipped = models.step(skip, head_sq=flags[:1] if both else None)
+    if stepped_norm is not None:
+        v["body_norm"] = stepped_norm
+    heads.step(cfg.optim.grad_clip, flags[:1] + v["body_norm"] ** 2 if both else flags[:1], skipped)
+    run.loop.step += 1
+    if skipped:
+        run.loop.skipped += 1
+        run.loop.consecutive_skips += 1
+    else:
+        run.loop.consecutive_skips = 0
+        if run.taid is not None:
+            run.taid.update(v["loss"])  # identical on every rank: the global loss
+    return v
+
+
 def _log_rollout(run: Run, info: dict, loss_tokens: int) -> None:
     """run_dir/rollouts_rank{r}.jsonl: per step, where this rank's data came from and, for generations, how long
     each was and how the rollout ran (the global loss-token count is the same line on every rank)."""
-    import json
     keep = ("source", "mode", "lengths", "decode_steps", "seconds", "gather_seconds")
     line = {"step": run.step, "loss_tokens": loss_tokens, **{k: info[k] for k in keep if k in info}}
     with open(os.path.join(run.cfg.run_dir, f"rollouts_rank{run.dist.rank}.jsonl"), "a") as f:
@@ -448,12 +465,10 @@ def _log_eval(run: Run) -> None:
 def _peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1e9
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
 
 
 def requeue_slurm_job() -> None:
-    import subprocess
     job = os.environ.get("SLURM_JOB_ID")
     if job:
         subprocess.run(["scontrol", "requeue", job], check=False)
@@ -462,7 +477,6 @@ def requeue_slurm_job() -> None:
 
 def _write_summary(run_dir, dist_ctx, step, losses_seen, digest_before, digest_after) -> None:
     """run_dir/summary_rank{r}.json: where the run ended and whether this rank's teacher shard stayed unchanged."""
-    import json
     with open(os.path.join(run_dir, f"summary_rank{dist_ctx.rank}.json"), "w") as f:
         json.dump({"step": step, "losses": losses_seen, "teacher_digest_before": digest_before,
                    "teacher_digest_after": digest_after}, f)
@@ -530,7 +544,9 @@ def main(argv=None) -> int:
         lock.release()
 
 
-def _run(cfg: C.Config, dist_ctx: distributed.Dist, lock: rundir.RunLock, argv: list[str]) -> int:
+def _start(cfg: C.Config, dist_ctx: distributed.Dist, lock: rundir.RunLock, argv: list[str]) -> tuple[Run, str | None]:
+    """Validate, lock and prepare the run directory, build the run and resume it from its newest valid checkpoint:
+    (the run, the checkpoint it resumed from or None)."""
     C.validate(cfg, world_size=dist_ctx.world)
     if cfg.rollout.engine == "vllm":  # before anything is written or loaded
         vllm_rollout.require()
@@ -556,12 +572,41 @@ def _run(cfg: C.Config, dist_ctx: distributed.Dist, lock: rundir.RunLock, argv: 
                 changes.update(rundir.check_resumable(manifest, cfg, dist_ctx.world, path))
         resumed = checkpoint.load_newest_valid(cfg.run_dir, run.models, run.state, dist_ctx, log=checkpoint.warn,
                                                before_load=check)
-    start = run.step
     if dist_ctx.is_main:
         if resumed:
-            print(f"resumed from {resumed} at step {start}", file=sys.stderr)
-        rundir.record_start(cfg, dist_ctx.world, dist_ctx.source, resumed_from=resumed, start_step=start,
+            print(f"resumed from {resumed} at step {run.step}", file=sys.stderr)
+        rundir.record_start(cfg, dist_ctx.world, dist_ctx.source, resumed_from=resumed, start_step=run.step,
                             changes=changes, argv=argv)
+    return run, resumed
+
+
+def _record_step(run: Run, scalars: dict, logged: bool, progress: Progress) -> None:
+    """A finished step's logs (metrics, progress, the run's losses.tsv), and the stop after too many non-finite
+    steps in a row (checkpointed first)."""
+    cfg, dist_ctx = run.cfg, run.dist
+    if logged or run.loop.consecutive_skips:
+        run.metrics.log(run.step, scalars)
+    progress.update(run.step, loss=scalars["loss/total"], lr=scalars["lr"], tok_s=round(scalars["tokens_per_s"]))
+    if dist_ctx.is_main:  # one line per step in the run's log: what the tests and the tools read back
+        with open(os.path.join(cfg.run_dir, "losses.tsv"), "a") as f:
+            f.write(f"{run.step}\t{scalars['loss/total']!r}\n")
+    if not run.loop.consecutive_skips:
+        return
+    if dist_ctx.is_main:
+        print(f"step {run.step}: non-finite loss or gradient norm (loss {scalars['loss/total']}): update "
+              f"skipped ({run.loop.consecutive_skips} in a row, {run.loop.skipped} in all)", file=sys.stderr)
+    if run.loop.consecutive_skips > cfg.safety.max_consecutive_skips:
+        _save(run, dist_ctx)  # the state is the last good one (skipped steps change no weight)
+        raise NonFiniteStop(
+            f"{run.loop.consecutive_skips} consecutive steps had a non-finite loss or gradient (limit "
+            f"safety.max_consecutive_skips = {cfg.safety.max_consecutive_skips}); stopped at step "
+            f"{run.step}. The last good weights are in checkpoint step_{run.step:08d}, nothing non-finite "
+            f"was written. Lower optim.lr (or check the data and the teacher), then relaunch to resume")
+
+
+def _run(cfg: C.Config, dist_ctx: distributed.Dist, lock: rundir.RunLock, argv: list[str]) -> int:
+    run, resumed = _start(cfg, dist_ctx, lock, argv)
+    start = run.step
     progress = Progress(cfg.train.steps, dist_ctx.is_main and cfg.logging.progress, start)
     digest_before = run.models.teacher_state_digest()
     losses_seen = []
@@ -576,24 +621,7 @@ def _run(cfg: C.Config, dist_ctx: distributed.Dist, lock: rundir.RunLock, argv: 
         scalars = train_step(run, stats_wanted=logged)
         stop = scalars.pop("_stop")
         losses_seen.append(scalars["loss/total"])
-        if logged or run.loop.consecutive_skips:
-            run.metrics.log(run.step, scalars)
-        progress.update(run.step, loss=scalars["loss/total"], lr=scalars["lr"],
-                        tok_s=round(scalars["tokens_per_s"]))
-        if dist_ctx.is_main:  # one line per step in the run's log: what the tests and the tools read back
-            with open(os.path.join(cfg.run_dir, "losses.tsv"), "a") as f:
-                f.write(f"{run.step}\t{scalars['loss/total']!r}\n")
-        if run.loop.consecutive_skips:
-            if dist_ctx.is_main:
-                print(f"step {run.step}: non-finite loss or gradient norm (loss {scalars['loss/total']}): update "
-                      f"skipped ({run.loop.consecutive_skips} in a row, {run.loop.skipped} in all)", file=sys.stderr)
-            if run.loop.consecutive_skips > cfg.safety.max_consecutive_skips:
-                _save(run, dist_ctx)  # the state is the last good one (skipped steps change no weight)
-                raise NonFiniteStop(
-                    f"{run.loop.consecutive_skips} consecutive steps had a non-finite loss or gradient (limit "
-                    f"safety.max_consecutive_skips = {cfg.safety.max_consecutive_skips}); stopped at step "
-                    f"{run.step}. The last good weights are in checkpoint step_{run.step:08d}, nothing non-finite "
-                    f"was written. Lower optim.lr (or check the data and the teacher), then relaunch to resume")
+        _record_step(run, scalars, logged, progress)
         if run.eval_data is not None:
             _log_eval(run)
         every = cfg.checkpoint.every

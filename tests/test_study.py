@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from pipeline import evaluate, instruct_task as T, study
+from pipeline import evaluate, instruct_task as T
+from pipeline.study import cli as study_cli, grid as study_grid, report as study_report, runner, stats
 from pipeline.run import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,24 +101,24 @@ def test_entropy_vs_rouge_pools_every_run_and_seed():
     res = {"flat": [{"student_entropy": 5.0, "rouge_l": 9.0}, {"student_entropy": 4.5, "rouge_l": 10.0}],
            "sharp": [{"student_entropy": 2.0, "rouge_l": 14.0}, {"rouge_l": 15.0}],  # recorded before the entropy
            "mid": [{"student_entropy": 3.0, "rouge_l": 12.0}]}
-    assert study.entropy_vs_rouge(res) == {"spearman": pytest.approx(-1.0), "results": 4}
+    assert study_report.entropy_vs_rouge(res) == {"spearman": pytest.approx(-1.0), "results": 4}
     res["mid"][0]["rouge_l"] = 8.0                                    # now the second-flattest is the lowest
-    assert study.entropy_vs_rouge(res)["spearman"] == pytest.approx(study.spearman([5, 4.5, 2, 3], [9, 10, 14, 8]))
-    assert study.entropy_vs_rouge({"a": res["flat"]}) is None         # two results: no correlation to speak of
+    assert study_report.entropy_vs_rouge(res)["spearman"] == pytest.approx(stats.spearman([5, 4.5, 2, 3], [9, 10, 14, 8]))
+    assert study_report.entropy_vs_rouge({"a": res["flat"]}) is None         # two results: no correlation to speak of
 
 
 def test_spearman():
-    assert study.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert study.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert study.spearman([1, 1, 2, 2], [1, 2, 3, 4]) == pytest.approx(0.8944271909999159)  # scipy's value, ties
+    assert stats.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert stats.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert stats.spearman([1, 1, 2, 2], [1, 2, 3, 4]) == pytest.approx(0.8944271909999159)  # scipy's value, ties
 
 
 def test_t_quantile_matches_the_closed_forms_and_tends_to_the_normal():
     import math
-    assert study.t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-9)   # Cauchy
+    assert stats.t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-9)   # Cauchy
     p = 0.975
-    assert study.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9)
-    qs = [study.t_quantile(0.975, df) for df in (1, 2, 3, 5, 10, 30, 10000)]
+    assert stats.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9)
+    qs = [stats.t_quantile(0.975, df) for df in (1, 2, 3, 5, 10, 30, 10000)]
     assert all(a > b for a, b in zip(qs, qs[1:])) and qs[-1] == pytest.approx(1.95996, abs=1e-3)
     assert qs[4] == pytest.approx(2.228, abs=1e-3) and qs[5] == pytest.approx(2.042, abs=1e-3)  # printed tables
 
@@ -128,17 +129,17 @@ def test_paired_differences_pair_by_seed_not_by_order():
            "a": [{"seed": 2, "rouge_l": 14.0}, {"seed": 0, "rouge_l": 11.0}],
            "b": [{"seed": 1, "rouge_l": 9.0}],
            "same": [{"seed": s, "rouge_l": v} for s, v in ((0, 10.0), (1, 12.0), (2, 11.0))]}
-    p = study.paired(res)
+    p = stats.paired(res)
     assert p["reference"] == "ref" and set(p["runs"]) == {"a", "b", "same"}
     a = p["runs"]["a"]
     assert a["seeds"] == 2 and a["mean"] == pytest.approx(2.0) and a["std"] == pytest.approx(2 ** 0.5)
-    half = study.t_quantile(0.975, 1) * 2 ** 0.5 / 2 ** 0.5
+    half = stats.t_quantile(0.975, 1) * 2 ** 0.5 / 2 ** 0.5
     assert a["ci95"] == pytest.approx((2.0 - half, 2.0 + half)) and a["better"] == 2
     assert p["runs"]["b"] == {"seeds": 1, "mean": -3.0, "std": 0.0, "ci95": None, "better": 0}
     assert p["runs"]["same"]["mean"] == 0.0 and p["runs"]["same"]["ci95"] == (0.0, 0.0)
-    md = study.paired_table(p)
+    md = study_report.paired_table(p)
     assert "| a | 2 | +2.00 ± 1.41 |" in md and "| b | 1 | -3.00 | — | 0 of 1 |" in md
-    assert study.paired({"ref": res["ref"]}) == {}
+    assert stats.paired({"ref": res["ref"]}) == {}
 
 
 def _grid(tmp_path, steps=8):
@@ -161,7 +162,7 @@ def _study(capsys, *args):
     """pipeline.study's command line in this process (its runs are still pipeline.train subprocesses): (exit code,
     stdout, stderr)."""
     capsys.readouterr()
-    rc = study.main(list(args))
+    rc = study_cli.main(list(args))
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -170,11 +171,11 @@ def test_a_runs_cpu_time_is_its_own_not_the_wall_clock(tmp_path):
     """The runner's cost figures: a subprocess's exit code, wall and CPU seconds. CPU time leaves out waiting (a
     paused or contended run) and counts only that process: here a sleep costs wall time and no CPU, a busy loop both."""
     with open(tmp_path / "log", "w") as logf:
-        rc, wall, cpu = study._timed([sys.executable, "-c", "import sys, time; time.sleep(1.5); sys.exit(3)"],
+        rc, wall, cpu = runner._timed([sys.executable, "-c", "import sys, time; time.sleep(1.5); sys.exit(3)"],
                                      logf, dict(os.environ))
         assert rc == 3 and wall >= 1.5 and cpu < 0.8
         busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass"
-        rc, wall, cpu = study._timed([sys.executable, "-c", busy], logf, dict(os.environ))
+        rc, wall, cpu = runner._timed([sys.executable, "-c", busy], logf, dict(os.environ))
         assert rc == 0 and 1.0 <= cpu <= wall + 0.1
 
 
@@ -192,7 +193,7 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not os.path.exists(os.path.join(out, "fkl", "seed0", study.RESULT))
+    assert not os.path.exists(os.path.join(out, "fkl", "seed0", study_grid.RESULT))
 
     ledger = str(tmp_path / "ledger")
     rc, _, err = _study(capsys, "run", grid, "--out", out, "--threads", "1", "--record", ledger)
@@ -200,7 +201,7 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
     assert "0 of 2 runs done; 2 to run" in err
     assert "resumed from" in open(os.path.join(out, "fkl", "seed0", "study.log")).read()
     for name in ("fkl", "amid_kl"):
-        res = json.load(open(os.path.join(out, name, "seed0", study.RESULT)))
+        res = json.load(open(os.path.join(out, name, "seed0", study_grid.RESULT)))
         assert len(res["rouge_l_seeds"]) == 2 and 0.0 <= res["rouge_l"] <= 100.0
         assert res["heldout_fkl"] > 0 and res["heldout_rkl"] > 0 and res["own_answers_fkl"] > 0
         assert set(res["curves"]) == {"0", "4", "8"}                          # step 0: the starting point
@@ -221,7 +222,7 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
     # the temperature diagnostic: at temperature 1 it repeats the evaluation's first sampling seed
     rc, stdout, err = _study(capsys, "temperatures", grid, "--out", out, "--runs", "fkl", "--temperatures", "1.0,0.5")
     assert rc == 0, err[-3000:]
-    fkl = json.load(open(os.path.join(out, "fkl", "seed0", study.RESULT)))
+    fkl = json.load(open(os.path.join(out, "fkl", "seed0", study_grid.RESULT)))
     assert fkl["rouge_l_seeds"][0] != fkl["rouge_l_seeds"][1]  # the seeds' answers differ: the check below can fail
     assert json.loads(stdout.strip().splitlines()[-1])["fkl"]["1.0"] == pytest.approx(fkl["rouge_l_seeds"][0])
     rc, _, err = _study(capsys, "temperatures", grid, "--out", out, "--runs", "fkl,nope")
@@ -236,8 +237,8 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
                       f"init: {{grid: {grid}, run: fkl, out: {out}}}}}\n")
     rc, _, err = _study(capsys, "run", str(warm), "--out", str(tmp_path / "warm_out"), "--threads", "1")
     assert rc == 0, err[-3000:]
-    warm_res = json.load(open(tmp_path / "warm_out" / "amid_kl" / "seed0" / study.RESULT))
-    base_curves = json.load(open(os.path.join(out, "fkl", "seed0", study.RESULT)))["curves"]
+    warm_res = json.load(open(tmp_path / "warm_out" / "amid_kl" / "seed0" / study_grid.RESULT))
+    base_curves = json.load(open(os.path.join(out, "fkl", "seed0", study_grid.RESULT)))["curves"]
     assert warm_res["curves"]["0"] == pytest.approx(base_curves["8"], rel=1e-4)
     assert warm_res["curves"]["0"]["kl"] < 0.9 * base_curves["0"]["kl"]    # not the job's own initial student
     warm.write_text(warm.read_text().replace(f"out: {out}", f"out: {tmp_path / 'nowhere'}"))
@@ -259,13 +260,13 @@ def test_grid_resumes_an_interrupted_run_skips_finished_ones_and_refuses_a_chang
     assert not os.path.exists(os.path.join(fresh, "fkl"))
     assert open(os.path.join(fresh, "results.md")).read() == open(os.path.join(out, "results.md")).read()
     entry = json.load(open(os.path.join(ledger, "amid_kl", "seed0.json")))
-    assert entry["result"] == json.load(open(os.path.join(out, "amid_kl", "seed0", study.RESULT)))
+    assert entry["result"] == json.load(open(os.path.join(out, "amid_kl", "seed0", study_grid.RESULT)))
     rc, _, err = _study(capsys, "run", _grid(tmp_path, steps=10), "--out", fresh, "--record", ledger)
     assert rc == 2 and "records a run of a different spec" in err
 
     # results recorded before the evaluation measured the student's entropy: backfill recomputes it from the students
     grid = _grid(tmp_path)  # the grid as it was (the file was rewritten with steps=10 above)
-    paths = {n: (os.path.join(ledger, n, "seed0.json"), os.path.join(out, n, "seed0", study.RESULT))
+    paths = {n: (os.path.join(ledger, n, "seed0.json"), os.path.join(out, n, "seed0", study_grid.RESULT))
              for n in ("fkl", "amid_kl")}
     want = {n: json.load(open(lp))["result"]["student_entropy"] for n, (lp, _) in paths.items()}
     assert want["fkl"] != want["amid_kl"]
@@ -303,9 +304,9 @@ def test_grid_errors_name_the_field(tmp_path):
              "with 3 seed\\(s\\), this grid needs 5")]:
         bad.write_text(f"job: {job_}\nsteps: 2\nseeds: {seeds}\nruns: {{x: {run}}}\n")
         with pytest.raises(ValueError, match=match):
-            study.load_grid(str(bad))
+            study_grid.load_grid(str(bad))
     for g in ("headline", "alpha", "onpolicy", "curve", "warm", "lr"):          # the shipped grids load
-        assert study.load_grid(os.path.join(REPO, "bench", "study", g + ".yaml")).runs
+        assert study_grid.load_grid(os.path.join(REPO, "bench", "study", g + ".yaml")).runs
 
 
 def test_a_changed_data_file_is_a_different_spec(tmp_path):
@@ -313,29 +314,29 @@ def test_a_changed_data_file_is_a_different_spec(tmp_path):
     train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
     train.write_text('{"prompt": "a", "response": "b"}\n')
     held.write_text('{"prompt": "c", "response": "d"}\n')
-    inputs = study.Inputs(("--model.teacher_path=t", f"--data.files=[{train}]", f"--data.eval_files=[{held}]"),
+    inputs = runner.Inputs(("--model.teacher_path=t", f"--data.files=[{train}]", f"--data.eval_files=[{held}]"),
                           (str(train), str(held)))
-    spec = study.load_grid(os.path.join(REPO, "bench", "study", "curve.yaml")).runs[0]
+    spec = study_grid.load_grid(os.path.join(REPO, "bench", "study", "curve.yaml")).runs[0]
     out = str(tmp_path / "out")
-    os.makedirs(study.run_dir(out, spec))
-    with open(os.path.join(study.run_dir(out, spec), study.SPEC), "w") as f:
+    os.makedirs(study_grid.run_dir(out, spec))
+    with open(os.path.join(study_grid.run_dir(out, spec), study_grid.SPEC), "w") as f:
         json.dump(spec.key(inputs.identity()), f)
-    assert study.status(out, spec, inputs.identity()) == "partial"
+    assert study_grid.status(out, spec, inputs.identity()) == "partial"
     train.write_text('{"prompt": "a", "response": "another answer"}\n')           # the teacher answered anew
     with pytest.raises(ValueError, match="different spec"):
-        study.status(out, spec, inputs.identity())
+        study_grid.status(out, spec, inputs.identity())
 
 
 def test_a_grid_computes_one_teacher_cache_per_instruction_job(tmp_path):
     """The runner's teacher caches: one per distinct (job, overrides) of instruction data, none for text jobs; the
     train command points the run at it."""
-    grid = study.load_grid(_grid(tmp_path))
-    text = study.RunSpec("text", 0, "fkl", {}, (), 2, os.path.join(REPO, "pipeline", "configs", "debug_cpu.yaml"))
-    caches = study.teacher_caches(grid.runs + [text], study.Inputs(), str(tmp_path / "assets"), 1, lambda m: None)
+    grid = study_grid.load_grid(_grid(tmp_path))
+    text = study_grid.RunSpec("text", 0, "fkl", {}, (), 2, os.path.join(REPO, "pipeline", "configs", "debug_cpu.yaml"))
+    caches = runner.teacher_caches(grid.runs + [text], runner.Inputs(), str(tmp_path / "assets"), 1, lambda m: None)
     assert list(caches) == [(grid.runs[0].job, grid.runs[0].overrides)]      # both runs share the job's cache
     cache = caches[(grid.runs[0].job, grid.runs[0].overrides)]
     assert os.path.exists(os.path.join(cache, "index.json"))
-    cmd = study.train_command(grid.runs[0], str(tmp_path / "out"), (), cache)
+    cmd = runner.train_command(grid.runs[0], str(tmp_path / "out"), (), cache)
     assert f"--loss.teacher_cache={cache}" in cmd
 
 
@@ -344,9 +345,9 @@ def test_grids_run_in_one_pool_seed_major_so_an_odd_last_run_never_idles_a_core(
     an idle slot), seeds stay in order across the grids, at most `jobs` runs at once, and on_done follows each. The
     runs themselves are replaced by a recorder: this is the scheduler's contract; test_grid_resumes... trains."""
     def spec(name, seed):
-        return study.RunSpec(name, seed, "fkl", {}, (), 2, "pipeline/configs/debug_onpolicy.yaml")
-    a = study.Grid([spec(n, s) for s in (0, 1) for n in ("a1", "a2", "a3")], embedded_pair=False)
-    b = study.Grid([spec(n, s) for s in (0, 1) for n in ("b1",)], embedded_pair=False)
+        return study_grid.RunSpec(name, seed, "fkl", {}, (), 2, "pipeline/configs/debug_onpolicy.yaml")
+    a = study_grid.Grid([spec(n, s) for s in (0, 1) for n in ("a1", "a2", "a3")], embedded_pair=False)
+    b = study_grid.Grid([spec(n, s) for s in (0, 1) for n in ("b1",)], embedded_pair=False)
     lock, running, events = threading.Lock(), [], []
     b1_started, overlapped = threading.Event(), []
 
@@ -363,9 +364,9 @@ def test_grids_run_in_one_pool_seed_major_so_an_odd_last_run_never_idles_a_core(
             running.remove(s.name)
         return s.name != "b1" or s.seed == 0  # b1 seed 1 fails
 
-    monkeypatch.setattr(study, "execute", execute)
+    monkeypatch.setattr(runner, "execute", execute)
     finished = []
-    counts = study.run_grids([(a, str(tmp_path / "a"), None), (b, str(tmp_path / "b"), None)], jobs=2,
+    counts = runner.run_grids([(a, str(tmp_path / "a"), None), (b, str(tmp_path / "b"), None)], jobs=2,
                              log=lambda m: None, on_done=lambda s: finished.append((s.name, s.seed)))
     assert counts == {"done": 7, "ran": 8, "failed": 1}
     starts = [(name, seed) for _, name, seed, _, _ in events]
@@ -381,26 +382,26 @@ def test_run_selects_runs_and_seeds_and_refuses_ones_the_grid_lacks(tmp_path, mo
     are on this machine for one seed only, or a grid split across machines); a name or seed the grid lacks is an
     error that says what the grid has, before anything runs."""
     def spec(name, seed):
-        return study.RunSpec(name, seed, "fkl", {}, (), 2, "pipeline/configs/debug_onpolicy.yaml")
-    grid = study.Grid([spec(n, s) for s in (0, 1, 2) for n in ("a", "b", "c")], embedded_pair=False)
+        return study_grid.RunSpec(name, seed, "fkl", {}, (), 2, "pipeline/configs/debug_onpolicy.yaml")
+    grid = study_grid.Grid([spec(n, s) for s in (0, 1, 2) for n in ("a", "b", "c")], embedded_pair=False)
     started = []
-    monkeypatch.setattr(study, "execute", lambda s, *a, **k: started.append((s.name, s.seed)) or True)
-    counts = study.run_grid(grid, str(tmp_path), only={"a", "c"}, seeds={2, 1}, log=lambda m: None)
+    monkeypatch.setattr(runner, "execute", lambda s, *a, **k: started.append((s.name, s.seed)) or True)
+    counts = runner.run_grid(grid, str(tmp_path), only={"a", "c"}, seeds={2, 1}, log=lambda m: None)
     assert started == [("a", 1), ("c", 1), ("a", 2), ("c", 2)] and counts == {"done": 4, "ran": 4, "failed": 0}
     started.clear()
-    study.run_grid(grid, str(tmp_path), seeds={0}, log=lambda m: None)
+    runner.run_grid(grid, str(tmp_path), seeds={0}, log=lambda m: None)
     assert started == [("a", 0), ("b", 0), ("c", 0)]
     started.clear()
     with pytest.raises(ValueError, match=r"\['d'\], which the grid does not run \(it runs a, b, c\)"):
-        study.run_grid(grid, str(tmp_path), only={"a", "d"}, log=lambda m: None)
+        runner.run_grid(grid, str(tmp_path), only={"a", "d"}, log=lambda m: None)
     with pytest.raises(ValueError, match=r"--seeds \[3\]: the grid's training seeds are \[0, 1, 2\]"):
-        study.run_grid(grid, str(tmp_path), seeds={3}, log=lambda m: None)
+        runner.run_grid(grid, str(tmp_path), seeds={3}, log=lambda m: None)
     assert started == []
     grid_file = tmp_path / "g.yaml"
     grid_file.write_text("job: pipeline/configs/debug_onpolicy.yaml\nsteps: 2\nseeds: 1\nembedded_pair: false\n"
                          "runs: {x: {method: fkl}}\n")
     for bad in ("1,x", "-1"):
-        assert study.main(["run", str(grid_file), "--out", str(tmp_path / "o"), "--seeds", bad]) == 2
+        assert study_cli.main(["run", str(grid_file), "--out", str(tmp_path / "o"), "--seeds", bad]) == 2
     assert started == []
 
 
@@ -414,21 +415,21 @@ def test_run_takes_several_grids_into_one_pool_each_with_its_own_out_and_ledger(
         paths[-1].write_text(f"job: pipeline/configs/debug_onpolicy.yaml\nsteps: 2\nseeds: 2\nembedded_pair: false\n"
                              f"runs: {runs}\n")
     started = []
-    monkeypatch.setattr(study, "execute", lambda s, out, inputs, threads, log, record=None, cache=None:
+    monkeypatch.setattr(runner, "execute", lambda s, out, inputs, threads, log, record=None, cache=None:
                         started.append((s.name, s.seed, os.path.relpath(out, tmp_path),
                                         record and os.path.relpath(record, tmp_path))) or True)
-    monkeypatch.setattr(study, "report", lambda grid, out, record=None: {"table": f"table of {grid.runs[0].name}"})
+    monkeypatch.setattr(study_cli, "report", lambda grid, out, record=None: {"table": f"table of {grid.runs[0].name}"})
     args = ["run", *map(str, paths), "--out", str(tmp_path / "{grid}"), "--record", str(tmp_path / "{grid}" / "led")]
-    assert study.main(args + ["--jobs", "1"]) == 0
+    assert study_cli.main(args + ["--jobs", "1"]) == 0
     assert started == [("a", 0, "first", "first/led"), ("b", 0, "first", "first/led"), ("c", 0, "second", "second/led"),
                        ("a", 1, "first", "first/led"), ("b", 1, "first", "first/led"), ("c", 1, "second", "second/led")]
     printed = capsys.readouterr().out
     assert "table of a" in printed and "table of c" in printed and '"ran": 6' in printed
     started.clear()
-    assert study.main(args + ["--seeds", "1", "--only", "c"]) == 0
+    assert study_cli.main(args + ["--seeds", "1", "--only", "c"]) == 0
     assert started == [("c", 1, "second", "second/led")]
     started.clear()
     for bad in (["--record", str(tmp_path / "ledger")], ["--out", str(tmp_path / "o")], ["--only", "d"]):
-        assert study.main(["run", *map(str, paths), *bad]) == 2
+        assert study_cli.main(["run", *map(str, paths), *bad]) == 2
     assert "with several grids, give a path with {grid}" in capsys.readouterr().err
     assert started == []

@@ -15,11 +15,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+import codecs
+import json
+import dataclasses
+import sys
+from concurrent.futures import ThreadPoolExecutor
+import time
 
 import torch
 from torch import Tensor
 
 from pipeline.config import DataConfig, resolve_files
+from pipeline.data.token_store import TokenStore
+from pipeline.data.teacher_topk import OfflineBlocks, TeacherTopk
 
 EXT_FORMAT = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".md": "text"}
 
@@ -28,7 +36,6 @@ def check_files(files: list[str], fmt: str, what: str = "data.files", full: bool
     """Cheap checks before the datasets library reads anything: no empty file; with `full` (everything will be
     read at start-up anyway), text files are valid UTF-8, since the library stores bad bytes silently and the error
     surfaces later without a file or an offset."""
-    import codecs
     for f in files:
         if os.path.getsize(f) == 0:
             raise ValueError(f"{what}: {f} is empty")
@@ -57,7 +64,6 @@ def diagnose(files: list[str], fmt: str, what: str = "data.files") -> str | None
     """Why the datasets library could not read these files, naming the file and the line or byte: bytes that are
     not UTF-8, a JSON line that does not parse or is not an object. None when nothing is found (the caller then
     shows the library's own error)."""
-    import json
     for f in files:
         with open(f, "rb") as fh:
             raw = fh.read()
@@ -87,7 +93,7 @@ def diagnose(files: list[str], fmt: str, what: str = "data.files") -> str | None
 def load_documents(d: DataConfig, what: str = "data.files"):
     """A datasets.Dataset (or IterableDataset when streaming) with a text column. Unreadable files are a ValueError
     that names the file and the line or byte."""
-    import datasets
+    import datasets  # deferred: only the data files that need HF datasets
     if d.files:
         files = resolve_files(d.files)
         fmt = d.format
@@ -145,7 +151,7 @@ class PackedBatches:
     resumable via state_dict(). prefetch: read the next micro-batch in a background thread while the step runs
     (store reads are I/O)."""
 
-    def __init__(self, blocks, micro_batch: int, rank: int, world: int, seed: int, prefetch: bool = False):
+    def __init__(self, blocks, micro_batch: int, rank: int, world: int, seed: int, *, prefetch: bool = False):
         per_global = micro_batch * world
         if len(blocks) < per_global:
             if not (isinstance(blocks, list) or hasattr(blocks, "prompt_lengths")):  # examples: a list or a store
@@ -160,7 +166,6 @@ class PackedBatches:
         self._perm = self._permutation(0)
         self._pool = None
         if prefetch:
-            from concurrent.futures import ThreadPoolExecutor
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
         self._ahead = None  # ((epoch, index), future) of the next micro-batch being read
         self.wait_s = 0.0   # time next() spent waiting for data (the prefetch did not hide)
@@ -177,7 +182,6 @@ class PackedBatches:
         return self._perm[start:start + self.B]
 
     def next(self):
-        import time
         if self.index == self.per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
             self._perm = self._permutation(self.epoch)
@@ -215,7 +219,7 @@ class StreamingBatches:
     the tokens of its unfinished block, so a resume reads on instead of replaying what was consumed. Unlike the store
     and the in-memory path, which rows a rank sees depends on the number of ranks."""
 
-    def __init__(self, docs, tokenizer, text_field: str, seq_len: int, micro_batch: int, rank: int, world: int):
+    def __init__(self, docs, tokenizer, text_field: str, seq_len: int, micro_batch: int, *, rank: int, world: int):
         self.base, self.tok, self.field, self.seq_len = docs, tokenizer, text_field, seq_len
         self.B, self.rank, self.world = micro_batch, rank, world
         self.epoch = 0
@@ -225,7 +229,7 @@ class StreamingBatches:
         self._it = None
 
     def _split(self):
-        from datasets.distributed import split_dataset_by_node
+        from datasets.distributed import split_dataset_by_node  # deferred: only the data files that need HF datasets
         # a fresh object per epoch: a loaded stream state applies to the first pass only
         return split_dataset_by_node(self.base, rank=self.rank, world_size=self.world) if self.world > 1 \
             else self.base
@@ -367,8 +371,6 @@ def load_examples(d: DataConfig, tokenizer, files: list | None = None, what: str
                   ) -> list[tuple[list, list]]:
     """Every example of the instruction files, tokenised. Rows with an empty prompt or response are dropped (and
     counted on stderr); none left is an error, since training on template tokens alone teaches nothing."""
-    import dataclasses
-    import sys
     docs = load_documents(dataclasses.replace(d, files=files or d.files, streaming=False, text_field=None), what)
     layout = chat_layout(docs, d)
     try:
@@ -390,24 +392,22 @@ def make_batches(cfg, tokenizer, rank: int, world: int):
     if d.kind == "chat":
         per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
         if d.store:
-            from pipeline.data.token_store import TokenStore
             store = TokenStore(d.store)
             store.check_tokenizer(tokenizer)
             return PackedBatches(store.examples(d), per_step, rank, world, d.shuffle_seed, prefetch=True)
         return PackedBatches(load_examples(d, tokenizer), per_step, rank, world, d.shuffle_seed)
     if d.store:
-        from pipeline.data.token_store import TokenStore
         store = TokenStore(d.store)
         store.check_tokenizer(tokenizer)
         blocks = store.blocks(d.seq_len)
         if cfg.loss.offline_teacher:
-            from pipeline.data.teacher_topk import OfflineBlocks, TeacherTopk
             topk = TeacherTopk(cfg.loss.offline_teacher)
             topk.check(cfg, store)
             blocks = OfflineBlocks(blocks, topk)
         return PackedBatches(blocks, cfg.train.micro_batch_size, rank, world, d.shuffle_seed, prefetch=True)
     docs = load_documents(d)
     if d.streaming:
-        return StreamingBatches(docs, tokenizer, d.text_field, d.seq_len, cfg.train.micro_batch_size, rank, world)
+        return StreamingBatches(docs, tokenizer, d.text_field, d.seq_len, cfg.train.micro_batch_size, rank=rank,
+                                world=world)
     blocks = pack_blocks(docs, tokenizer, d.text_field, d.seq_len)
     return PackedBatches(blocks, cfg.train.micro_batch_size, rank, world, d.shuffle_seed)

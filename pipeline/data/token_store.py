@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 
 import numpy as np
 import torch
@@ -204,7 +205,6 @@ class StoreExamples:
 def write_atomic(path: str, data: bytes | str) -> None:
     """Write a whole file durably: beside it, fsynced, then renamed into place, so a reader (or a resumed prepare)
     never sees half of it. Every file of a store and of a teacher cache is written this way."""
-    import socket
     tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"  # two writers of one directory never share one
     with open(tmp, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.loss import divergences as losses
 
@@ -616,7 +617,6 @@ def fused_topk_loss(loss_fn: Callable[..., Tensor], student_hidden: Tensor, stud
     fused_linear_loss (replicated value; each rank gets the gradient of the global loss for its own tokens and its
     rows; every row is computed; n_max as there). Chunks run under activation checkpointing, so memory stays
     O(chunk x Vp) in N; the recomputation repeats each chunk's collectives in the same order on every rank."""
-    from torch.utils.checkpoint import checkpoint
     nk = student_hidden.shape[0]
     if teacher_logprobs.shape[0] != nk or teacher_ids.shape != teacher_logprobs.shape or token_weight.shape != (nk,):
         raise ValueError(f"student_hidden {tuple(student_hidden.shape)}, teacher top-k "

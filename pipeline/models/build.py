@@ -3,9 +3,12 @@ the vocabulary checks that must pass before any training starts."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from safetensors import SafetensorError
 
 from pipeline.models import loading
 
@@ -14,7 +17,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def load_tokenizer(cfg):
     """The tokenizer shared by teacher and student: model.tokenizer_path, else the teacher's directory."""
-    from transformers import AutoTokenizer
     path = cfg.model.tokenizer_path or cfg.model.teacher_path
     if path is None:
         raise ValueError("model.tokenizer_path is required when the teacher is built from a config")
@@ -31,7 +33,6 @@ def pad_id(tokenizer) -> int:
 
 def build_model(path: str | None, config: dict | None, dtype: str, seed: int) -> nn.Module:
     """from_pretrained on a local directory, or a random init from an HF config dict (identical on every rank)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
     if path is not None:
         return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     conf = dict(config)
@@ -62,8 +63,6 @@ def check_vocab(student: nn.Module, teacher: nn.Module, tokenizer) -> int:
 def check_same_tokenizer(cfg, tokenizer) -> None:
     """A teacher or student checkpoint that ships its own tokenizer must agree with the shared one token for token
     (the teacher's own is the shared one unless model.tokenizer_path points elsewhere)."""
-    import os
-    from transformers import AutoTokenizer
     shared = cfg.model.tokenizer_path or cfg.model.teacher_path
     for who in ("teacher", "student"):
         path = getattr(cfg.model, f"{who}_path")
@@ -86,7 +85,6 @@ def model_field(m, who: str) -> str:
 def meta_model(m, who: str) -> nn.Module:
     """The teacher's or student's model ('teacher' / 'student') built from its HF config on the meta device: every
     shape, no memory, no weights. A config that cannot build is a ValueError naming the field."""
-    from transformers import AutoConfig, AutoModelForCausalLM
     path, conf = getattr(m, f"{who}_path"), getattr(m, f"{who}_config")
     field = model_field(m, who)
     try:
@@ -126,7 +124,6 @@ def preflight(cfg, tokenizer) -> None:
 def readable(field: str, path: str | None):
     """A checkpoint that cannot be read (a truncated or corrupt safetensors file, a missing shard) becomes a
     ValueError naming the field and the directory instead of a traceback from deep inside the reader."""
-    from safetensors import SafetensorError
     try:
         yield
     except (OSError, SafetensorError) as e:

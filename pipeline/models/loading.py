@@ -17,6 +17,10 @@ import os
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+import torch.distributed as dist
+from safetensors import safe_open
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -27,7 +31,6 @@ class Checkpoint:
     are memory-mapped; a row range is one contiguous span). Counts the bytes this process read."""
 
     def __init__(self, path: str):
-        from safetensors import safe_open
         self.path, self.bytes_read = path, 0
         if os.path.isfile(os.path.join(path, INDEX)):
             with open(os.path.join(path, INDEX)) as f:
@@ -46,7 +49,6 @@ class Checkpoint:
         return name in self.files
 
     def _slice(self, name: str):
-        from safetensors import safe_open
         file = self.files[name]
         if file not in self._open:
             self._open[file] = safe_open(os.path.join(self.path, file), framework="pt")
@@ -103,7 +105,6 @@ def empty_model(path: str, dtype: torch.dtype) -> nn.Module | None:
     """The model of checkpoint directory `path` with parameters on meta and its Checkpoint attached
     (`model.source_checkpoint`), or None when it cannot be loaded by rows (no safetensors files, or parameter names the
     files lack: then the caller loads it whole)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
     if not Checkpoint.available(path):
         return None
     ckpt = Checkpoint(path)
@@ -145,7 +146,6 @@ def _local_rows(p: Tensor) -> tuple[Tensor, int]:
     """(the tensor this rank holds of parameter p, the global row it starts at): an FSDP2 DTensor's local shard and
     its offset along dim 0 (the only dimension FSDP2 shards), or the whole tensor."""
     if hasattr(p, "to_local"):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
         _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
         assert all(o == 0 for o in offset[1:]), f"only dim-0 shards are read by rows, got offset {offset}"
         return p.to_local(), int(offset[0]) if len(offset) else 0
@@ -195,8 +195,7 @@ def load_zero3(model: nn.Module, device: torch.device | str, ds_config: dict) ->
     into ZeRO-3 parameters one by one without zero.Init(module=...)'s broadcast of rank 0's values: that would send
     the whole model from rank 0 to every rank (140 GB for a 70B teacher) and make each rank write, so hold, every
     whole parameter in turn, only for the values to be replaced here. Partitioning copies just this rank's slice."""
-    import deepspeed
-    import torch.distributed as dist
+    import deepspeed  # deferred: DeepSpeed is imported only when the deepspeed backend runs
     names = materialise(model, device)
     if dist.is_initialized():
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the group (its config reads the world)

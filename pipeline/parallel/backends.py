@@ -19,15 +19,23 @@ import contextvars
 import math
 import os
 from typing import Protocol
+import hashlib
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from transformers.masking_utils import sdpa_mask
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from pipeline.models import build as M
-from pipeline.models import loading
-from pipeline.parallel.distributed import Layout
+from pipeline.models import build as M, loading
+from pipeline.parallel.distributed import device, Layout, ranks_per_node
 from pipeline.loss.vocab_parallel import gather_shards, shard_range
+from pipeline.config import read_deepspeed_json
 
 
 class Models(Protocol):
@@ -53,7 +61,7 @@ class OutputHeads:
     AdamW (the same hyper-parameters and schedule as the body); replicas stay identical because they apply the same
     all-reduced gradient."""
 
-    def __init__(self, student_w: Tensor, teacher_w: Tensor, vocab_size: int, layout: Layout, optim_cfg,
+    def __init__(self, student_w: Tensor, teacher_w: Tensor, vocab_size: int, layout: Layout, optim_cfg, *,
                  device: torch.device | str = "cpu", tied: bool = False):
         self.tied = tied  # the student's input embedding is these rows too (TiedEmbedding)
         self.group, self.replica_group = layout.shard_group, layout.replica_group
@@ -160,7 +168,6 @@ def _causal_mask(*args, **kwargs):
     """transformers' sdpa mask, except for batches the caller knows have no padding: then no mask (sdpa runs with
     is_causal), without transformers reading the padding mask back to the host to find that out (a device sync per
     forward)."""
-    from transformers.masking_utils import sdpa_mask
     return None if _UNPADDED.get() else sdpa_mask(*args, **kwargs)
 
 
@@ -169,8 +176,6 @@ def causal_without_mask_reads(model: nn.Module) -> None:
     _causal_mask (registered with transformers once)."""
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     AttentionInterface.register("pipeline_sdpa", sdpa_attention_forward)
     AttentionMaskInterface.register("pipeline_sdpa", _causal_mask)
     model.set_attn_implementation("pipeline_sdpa")
@@ -215,7 +220,7 @@ def iter_full_state(model: nn.Module, bucket_numel: int = 1 << 26):
     yields its own tensors. Collective: every rank must consume the whole iterator, in the same order."""
     params = list(model.named_parameters())
     if _gathered(model):
-        import deepspeed
+        import deepspeed  # deferred: DeepSpeed is imported only when the deepspeed backend runs
         bucket, size = [], 0
         for i, (name, p) in enumerate(params):
             bucket.append((name, p))
@@ -235,7 +240,6 @@ def iter_full_state(model: nn.Module, bucket_numel: int = 1 << 26):
 
 
 def _digest(tensors) -> str:
-    import hashlib
     h = hashlib.sha256()
     for t in tensors:
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
@@ -319,9 +323,6 @@ def frozen_forward(teacher, input_ids, attention_mask) -> Tensor:
 def apply_fsdp2(student, teacher, cfg, layout: Layout, placement: str) -> None:
     """FSDP2 in place: the student as HSDP on the layout's (replicate, shard) mesh (plain FSDP when there is one
     group); the teacher (no optimizer) placed by `placement`."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-    from pipeline.parallel.distributed import device
     bf16 = torch.bfloat16 in (M.DTYPES[cfg.model.dtype], M.DTYPES[cfg.parallel.fsdp_param_dtype])
     if bf16:
         # bf16 compute, fp32 masters: the sharded parameters (and so AdamW's state) stay fp32, FSDP2 gathers them
@@ -346,7 +347,6 @@ def apply_fsdp2(student, teacher, cfg, layout: Layout, placement: str) -> None:
 
 def apply_fsdp(model: nn.Module, mesh, mp) -> None:
     """fully_shard every decoder block, then the root (a 1-D mesh: FSDP; a 2-D (replicate, shard) mesh: HSDP)."""
-    from torch.distributed.fsdp import fully_shard
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in blocks:
@@ -424,7 +424,6 @@ class TorchModels:
 
     def save(self, path):
         if self.sharded:
-            import torch.distributed.checkpoint as dcp
             dcp.save(self._dcp_state(), checkpoint_id=os.path.join(path, "body"))
             return
         torch.save({"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict()},
@@ -432,20 +431,16 @@ class TorchModels:
 
     def load(self, path):
         if self.sharded:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import set_state_dict
             state = self._dcp_state()
             dcp.load(state, checkpoint_id=os.path.join(path, "body"))
             set_state_dict(self.student, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"])
             return
-        from pipeline.parallel.distributed import device
         state = torch.load(os.path.join(path, "body.pt"), weights_only=False, map_location=device())
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
 
     def _dcp_state(self):
-        from torch.distributed.checkpoint.state_dict import get_state_dict
         model_sd, optim_sd = get_state_dict(self.student, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
@@ -457,7 +452,6 @@ def deepspeed_config(path: str, cfg, world: int, *, train: bool, hpz: int = 1) -
     """The JSON (checked by config.read_deepspeed_json) with the batch sizes, clipping and precision filled from the
     pipeline config; hpz > 1 keeps a secondary weight partition inside groups of that many ranks (ZeRO++ hpZ), so
     the backward's gathers (and every forward of a frozen model after its first) stay inside the group."""
-    from pipeline.config import read_deepspeed_json
     ds = read_deepspeed_json(path)
     tr = cfg.train
     ds.update(train_micro_batch_size_per_gpu=tr.micro_batch_size,
@@ -487,8 +481,7 @@ def init_deepspeed(student, teacher, cfg, layout: Layout, placement: str):
     """(student engine, teacher engine or None, teacher module): the ZeRO-3 student engine (torch AdamW inside; hpZ
     inside the shard group) and the teacher placed by `placement`: a ZeRO-3 inference engine (no optimizer) over
     every rank or with hpZ in the group, or a plain replica on the device (no engine)."""
-    import deepspeed
-    from pipeline.parallel.distributed import device
+    import deepspeed  # deferred: DeepSpeed is imported only when the deepspeed backend runs
     if device().type == "cpu":
         # DeepSpeed's CPU shared-memory all-reduce serves tensor-parallel inference only, which this pipeline never
         # uses; left on, every fresh machine JIT-compiles it (about a minute of both cores here) on first init
@@ -575,7 +568,6 @@ def rank_memory_bytes() -> int:
     """Memory one rank may count on: its GPU's, or on CPUs the host's divided by the ranks on this node."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    from pipeline.parallel.distributed import ranks_per_node
     per_node, _ = ranks_per_node()
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(per_node or 1, 1)
 
@@ -599,7 +591,6 @@ def parallelize(student, teacher, vocab_size: int, cfg, layout: Layout, log=None
     """Detach both output layers into vocab-sharded heads, place the teacher (parallel.teacher) and wrap both bodies
     for the configured backend on the layout. Activation checkpointing (train.activation_checkpointing) is switched
     on in the student before any wrapping, so the backends shard the checkpointed blocks."""
-    from pipeline.parallel.distributed import device
     tied = is_tied(student)
     dtype = student.get_input_embeddings().weight.dtype
     # an empty model (loading.empty_model) hands OutputHeads a RowSource: each rank reads only its vocabulary rows
@@ -608,7 +599,7 @@ def parallelize(student, teacher, vocab_size: int, cfg, layout: Layout, log=None
     wt = sources.get(id(teacher)) or (M.detach_head(teacher, copy=False) if teacher is not None else None)
     for m in (m for m in (student, teacher) if id(m) in sources):
         M.detach_head(m, copy=False)
-    heads = OutputHeads(ws, wt, vocab_size, layout, cfg.optim, device(), tied=tied)
+    heads = OutputHeads(ws, wt, vocab_size, layout, cfg.optim, device=device(), tied=tied)
     if tied:  # before any backend wraps the body: the embedding leaves it for the head's rows
         student.set_input_embeddings(TiedEmbedding(heads, dtype))
     for model in (m for m in (student, teacher) if m is not None):

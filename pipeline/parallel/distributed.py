@@ -6,9 +6,15 @@ import contextvars
 import datetime
 import os
 from dataclasses import dataclass
+import socket
+import ctypes
+import signal
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+from torch.distributed.device_mesh import init_device_mesh
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # launcher variables -> the torch.distributed names, first match wins (torchrun sets the targets itself). Slurm's
 # variables count only inside an srun step (SLURM_STEP_ID set): an sbatch shell or an interactive allocation also
@@ -74,8 +80,7 @@ def env_ranks(environ=os.environ) -> tuple[int, int, int, str]:
 def mpi_discover() -> tuple[int, int, int]:
     """Ranks from MPI itself (mpirun, or srun --mpi=pmix): rank 0 picks the rendezvous address and a free port and
     broadcasts them, so the job needs no MASTER_ADDR / MASTER_PORT from its script."""
-    import socket
-    from mpi4py import MPI
+    from mpi4py import MPI  # deferred: mpi4py is optional: only srun --mpi / mpirun launches need it
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
     local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
@@ -92,7 +97,6 @@ def mpi_discover() -> tuple[int, int, int]:
 
 def free_port() -> int:
     """A free TCP port on this machine (for a lone process's rendezvous, and for tests)."""
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -202,7 +206,6 @@ def set_timeout(seconds: float) -> None:
     instead of an endless wait. _set_pg_timeout is private but the only way to change a live group's timeout."""
     if not dist.is_initialized():
         return
-    from torch.distributed import distributed_c10d as c10d
     for pg in list(c10d._world.pg_map):
         try:
             c10d._set_pg_timeout(datetime.timedelta(seconds=seconds), pg)
@@ -214,8 +217,6 @@ def die_with_parent(sig: int | None = None) -> None:
     """Ask the kernel to send us SIGTERM (a graceful stop: checkpoint and leave) when the launcher dies, so a
     torchrun killed by a signal it does not forward never leaves its ranks orphaned and writing. Linux only; set
     only under torchrun (a shell's `nohup python -m pipeline.train &` must survive its shell)."""
-    import ctypes
-    import signal
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
@@ -328,7 +329,6 @@ def make_layout(shard_size: int | None = None) -> Layout:
     process without a group gets the trivial layout. Collective: every rank calls it with the same shard_size."""
     if not dist.is_initialized():
         return Layout(1, 1, 0, 0)
-    from torch.distributed.device_mesh import init_device_mesh
     world, rank = dist.get_world_size(), dist.get_rank()
     shard_size = shard_size or world
     mesh = init_device_mesh(device().type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
@@ -374,7 +374,6 @@ class SyncCounter:
     SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive")
 
     def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
         counter = self
 
         class _Mode(TorchDispatchMode):

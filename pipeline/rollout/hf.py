@@ -26,8 +26,12 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from transformers import AutoModelForCausalLM
 
 from pipeline.parallel.distributed import any_rank
+from pipeline.models.build import embedding_name, head_name
+from pipeline.parallel.backends import full_numel, full_state_dict
+from pipeline.loss.vocab_parallel import shard_range
 
 SOURCES = ("dataset", "student", "teacher", "replay")
 
@@ -132,10 +136,7 @@ def decode(forward_last, ids: Tensor, mask: Tensor, *, max_new: int, eos_id: int
 def local_replica(body, head_weight: Tensor):
     """A plain (unsharded) copy of `body` with the full output layer, for decoding with no collective. Parameters
     are built on the meta device and then take the gathered tensors (no random init, no second copy)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-    from pipeline.models.build import embedding_name, head_name
-    from pipeline.parallel.backends import full_state_dict
+    from accelerate import init_empty_weights  # deferred: only the meta-device replica needs it
     state = full_state_dict(body)
     with init_empty_weights(include_buffers=False):
         replica = AutoModelForCausalLM.from_config(body.config)
@@ -163,7 +164,6 @@ def vocab_parallel_logits(h: Tensor, w_shard: Tensor, vocab_size: int, group) ->
     """This rank's rows h [B, H] (B equal on every rank) -> their full-vocabulary logits [B, V], from every rank's
     rows of the output layer: all-gather the B hidden states, one local [world B, Vp] matmul, and an all-to-all
     that hands each rank the columns of its own rows. Only the last position of each sequence is ever full-vocab."""
-    from pipeline.loss.vocab_parallel import shard_range
     world = dist.get_world_size(group)
     B = h.shape[0]
     per = -(-vocab_size // world)
@@ -202,7 +202,6 @@ def choose_gather(mode: str, body, vocab_size: int, fraction: float, group) -> s
     """once / per_step; auto asks whether a full copy fits on every rank (one MIN all-reduce: all agree)."""
     if mode != "auto":
         return mode
-    from pipeline.parallel.backends import full_numel
     elem = next(body.parameters()).element_size()
     hidden = body.config.get_text_config().hidden_size
     need = (full_numel(body) + vocab_size * hidden) * elem

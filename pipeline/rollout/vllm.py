@@ -27,8 +27,12 @@ import json
 import math
 import os
 import time
+import copy
+import re
+import random
 
 import torch
+import numpy as np
 
 from pipeline.models.build import embedding_name
 from pipeline.rollout import hf as rollout
@@ -64,7 +68,6 @@ def resolve(engine: str) -> str:
 
 def engine_config(model):
     """The HF config an engine is built from, naming the model's class (configs built from a dict name none)."""
-    import copy
     conf = copy.deepcopy(model.config)
     if not getattr(conf, "architectures", None):
         conf.architectures = [type(model).__name__]
@@ -81,7 +84,7 @@ def require() -> None:
 def check_supported(model_config) -> None:
     """Before any weight loads: vLLM importable and the architecture one it implements (ValueError names the fix)."""
     require()
-    from vllm import ModelRegistry
+    from vllm import ModelRegistry  # deferred: vLLM is optional (the vllm extra) and slow to import
     archs = list(getattr(model_config, "architectures", None) or [])
     supported = set(ModelRegistry.get_supported_archs())
     if not archs or not any(a in supported for a in archs):
@@ -152,7 +155,6 @@ def start_failure(e: BaseException, kv_cache_mb: int, max_model_len: int) -> str
     text = "\n".join(chain)
     first = chain[0].splitlines()[0]
     if "KV cache is needed" in text or "No available memory for the cache blocks" in text:
-        import re
         need = re.search(r"\(([\d.]+) GiB KV cache is needed", text)
         at_least = f" to at least {math.ceil(float(need.group(1)) * 1024)}" if need else ""
         return (f"rollout.engine = vllm: rollout.vllm_kv_cache_mb ({kv_cache_mb}) is too small for one sequence of "
@@ -167,8 +169,6 @@ def start_failure(e: BaseException, kv_cache_mb: int, max_model_len: int) -> str
 def _rng_kept():
     """vLLM seeds the global generators of the process it runs in (torch, CUDA, numpy, random) from its `seed`;
     with the engine inside the trainer that would reset every rank's training RNG. Keep them as they were."""
-    import random
-    import numpy as np
     state = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
              torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
     try:
@@ -193,7 +193,7 @@ class Engine:
     def __init__(self, model_config, vocab_size: int, *, dtype: str, max_model_len: int, kv_cache_mb: int,
                  seed: int, workdir: str, sleep: int, params: int = 0):
         _quiet()
-        from vllm import LLM
+        from vllm import LLM  # deferred: vLLM is optional (the vllm extra) and slow to import
         # the engine's vocabulary is the real one (the trainer's output layers drop padded rows): config only, the
         # weights come from push()
         conf = model_config.to_dict()
@@ -272,8 +272,8 @@ class Engine:
 
     def _generate(self, prompts: list, *, max_new: int, eos_id: int | None, temperature: float, top_p: float,
                   seed: int) -> list:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        from vllm import SamplingParams  # deferred: vLLM is optional (the vllm extra) and slow to import
+        from vllm.inputs import TokensPrompt  # deferred: vLLM is optional (the vllm extra) and slow to import
         # ignore_eos: the model config's own EOS must not stop it; ours is the only stop token (kept in the output)
         params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new, seed=seed + i,
                                  ignore_eos=True, stop_token_ids=[] if eos_id is None else [eos_id],

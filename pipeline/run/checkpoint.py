@@ -24,10 +24,14 @@ import re
 import shutil
 import sys
 from typing import Protocol
+import errno
+import ctypes
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from transformers import AutoModelForCausalLM, GenerationConfig
+from safetensors.torch import save_file
 
 from pipeline.models.build import embedding_name, head_name
 from pipeline.parallel.distributed import barrier
@@ -117,7 +121,6 @@ def _files(root: str) -> list[str]:
 
 def _disk_full(e: BaseException) -> bool:
     """A write that ran out of space: ENOSPC / EDQUOT, or how torch's zip writer and safetensors say so."""
-    import errno
     while e is not None:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
@@ -131,7 +134,6 @@ def _syncfs(path: str) -> None:
     """Flush this node's unwritten pages of the file system that holds `path` (syncfs(2); sync(2) where libc has
     none). Every rank calls it for the files it wrote before another rank hashes them: on Lustre or NFS an fsync
     from another node does not make this node's writes durable."""
-    import ctypes
     fd = os.open(path, os.O_RDONLY)
     try:
         if getattr(ctypes.CDLL(None, use_errno=True), "syncfs")(fd) != 0:
@@ -334,7 +336,6 @@ def export_student(out_dir: str, models, student_config, tokenizer, dist_ctx) ->
     EXPORT_SHARD_BYTES of it on the host before writing a file (a 7B student is 15-30 GB whole); the output layer is
     gathered onto rank 0 alone. Refused when the state is not finite; written beside out_dir and renamed into place,
     so a reader never sees half an export."""
-    from transformers import AutoModelForCausalLM
     if not _all_true(models.local_state_is_finite(), dist_ctx):
         raise NonFiniteState("the trained student is not finite: not exported")
     tied, vocab = models.heads.tied, models.heads.vocab_size
@@ -360,7 +361,6 @@ def export_student(out_dir: str, models, student_config, tokenizer, dist_ctx) ->
     head = models.heads.gather_student(dtype)
     if writer is None:
         return None
-    from transformers import GenerationConfig
     try:
         writer.add(head_key, head.cpu())
         missing = expected - writer.close() - ({head_name(model)} if tied else set())
@@ -413,7 +413,6 @@ class ShardWriter:
         self.total += n
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
         part = f"part{len(self.files):05d}.safetensors"
         save_file(self.pending, os.path.join(self.root, part), metadata={"format": "pt"})
         self.files.append((part, list(self.pending)))

@@ -9,7 +9,7 @@ class Metrics:
     def __init__(self, log_dir: str | None, enabled: bool):
         self.writer = None
         if enabled and log_dir:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # deferred: only the writing rank
             self.writer = SummaryWriter(log_dir)
 
     def log(self, step: int, scalars: dict) -> None:

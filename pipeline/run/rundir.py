@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import time
+import fcntl
 
 from pipeline import config as C
 from pipeline.run import checkpoint, integrity
@@ -41,7 +42,6 @@ class RunLock:
         self.fd = None
 
     def acquire(self) -> None:
-        import fcntl
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.study.cli import main
+
+sys.exit(main())
