@@ -9,7 +9,7 @@ PYTHON ?= python3
 BVENV  := .venv-bench
 BPY    := $(BVENV)/bin/python
 
-.PHONY: setup setup-gpu check-gpu-env gpu-check demo test bench bench-rollout bench-data bench-scale bench-e2e \
+.PHONY: setup setup-gpu check-gpu-env gpu-check demo test bench bench-rollout bench-data bench-scale bench-e2e bench-teacher \
 	bench-quality bench-load bench-integrity clean
 
 # DS_BUILD_OPS=0: DeepSpeed ships as an sdist; build no ops now (they JIT-compile on first use, cached).
@@ -91,6 +91,10 @@ bench-load: setup
 # what checking every store and teacher-cache read costs per step at the demo's size (~1 min)
 bench-integrity: setup
 	$(PY) bench/integrity_bench.py $(ARGS)
+
+# a served teacher (vLLM) against the co-located one and an offline cache on the embedded pair (~10 min)
+bench-teacher: setup
+	$(PY) bench/teacher_bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(BVENV) .pytest_cache .hypothesis

@@ -37,7 +37,8 @@ fraction = _number(float, 0, 1.0)              # (0, 1]
 TOOLS = {"train": "pipeline.train", "prepare": "pipeline.prepare", "precompute-teacher": "pipeline.precompute_teacher",
          "teacher-cache": "pipeline.teacher_cache", "plan": "pipeline.plan", "submit": "pipeline.submit",
          "evaluate": "pipeline.evaluate", "study": "pipeline.study.cli", "demo": "pipeline.demo",
-         "compare": "pipeline.compare", "config-reference": "pipeline.config_reference"}
+         "compare": "pipeline.compare", "config-reference": "pipeline.config_reference",
+         "teacher-server": "pipeline.teacher_server"}
 
 
 def main(argv=None) -> int:

@@ -81,6 +81,29 @@ class DataConfig:
 
 
 @dataclass
+class RemoteTeacherConfig:
+    address: str | None = None
+    """The served teacher: its URL (http://HOST:PORT), or the address file its server job writes
+    (python -m pipeline.teacher_server / slurm/teacher_server.sbatch), which also names the API key's file."""
+    api_key_file: str | None = None
+    """A file (user-only permissions) holding the server's API key. None: the address file's key file, else the
+    environment's TEACHER_API_KEY, else no key. Never on a command line, where ps shows it."""
+    model: str | None = None
+    """The name the server serves the teacher under (vLLM's --served-model-name); None: model.teacher_path."""
+    top_k: int = 20
+    """Teacher log-probs per position (at most the server's --max-logprobs); the rest of the vocabulary is one
+    bucket, as with loss.offline_teacher."""
+    prefetch: int = 2
+    """Micro-batches whose scores are requested ahead while the current one computes (0: none)."""
+    wait_s: float = 900.0
+    """How long a starting run waits for the server to come up before it stops with an error."""
+    request_timeout_s: float = 300.0
+    """One request's bound (a whole micro-batch's rows)."""
+    retries: int = 5
+    """Failed requests retried with exponential backoff (1, 2, 4, ... s) before the run checkpoints and stops."""
+
+
+@dataclass
 class TaidConfig:
     t_start: float = 0.4
     """TAID's interpolation t at step 0."""
@@ -128,6 +151,11 @@ class LossConfig:
     is the same). The teacher still loads for generations and evaluations."""
     taid: TaidConfig = field(default_factory=TaidConfig)
     """TAID's t schedule (method: taid)."""
+    teacher: Literal["local", "remote"] = "local"
+    """local: the teacher runs in the training processes (sharded like the student); remote: a served teacher
+    (vLLM, loss.remote) scores every sequence and returns its top-k; no teacher model is loaded."""
+    remote: RemoteTeacherConfig = field(default_factory=RemoteTeacherConfig)
+    """The served teacher (loss.teacher remote)."""
 
 
 @dataclass
@@ -605,15 +633,31 @@ def _check_loss(lc: LossConfig) -> None:
         if not 0.0 <= lc.lam_end <= 1.0:
             raise ValueError(f"loss.lam_end must be in [0, 1], got {lc.lam_end}")
     _positive("loss.ce_weight", lc.ce_weight, allow_zero=True)
-    if lc.offline_teacher is not None:
-        if lc.method == "atkd":
-            raise ValueError("loss.offline_teacher: atkd needs the teacher's full distribution; pick another method")
-        if lc.method == "taid" or lc.ce_weight:
-            raise ValueError("loss.offline_teacher keeps the teacher's top-k only: taid and loss.ce_weight are not "
-                             "supported with it")
+    for name, on in (("loss.offline_teacher", lc.offline_teacher is not None), ("loss.teacher remote",
+                                                                                  lc.teacher == "remote")):
+        if on and lc.method == "atkd":
+            raise ValueError(f"{name}: atkd needs the teacher's full distribution; pick another method")
+        if on and (lc.method == "taid" or lc.ce_weight):
+            raise ValueError(f"{name} gives the teacher's top-k only: taid and loss.ce_weight are not supported "
+                             f"with it")
+    if lc.teacher == "remote":
+        _check_remote(lc.remote)
     if lc.chunk_size is not None:
         _positive("loss.chunk_size", lc.chunk_size)
     _positive("loss.chunk_memory_mb", lc.chunk_memory_mb)
+
+
+def _check_remote(rc: RemoteTeacherConfig) -> None:
+    if not rc.address:
+        raise ValueError("loss.teacher remote: set loss.remote.address (the server's http://HOST:PORT, or the "
+                         "address file python -m pipeline.teacher_server writes)")
+    if rc.api_key_file is not None and not os.path.isfile(rc.api_key_file):
+        raise ValueError(f"loss.remote.api_key_file: {rc.api_key_file!r} does not exist")
+    _positive("loss.remote.top_k", rc.top_k)
+    _positive("loss.remote.prefetch", rc.prefetch, allow_zero=True)
+    _positive("loss.remote.retries", rc.retries, allow_zero=True)
+    for name in ("wait_s", "request_timeout_s"):
+        _positive(f"loss.remote.{name}", getattr(rc, name))
 
 
 def _check_optim(o: OptimConfig) -> None:
@@ -714,6 +758,21 @@ def _check_across(cfg: Config) -> None:
     if lc.teacher_cache is not None and (d.kind != "chat" or d.store or lc.offline_teacher):
         raise ValueError("loss.teacher_cache is for instruction data read from data.files (data.kind chat, no "
                          "data.store) with a live teacher (no loss.offline_teacher)")
+    if lc.teacher == "remote":
+        if lc.offline_teacher or lc.teacher_cache:
+            raise ValueError("loss.teacher remote scores with the served teacher: unset loss.offline_teacher and "
+                             "loss.teacher_cache")
+        if not cfg.model.teacher_path:
+            raise ValueError("loss.teacher remote: set model.teacher_path to the checkpoint the server serves (its "
+                             "name and tokenizer are checked against the server's)")
+        if d.eval_files and (tr.eval_every or r.adaptive_every):
+            raise ValueError("loss.teacher remote loads no teacher, so there is no held-out KL to compute here: "
+                             "unset data.eval_files (or train.eval_every and rollout.adaptive_every)")
+        if d.kind == "text" and d.streaming:
+            raise ValueError("loss.teacher remote scores packed rows read by position: set data.streaming to false")
+        if d.kind == "chat" and r.teacher_fraction:
+            raise ValueError("loss.teacher remote: the served teacher scores, it does not generate here: set "
+                             "rollout.teacher_fraction to 0")
     if lc.offline_teacher is not None:
         if not d.store:
             raise ValueError("loss.offline_teacher is computed over a token store: set data.store")

@@ -12,15 +12,15 @@ communication these formulas count, on CPUs.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
-from pipeline.models.build import meta_model
-from pipeline.parallel.backends import is_tied, teacher_placement
-from pipeline.rollout import hf as rollout
-from pipeline.parallel.distributed import Layout
-from pipeline.rollout.vllm import engine_bytes
 from pipeline import cli, config as C
-import json
+from pipeline.models import build as M
+from pipeline.parallel.backends import is_tied, teacher_placement
+from pipeline.parallel.distributed import Layout
+from pipeline.rollout import hf as rollout
+from pipeline.rollout.vllm import engine_bytes
 
 GIB = 2**30
 
@@ -43,7 +43,7 @@ class Shapes:
 
 
 def shapes(m, who: str) -> Shapes:
-    model = meta_model(m, who)
+    model = M.meta_model(m, who)
     hf = model.config
     head = model.get_output_embeddings().weight
     tied = is_tied(model)
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
         C.validate(cfg, world_size=a.nodes * a.gpus_per_node, data_files=False)
         m = cfg.model
         s = shapes(m, "student")
-        t = None if cfg.loss.offline_teacher else shapes(m, "teacher")
+        t = shapes(m, "teacher") if M.loads_teacher(cfg) else None
         e = estimate(cfg, s, t, a.nodes, a.gpus_per_node, a)
     except (ValueError, OSError) as err:
         print(f"plan error: {err}", file=sys.stderr)

@@ -15,6 +15,7 @@ if __name__ == "__main__":  # before the slow imports below: a SIGUSR1 / SIGTERM
     signals.install()
 
 import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
 import dataclasses  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -28,7 +29,7 @@ import subprocess  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import config as C  # noqa: E402
-from pipeline.data import batches as data  # noqa: E402
+from pipeline.data import batches as data, remote_teacher  # noqa: E402
 from pipeline.loss import divergences as losses  # noqa: E402
 from pipeline.parallel import distributed  # noqa: E402
 from pipeline.rollout import hf as rollout, vllm as vllm_rollout  # noqa: E402
@@ -41,6 +42,7 @@ from pipeline.teacher_cache import TeacherHidden  # noqa: E402
 
 EXIT_INPUT = 2      # the config, the data or the run directory needs a fix (said in the message); nothing lost
 EXIT_NONFINITE = 3  # too many consecutive non-finite steps; the last good state was checkpointed
+EXIT_TEACHER = 4    # the served teacher stopped answering; the state before the failed step was checkpointed
 
 
 @dataclass
@@ -90,10 +92,18 @@ class Run:
 
     def __init__(self, cfg: C.Config, dist_ctx: distributed.Dist):
         self.cfg, self.dist = cfg, dist_ctx
+        self.score_pool = concurrent.futures.ThreadPoolExecutor(max(1, cfg.loss.remote.prefetch),
+                                                                thread_name_prefix="teacher")
         engine = vllm_rollout.resolve(cfg.rollout.engine) if cfg.data.kind == "chat" else "hf"
         self.tokenizer = M.load_tokenizer(cfg)
         M.preflight(cfg, self.tokenizer)  # model configs and tokenizers, before any data or weights load
-        self.batches = data.make_batches(cfg, self.tokenizer, dist_ctx.rank, dist_ctx.world)
+        self.teacher_server = None  # loss.teacher remote: checked before any data or weights load
+        if cfg.loss.teacher == "remote":
+            self.teacher_server = remote_teacher.connect(
+                cfg, self.tokenizer, run_dir=cfg.run_dir, is_main=dist_ctx.is_main,
+                log=lambda m: _say(dist_ctx, m))
+        self.batches = data.make_batches(cfg, self.tokenizer, dist_ctx.rank, dist_ctx.world,
+                                         teacher=self.teacher_server)
         self.inputs = integrity.input_fingerprints(cfg)  # what the checkpoints record: a resume needs the same
         # held-out data too is read before any model loads, so a bad file fails fast
         self.eval_data = None  # this rank's held-out blocks [n, seq_len] (text) or (prompt, response) pairs (chat)
@@ -220,11 +230,13 @@ def step_batches(run: Run) -> tuple[list, dict]:
             seed=rollout.step_seed(run.rollout_seed, run.step, 1_000 + run.dist.rank))
         info.update(stats)
         pairs = list(zip(prompts, completions))
-        if source == "student" and r.replay_capacity:
-            run.replay.push(pairs)
     B = cfg.train.micro_batch_size
     batches = [data.collate([p for p, _ in pairs[i:i + B]], [c for _, c in pairs[i:i + B]], run.pad_id)
                for i in range(0, len(pairs), B)]
+    if run.teacher_server is not None:  # every micro-batch's rows in flight at once; the server batches them
+        batches = list(run.score_pool.map(run.teacher_server.score_batch, batches))
+    if source == "student" and r.replay_capacity:  # after the scores: a failed step leaves the buffer as it was
+        run.replay.push(pairs)
     if source == "dataset" and run.teacher_cache is not None:  # every rank alike: the step's source is shared
         batches = [dataclasses.replace(b, teacher_hidden=run.teacher_cache.states_of(pairs[i * B:(i + 1) * B]))
                    for i, b in enumerate(batches)]
@@ -249,17 +261,21 @@ def plan_micro(mb: data.Batch) -> MicroPlan:
                      not bool(mb.attention_mask.all()))
 
 
-def step_sizes(plans: list[MicroPlan], run: Run) -> tuple[float, list[int]]:
+def step_sizes(plans: list[MicroPlan] | None, run: Run) -> tuple[float, list[int]]:
     """(the step's loss-token count over every rank, for each micro-batch the most loss rows any rank of this shard
-    group holds): one all-gather of this rank's row counts over the world and one host read, the step's first."""
+    group holds): one all-gather of this rank's row counts over the world and one host read, the step's first.
+    plans None: this rank has no batches (its teacher server failed); every rank then gets a count of -1."""
     if run.dist.group is None:
-        return float(max(sum(p.n_rows for p in plans), 1)), [p.n_rows for p in plans]
-    mine = torch.tensor([p.n_rows for p in plans], dtype=torch.long, device=run.dist.device)
+        return (-1.0, []) if plans is None else (float(max(sum(p.n_rows for p in plans), 1)), [p.n_rows for p in plans])
+    rows = [-1] * run.cfg.train.grad_accum if plans is None else [p.n_rows for p in plans]
+    mine = torch.tensor(rows, dtype=torch.long, device=run.dist.device)
     parts = [torch.empty_like(mine) for _ in range(run.dist.world)]
     torch.distributed.all_gather(parts, mine, group=run.dist.group)
     table = distributed.host_read(torch.stack(parts))  # [world][micro-batches]
     lay = run.layout
     group_rows = table[lay.replica_rank * lay.shard_size:(lay.replica_rank + 1) * lay.shard_size]
+    if any(n < 0 for row in table for n in row):
+        return -1.0, []
     return float(max(sum(map(sum, table)), 1)), [max(col) for col in zip(*group_rows)]
 
 
@@ -274,14 +290,22 @@ def train_step(run: Run, stats_wanted: bool = True) -> dict:
     t0 = time.perf_counter()
     lr = lr_at(run.step, run.cfg.optim, run.cfg.train.steps)
     models.set_lr(lr)
-    micro, info = step_batches(run)
+    data_state, lost = (run.batches.state_dict() if run.teacher_server else None), None
+    try:
+        micro, info = step_batches(run)
+    except remote_teacher.TeacherUnavailable as e:  # the step never happened: its data is read again on resume
+        run.batches.load_state_dict(data_state)
+        micro, info, lost = [], {}, e
     with distributed.host_data():
-        plans = [plan_micro(mb) for mb in micro]  # on the host, before the batches move
+        plans = None if lost else [plan_micro(mb) for mb in micro]  # on the host, before the batches move
     micro = [mb.to(dev) for mb in micro]  # built on the CPU; a no-op there
     t_data = time.perf_counter() - t0
     # the denominator is the number of loss tokens over the whole step and every rank: token-mean losses then do
     # not depend on how the batch was split across micro-batches and ranks (nor on padding)
     count, n_max = step_sizes(plans, run)
+    if count < 0:  # every rank alike, through the step's first host read
+        raise lost or remote_teacher.TeacherUnavailable("another rank's teacher server stopped answering (its "
+                                                        "message says which)")
     overrides = run.method_overrides()
     poison = run.fault is not None and run.fault == (run.step + 1, run.dist.rank)
     total = torch.zeros((), device=dev)  # this shard group's share of the global loss, kept on the device
@@ -498,7 +522,8 @@ def _say(dist_ctx, msg: str) -> None:
 
 def main(argv=None) -> int:
     """Exit codes: 0 done (or stopped by a signal with a checkpoint written), 2 the input needs a fix (config, data,
-    run directory; the message says what, nothing on disk was lost), 3 too many consecutive non-finite steps, 1 any
+    run directory, a served teacher that is not this run's; the message says what, nothing on disk was lost), 3 too
+    many consecutive non-finite steps, 4 the served teacher stopped answering (checkpointed: relaunch), 1 any
     other failure (a collective timed out, no checkpoint verifies, a crash)."""
     signals.install()  # again, for callers that import this module instead of running it
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -530,6 +555,9 @@ def main(argv=None) -> int:
     except NonFiniteStop as e:
         _say(dist_ctx, f"error: {e}")
         return EXIT_NONFINITE
+    except remote_teacher.TeacherUnavailable as e:
+        _say(dist_ctx, f"error: {e}")
+        return EXIT_TEACHER
     except (checkpoint.CheckpointError, integrity.CorruptData) as e:
         _say(dist_ctx, f"error: {e}")
         return 1
@@ -618,7 +646,14 @@ def _run(cfg: C.Config, dist_ctx: distributed.Dist, lock: rundir.RunLock, argv: 
     stop = int(distributed.max_over_ranks(signals.local_request(), dist_ctx.group))
     while run.step < end and not stop:
         logged = (run.step + 1) % cfg.train.log_every == 0 or run.step + 1 == cfg.train.steps
-        scalars = train_step(run, stats_wanted=logged)
+        try:
+            scalars = train_step(run, stats_wanted=logged)
+        except remote_teacher.TeacherUnavailable as e:
+            if run.step != last_saved:
+                _save(run, dist_ctx)  # the state before the failed step: a relaunch resumes exactly there
+            raise remote_teacher.TeacherUnavailable(
+                f"{e}. Step {run.step} is checkpointed in {cfg.run_dir}: relaunch the same command once the server "
+                f"answers again to resume") from None
         stop = scalars.pop("_stop")
         losses_seen.append(scalars["loss/total"])
         _record_step(run, scalars, logged, progress)

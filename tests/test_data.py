@@ -27,7 +27,7 @@ def test_streaming_ranks_read_only_their_documents_and_resume_without_replay(cor
     tok = AutoTokenizer.from_pretrained(TOK)
     full = data.load_documents(DataConfig(files=[str(corpus)], seq_len=16))
     docs = data.load_documents(DataConfig(files=[str(corpus)], seq_len=16, streaming=True))
-    stream = [data.StreamingBatches(docs, tok, "text", 16, 2, r, 2) for r in (0, 1)]
+    stream = [data.StreamingBatches(docs, tok, "text", 16, 2, rank=r, world=2) for r in (0, 1)]
     for r in (0, 1):  # rank r packs documents r, r + 2, ...: exactly the in-memory packing of those
         mine = data.pack_blocks(full.select(range(r, len(full), 2)), tok, "text", 16)
         got = torch.cat([stream[r].next() for _ in range(4)])
@@ -36,7 +36,7 @@ def test_streaming_ranks_read_only_their_documents_and_resume_without_replay(cor
     assert stream[0].tokens_read < 0.6 * total  # its share, not the whole stream
     state = stream[0].state_dict()
     expected = [stream[0].next() for _ in range(30)]  # on past the end of the stream (a new epoch)
-    resumed = data.StreamingBatches(docs, tok, "text", 16, 2, 0, 2)
+    resumed = data.StreamingBatches(docs, tok, "text", 16, 2, rank=0, world=2)
     resumed.load_state_dict(state)
     assert all(torch.equal(resumed.next(), e) for e in expected)
     assert resumed.tokens_read < 16 * 2 * 30 + 50  # what the 30 batches needed (a document at most more): no replay

@@ -284,3 +284,30 @@ def test_the_distill_command_runs_each_tool_and_names_them_when_asked_for_anothe
     assert e.value.code == 2 and "argument --nodes" in capsys.readouterr().err
     assert cli.main(["config-reference", "--check"]) == 0
     assert cli.main(["distil"]) == 2 and "distill {train,prepare," in capsys.readouterr().err
+
+
+REMOTE_PROBLEMS = [
+    (["--loss.remote.address=null"], ["loss.remote.address"]),
+    (["--loss.method=atkd", "--loss.options={}"], ["loss.teacher remote: atkd needs the teacher's full distribution"]),
+    (["--loss.method=taid", "--loss.options={}"], ["loss.teacher remote gives the teacher's top-k only"]),
+    (["--loss.ce_weight=0.1"], ["loss.teacher remote gives the teacher's top-k only"]),
+    (["--loss.offline_teacher=runs/topk"], ["unset loss.offline_teacher"]),
+    (["--model.teacher_path=null", "--model.teacher_config={model_type: llama}"], ["set model.teacher_path"]),
+    ([f"--data.eval_files=[{DEBUG}]", "--train.eval_every=5"], ["no held-out KL", "unset data.eval_files"]),
+    (["--data.streaming=true"], ["set data.streaming to false"]),
+    (["--loss.remote.top_k=0"], ["loss.remote.top_k must be > 0"]),
+    (["--loss.remote.api_key_file=/nonexistent/key"], ["loss.remote.api_key_file", "does not exist"]),
+]
+
+
+@pytest.mark.parametrize("overrides,words", REMOTE_PROBLEMS)
+def test_a_served_teacher_the_job_cannot_use_is_refused_by_the_config_checks(tmp_path, overrides, words):
+    """loss.teacher remote: what cannot work with a served teacher's top-k (methods that need the full distribution,
+    a second teacher source, held-out KL without a teacher, streaming) is refused before anything connects."""
+    from pipeline import config as C
+    base = [f"--model.teacher_path={tmp_path}", "--model.teacher_config=null", "--loss.teacher=remote",
+            "--loss.remote.address=http://127.0.0.1:1"]
+    with pytest.raises(ValueError) as e:
+        C.validate(C.load_config(DEBUG, base + overrides), world_size=1)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))

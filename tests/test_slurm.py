@@ -232,3 +232,32 @@ def test_prepare_array_members_share_the_shards_and_finish_the_store(slurm, tmp_
     assert all("2 to do here" in log for log in logs)  # shards 0, 2 and 1, 3
     from pipeline.data.token_store import TokenStore
     assert len(TokenStore(str(store)).index["shards"]) == 4
+
+
+def test_teacher_server_job_and_a_training_job_that_uses_it(slurm, tmp_path):
+    """slurm/teacher_server.sbatch serves the teacher from one node; a training job on the other, queued after it,
+    waits for the address file, checks the server and trains against it; scancel stops the server, which removes
+    its address file."""
+    from tests.test_remote_teacher import K, remote_teacher_checkpoint
+    teacher = remote_teacher_checkpoint(tmp_path / "teacher")
+    address, run = tmp_path / "teacher.addr", tmp_path / "run"
+    common = [f"--model.teacher_path={teacher}", "--model.teacher_config=null", f"--loss.remote.address={address}",
+              f"--loss.remote.top_k={K}"]
+    server = sbatch(slurm, "--nodelist=n1", f"--output={tmp_path}/server.out", "slurm/teacher_server.sbatch",
+                    *common, "--", "--enforce-eager", config="pipeline/configs/debug_cpu.yaml")
+    job = sbatch(slurm, "--nodelist=n2", f"--dependency=after:{server}", f"--output={tmp_path}/%j.out",
+                 "slurm/train.sbatch", *TINY, *common, "--loss.teacher=remote", "--parallel.backend=none",
+                 "--train.steps=3", f"--run_dir={run}", config="pipeline/configs/debug_cpu.yaml")
+    try:
+        info = wait(slurm, job, timeout=900)
+        log = (tmp_path / f"{job}.out").read_text()
+        assert info["JobState"] == "COMPLETED", log[-3000:] + (tmp_path / "server.out").read_text()[-3000:]
+        assert len((run / "losses.tsv").read_text().splitlines()) == 3
+        assert "teacher server up at http://" in (tmp_path / "server.out").read_text()
+    finally:
+        subprocess.run(["scancel", server], env=slurm)
+    wait(slurm, server, timeout=120)
+    deadline = time.time() + 60
+    while address.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not address.exists()

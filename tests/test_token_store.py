@@ -83,6 +83,22 @@ def test_resume_mid_epoch_is_exact_and_costs_the_same_anywhere(store):
     assert state["epoch"] >= 1 and all(torch.equal(x, c.next()) for x in want)
 
 
+@pytest.mark.parametrize("depth", [2, 5])
+def test_reading_several_micro_batches_ahead_gives_the_same_batches_and_resumes(store, depth):
+    """prefetch = depth (a served teacher's requests in flight): the same rows in the same order as no prefetch,
+    across epoch boundaries, and a resume from a state taken mid-flight drops what was read ahead."""
+    blocks = S.TokenStore(store).blocks(64)
+    plain = data.PackedBatches(blocks, 2, 1, 2, seed=4)
+    ahead = data.PackedBatches(blocks, 2, 1, 2, seed=4, prefetch=depth)
+    want = [plain.next() for _ in range(320)]  # 156 micro-batches per epoch here: past two boundaries
+    assert all(torch.equal(w, ahead.next()) for w in want[:200])
+    state = ahead.state_dict()
+    assert len(ahead._ahead) == depth
+    again = data.PackedBatches(blocks, 2, 1, 2, seed=4, prefetch=depth)
+    again.load_state_dict(state)
+    assert all(torch.equal(w, again.next()) and torch.equal(w, ahead.next()) for w in want[200:])
+
+
 def test_a_store_of_another_tokenizer_is_refused(store, tmp_path):
     from transformers import AutoTokenizer
     other = AutoTokenizer.from_pretrained(TOK)

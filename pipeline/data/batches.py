@@ -13,6 +13,7 @@ loss mask) with the loss on response tokens only; the same per-epoch permutation
 """
 from __future__ import annotations
 
+import collections
 import os
 from dataclasses import dataclass
 import codecs
@@ -148,10 +149,10 @@ def pack_blocks(docs, tokenizer, text_field: str, seq_len: int) -> Tensor:
 class PackedBatches:
     """This rank's micro-batches from indexable rows: blocks [n, seq_len] (a tensor, or a token store's StoreBlocks:
     returns [B, seq_len]) or instruction examples (a list: returns B of them); a seeded permutation per epoch;
-    resumable via state_dict(). prefetch: read the next micro-batch in a background thread while the step runs
-    (store reads are I/O)."""
+    resumable via state_dict(). prefetch: read that many next micro-batches in background threads while the step
+    runs (store reads are I/O; a served teacher's scores are a network round trip)."""
 
-    def __init__(self, blocks, micro_batch: int, rank: int, world: int, seed: int, *, prefetch: bool = False):
+    def __init__(self, blocks, micro_batch: int, rank: int, world: int, seed: int, *, prefetch: int = 0):
         per_global = micro_batch * world
         if len(blocks) < per_global:
             if not (isinstance(blocks, list) or hasattr(blocks, "prompt_lengths")):  # examples: a list or a store
@@ -164,10 +165,9 @@ class PackedBatches:
         self.per_epoch = len(blocks) // per_global
         self.epoch, self.index = 0, 0
         self._perm = self._permutation(0)
-        self._pool = None
-        if prefetch:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
-        self._ahead = None  # ((epoch, index), future) of the next micro-batch being read
+        self._depth = int(prefetch)
+        self._pool = ThreadPoolExecutor(self._depth, thread_name_prefix="prefetch") if self._depth else None
+        self._ahead: collections.deque = collections.deque()  # ((epoch, index), future) of micro-batches read ahead
         self.wait_s = 0.0   # time next() spent waiting for data (the prefetch did not hide)
 
     def _permutation(self, epoch: int) -> Tensor:
@@ -186,15 +186,16 @@ class PackedBatches:
             self.epoch, self.index = self.epoch + 1, 0
             self._perm = self._permutation(self.epoch)
         t0 = time.perf_counter()
-        if self._ahead is not None and self._ahead[0] == (self.epoch, self.index):
-            batch = self._ahead[1].result()
-        else:
-            batch = self._take(self._rows(self.index))
+        while self._ahead and self._ahead[0][0] != (self.epoch, self.index):
+            self._ahead.popleft()
+        batch = self._ahead.popleft()[1].result() if self._ahead else self._take(self._rows(self.index))
         self.wait_s += time.perf_counter() - t0
         self.index += 1
-        self._ahead = None
-        if self._pool is not None and self.index < self.per_epoch:  # (no read-ahead across an epoch boundary)
-            self._ahead = ((self.epoch, self.index), self._pool.submit(self._take, self._rows(self.index)))
+        if self._pool is not None:  # (no read-ahead across an epoch boundary)
+            nxt = self._ahead[-1][0][1] + 1 if self._ahead else self.index
+            while len(self._ahead) < self._depth and nxt < self.per_epoch:
+                self._ahead.append(((self.epoch, nxt), self._pool.submit(self._take, self._rows(nxt))))
+                nxt += 1
         return batch
 
     @property
@@ -209,7 +210,7 @@ class PackedBatches:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self._perm = self._permutation(self.epoch)
-        self._ahead = None
+        self._ahead.clear()
 
 
 class StreamingBatches:
@@ -387,14 +388,16 @@ def load_examples(d: DataConfig, tokenizer, files: list | None = None, what: str
     return kept
 
 
-def make_batches(cfg, tokenizer, rank: int, world: int):
+def make_batches(cfg, tokenizer, rank: int, world: int, teacher=None):
+    """This rank's batches of the job's data; `teacher` (a remote_teacher.TeacherClient, loss.teacher remote): packed
+    text comes with the served teacher's top-k, requested loss.remote.prefetch micro-batches ahead."""
     d = cfg.data
     if d.kind == "chat":
         per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
         if d.store:
             store = TokenStore(d.store)
             store.check_tokenizer(tokenizer)
-            return PackedBatches(store.examples(d), per_step, rank, world, d.shuffle_seed, prefetch=True)
+            return PackedBatches(store.examples(d), per_step, rank, world, d.shuffle_seed, prefetch=1)
         return PackedBatches(load_examples(d, tokenizer), per_step, rank, world, d.shuffle_seed)
     if d.store:
         store = TokenStore(d.store)
@@ -404,10 +407,16 @@ def make_batches(cfg, tokenizer, rank: int, world: int):
             topk = TeacherTopk(cfg.loss.offline_teacher)
             topk.check(cfg, store)
             blocks = OfflineBlocks(blocks, topk)
-        return PackedBatches(blocks, cfg.train.micro_batch_size, rank, world, d.shuffle_seed, prefetch=True)
+        if teacher is not None:
+            return PackedBatches(teacher.wrap(blocks), cfg.train.micro_batch_size, rank, world, d.shuffle_seed,
+                                 prefetch=max(1, cfg.loss.remote.prefetch))
+        return PackedBatches(blocks, cfg.train.micro_batch_size, rank, world, d.shuffle_seed, prefetch=1)
     docs = load_documents(d)
     if d.streaming:
         return StreamingBatches(docs, tokenizer, d.text_field, d.seq_len, cfg.train.micro_batch_size, rank=rank,
                                 world=world)
     blocks = pack_blocks(docs, tokenizer, d.text_field, d.seq_len)
+    if teacher is not None:
+        return PackedBatches(teacher.wrap(blocks), cfg.train.micro_batch_size, rank, world, d.shuffle_seed,
+                             prefetch=cfg.loss.remote.prefetch)
     return PackedBatches(blocks, cfg.train.micro_batch_size, rank, world, d.shuffle_seed)

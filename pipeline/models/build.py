@@ -143,13 +143,19 @@ def build_for_training(path: str | None, config: dict | None, dtype: str, seed: 
     return build_model(path, config, dtype, seed)
 
 
+def loads_teacher(cfg) -> bool:
+    """Whether the training processes hold the teacher: not with loss.offline_teacher (its stored top-k) nor with
+    loss.teacher remote (a served teacher's top-k)."""
+    return not cfg.loss.offline_teacher and cfg.loss.teacher != "remote"
+
+
 def build_models(cfg, tokenizer) -> tuple[nn.Module, nn.Module | None, int]:
     """(student in train mode, teacher in eval mode with requires_grad False, real vocab size); a model from a
-    checkpoint may still be empty (loading.is_empty: parallelize loads it). With loss.offline_teacher no teacher is
-    loaded (None): its top-k comes from the cache."""
+    checkpoint may still be empty (loading.is_empty: parallelize loads it). Without loads_teacher(cfg) the teacher is
+    None: its top-k comes from a cache or a server."""
     m = cfg.model
     teacher = None
-    if not cfg.loss.offline_teacher:
+    if loads_teacher(cfg):
         with readable(model_field(m, "teacher"), m.teacher_path):
             teacher = build_for_training(m.teacher_path, m.teacher_config, m.dtype, m.init_seed + 1)
         teacher.eval().requires_grad_(False)

@@ -297,7 +297,7 @@ def _local_shard(p: Tensor) -> Tensor:
 def teacher_state_digest(teacher, heads: OutputHeads) -> str:
     """sha256 of this rank's share of the teacher (its shards and head rows): no gather, cheap at any size."""
     if teacher is None:
-        return "no teacher loaded (loss.offline_teacher)"
+        return "no teacher loaded (loss.offline_teacher or loss.teacher remote)"
     return _digest([_local_shard(p) for p in teacher.parameters()] + [heads.teacher])
 
 

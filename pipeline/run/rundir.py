@@ -25,7 +25,7 @@ from pipeline.run import checkpoint, integrity
 LOCK = ".lock"
 HISTORY = "history.jsonl"
 # what a run writes into its directory (deleted by checkpoint.overwrite; history.jsonl and the lock are kept)
-RUN_OUTPUTS = ("checkpoints", "student", "tb", "losses.tsv", "eval.tsv", "config.yaml")
+RUN_OUTPUTS = ("checkpoints", "student", "tb", "losses.tsv", "eval.tsv", "config.yaml", "teacher_probe.json")
 RUN_OUTPUT_PATTERNS = ("summary_rank", "rollouts_rank")
 
 
