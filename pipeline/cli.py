@@ -4,9 +4,10 @@ the option, before any config, model or data is read."""
 from __future__ import annotations
 
 import argparse
-import math
 import importlib
+import math
 import sys
+
 from pipeline.run import signals
 
 

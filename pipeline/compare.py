@@ -16,8 +16,8 @@ import os
 import sys
 
 from pipeline import demo
-from pipeline.study import grid as study_grid, report as study_report, runner
 from pipeline.loss import divergences as losses
+from pipeline.study import grid as study_grid, report as study_report, runner
 
 
 def main(argv=None) -> int:

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
+import json
 import math
 import os
 import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
-import json
-import hashlib
 
 import yaml
 
@@ -69,6 +69,10 @@ class DataConfig:
     """chat: the column of chat messages [{role, content}], last turn the assistant's (used when present)."""
     streaming: bool = False
     """Stream the dataset (for corpora that do not fit on disk); packing happens on the fly."""
+    document_mask: bool = True
+    """text: attention stays inside each document of a packed row (documents end with the tokenizer's EOS, as
+    packing and the token store join them) and positions restart with each document, for student and teacher
+    alike; false: every position attends to the whole row."""
     shuffle_seed: int = 0
     """Seed of the order of packed sequences (one permutation per epoch, identical on every rank)."""
     max_documents: int | None = None

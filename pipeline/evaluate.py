@@ -12,21 +12,21 @@ sequences at a time, with full-vocabulary logits for at most 1024 positions at o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
-import dataclasses
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline import cli, config as C
-from pipeline.models import build as M
 from pipeline.data import batches as data
-from pipeline.loss import divergences as losses
-from pipeline.rollout import hf as rollout
 from pipeline.data.token_store import TokenStore
+from pipeline.loss import divergences as losses
+from pipeline.models import build as M
+from pipeline.rollout import hf as rollout
 
 
 def hidden_states(model, tokens, attention_mask):

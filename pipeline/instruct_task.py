@@ -18,10 +18,11 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-import shutil
 
 from pipeline import assets, evaluate
 

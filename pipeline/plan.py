@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+
 from pipeline import cli, config as C
 from pipeline.models import build as M
 from pipeline.parallel.backends import is_tied, teacher_placement
@@ -165,8 +166,6 @@ def step_time(cfg, s: Shapes, t: Shapes | None, lay: Layout, placement: str, *, 
     time = {"compute": flops / (a.tflops * 1e12 * a.mfu), "intra-node": intra / (a.intra_gbs * 1e9),
             "inter-node": inter / (a.inter_gbs * 1e9) if nodes > 1 else 0.0}
     return time, loss_bytes
-
-
 
 
 def report(e: dict, a) -> str:

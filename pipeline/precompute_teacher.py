@@ -25,16 +25,23 @@ from torch import Tensor
 
 from pipeline import cli, config as C
 from pipeline.data import token_store as S
+from pipeline.data.batches import document_positions, documents
 from pipeline.data.teacher_topk import FORMAT, INDEX, chunk_name, teacher_identity
-from pipeline.run import integrity
 from pipeline.loss.vocab_parallel import topk_teacher
 from pipeline.models.build import build_model, load_tokenizer
 from pipeline.parallel.distributed import device, env_ranks
+from pipeline.run import integrity
+
 
 @torch.no_grad()
-def teacher_topk(teacher, tokens: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k of the teacher's log-softmax (fp32) at every position but the last: ([B, T-1, k], [B, T-1, k])."""
-    logits = teacher(input_ids=tokens[:, :-1], use_cache=False).logits
+def teacher_topk(teacher, tokens: Tensor, k: int, eos_id: int | None = None) -> tuple[Tensor, Tensor]:
+    """Top-k of the teacher's log-softmax (fp32) at every position but the last: ([B, T-1, k], [B, T-1, k]).
+    eos_id (data.document_mask): attention inside each document, as training runs the teacher (transformers derives
+    the documents from the positions, which restart with each)."""
+    inputs = tokens[:, :-1]
+    docs = None if eos_id is None else documents(inputs, eos_id)
+    extra = {} if docs is None else {"position_ids": document_positions(docs)}
+    logits = teacher(input_ids=inputs, use_cache=False, **extra).logits
     return topk_teacher(logits, k)
 
 
@@ -52,7 +59,7 @@ def precompute(cfg: C.Config, out: str, *, k: int, batch: int, chunk: int, rank:
         raise ValueError(f"--k must be in [1, {vocab}], got {k}")
     header = {"format": FORMAT, "k": k, "seq_len": d.seq_len, "blocks": n, "chunk_blocks": chunk,
               "store": store.fingerprint, "teacher": teacher_identity(cfg), "id_dtype": S.token_dtype(vocab).name,
-              "lp_dtype": "float16"}
+              "lp_dtype": "float16", "document_mask": d.document_mask}
     os.makedirs(out, exist_ok=True)
     head = os.path.join(out, "header.json")
     if os.path.exists(head):
@@ -65,6 +72,7 @@ def precompute(cfg: C.Config, out: str, *, k: int, batch: int, chunk: int, rank:
     m = cfg.model
     teacher = build_model(m.teacher_path, m.teacher_config, m.dtype, m.init_seed + 1).eval()
     teacher.to(device())
+    eos = tokenizer.eos_token_id if d.document_mask else None
     chunks = -(-n // chunk)
     todo = [c for c in range(chunks) if c % world == rank and not os.path.exists(os.path.join(out, chunk_name(c) + ".json"))]
     log(f"precompute_teacher: {n} blocks in {chunks} chunks; rank {rank} of {world} has {len(todo)} to do")
@@ -73,7 +81,7 @@ def precompute(cfg: C.Config, out: str, *, k: int, batch: int, chunk: int, rank:
         rows = torch.arange(c * chunk, min((c + 1) * chunk, n))
         lps, idss = [], []
         for b0 in range(0, len(rows), batch):
-            lp, ids = teacher_topk(teacher, blocks[rows[b0:b0 + batch]].to(device()), k)
+            lp, ids = teacher_topk(teacher, blocks[rows[b0:b0 + batch]].to(device()), k, eos)
             lps.append(lp.to(torch.float16).cpu().numpy())
             idss.append(ids.cpu().numpy().astype(S.token_dtype(vocab)))
         meta = {"blocks": len(rows), "bytes": {}, "sha256": {}}

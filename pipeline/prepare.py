@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing as mp
 import os
 import sys
 import time
-import multiprocessing as mp
 
 from pipeline import cli, config as C
 from pipeline.data import batches as data, token_store as S

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.run import integrity
-from pipeline.data.teacher_topk import teacher_identity
+from pipeline import cli, config as C
 from pipeline.data import batches as data
+from pipeline.data.teacher_topk import teacher_identity
+from pipeline.data.token_store import write_atomic
 from pipeline.models import build as M
 from pipeline.parallel.backends import causal_without_mask_reads, frozen_forward
-from pipeline.data.token_store import write_atomic
-from pipeline import cli, config as C
+from pipeline.run import integrity
 
 INDEX, HIDDEN, ROWS, SUMS = "index.json", "hidden.npy", "rows.json", "hidden.sums"
 FORMAT = 2  # 2: checksums of every file, the teacher known by content

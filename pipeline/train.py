@@ -96,6 +96,7 @@ class Run:
                                                                 thread_name_prefix="teacher")
         engine = vllm_rollout.resolve(cfg.rollout.engine) if cfg.data.kind == "chat" else "hf"
         self.tokenizer = M.load_tokenizer(cfg)
+        self.document_end = data.document_end(cfg, self.tokenizer)  # packed text: documents end with this token
         M.preflight(cfg, self.tokenizer)  # model configs and tokenizers, before any data or weights load
         self.teacher_server = None  # loss.teacher remote: checked before any data or weights load
         if cfg.loss.teacher == "remote":
@@ -209,7 +210,7 @@ def step_batches(run: Run) -> tuple[list, dict]:
     drawn from (seed, step), identically on every rank, and all of the step's prompts go into one rollout."""
     cfg = run.cfg
     if cfg.data.kind == "text":
-        return [data.text_batch(run.batches.next()) for _ in range(cfg.train.grad_accum)], {}
+        return [data.text_batch(run.batches.next(), run.document_end) for _ in range(cfg.train.grad_accum)], {}
     r = cfg.rollout
     examples = run.batches.next()
     if run.schedule is not None:
@@ -348,9 +349,9 @@ def micro_loss(run: Run, mb, plan, rows_max, weight: float, *, stats, overrides:
     token's weight (1 / the step's token count); `stats` (or None) accumulates (top-1 agreements, tokens)."""
     cfg, models, heads, dev = run.cfg, run.models, run.models.heads, run.dist.device
     group = run.layout.shard_group
-    inputs, targets = mb.tokens[:, :-1], mb.tokens[:, 1:]
+    inputs, targets, docs = mb.tokens[:, :-1], mb.tokens[:, 1:], data.input_documents(mb)
     attn = mb.attention_mask[:, :-1] if plan.padded else None  # None: no padding (nothing for HF to check)
-    hs = models.student_hidden(inputs, attn)                           # [B, T-1, Hs]
+    hs = models.student_hidden(inputs, attn, docs)                     # [B, T-1, Hs]
     n = targets.numel()
     rows = None if plan.rows is None else data.to_device(plan.rows, dev)
     keep = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))
@@ -364,7 +365,7 @@ def micro_loss(run: Run, mb, plan, rows_max, weight: float, *, stats, overrides:
     if mb.teacher_hidden is not None:  # loss.teacher_cache: the stored states of exactly the loss rows
         ht_rows = mb.teacher_hidden.to(hs.dtype)
     else:
-        ht_rows = keep(models.teacher_hidden(inputs, attn).reshape(n, -1))  # [rows, Ht]
+        ht_rows = keep(models.teacher_hidden(inputs, attn, docs).reshape(n, -1))  # [rows, Ht]
     groups = torch.arange(inputs.shape[0], device=dev).repeat_interleave(inputs.shape[1])  # ATKD's per-sequence scope
     return fused_linear_loss(
         run.loss_fn, keep(hs.reshape(n, -1)), ht_rows, heads.student, heads.teacher,
@@ -427,12 +428,12 @@ def heldout_kl(run: Run, batch: data.Batch, with_ce: bool = False, teacher_rows:
     batch = batch.to(run.dist.device)
     count = torch.tensor([float(batch.loss_mask.sum())], device=run.dist.device)
     distributed.all_reduce_sum(count, run.dist.group)
-    inputs, attn = batch.tokens[:, :-1], batch.attention_mask[:, :-1]
+    inputs, attn, docs = batch.tokens[:, :-1], batch.attention_mask[:, :-1], data.input_documents(batch)
     n = inputs.numel()
-    hs, weight = run.models.student_hidden(inputs, attn).reshape(n, -1), batch.loss_mask.reshape(n).float()
+    hs, weight = run.models.student_hidden(inputs, attn, docs).reshape(n, -1), batch.loss_mask.reshape(n).float()
     targets = batch.tokens[:, 1:].reshape(n)
     if teacher_rows is None:
-        ht = run.models.teacher_hidden(inputs, attn).reshape(n, -1)
+        ht = run.models.teacher_hidden(inputs, attn, docs).reshape(n, -1)
     else:  # only the loss rows are scored (the others weigh 0 either way)
         rows = batch.loss_mask.reshape(n).nonzero().squeeze(1)
         hs, weight, targets, ht = hs[rows], weight[rows], targets[rows], teacher_rows.to(hs.device, hs.dtype)
@@ -451,7 +452,7 @@ def evaluate_heldout(run: Run, with_answers: bool = True) -> dict:
     (teacher-forced), and (`with_answers`) KL on the student's own greedy answers to the held-out prompts (the
     divergence the on-policy job is meant to shrink)."""
     if run.cfg.data.kind == "text":
-        return {"eval/kl": heldout_kl(run, data.text_batch(run.eval_data))}
+        return {"eval/kl": heldout_kl(run, data.text_batch(run.eval_data, run.document_end))}
     pairs = run.eval_data
     prompts = [p for p, _ in pairs]
     cache = run.teacher_cache  # a cache without the held-out examples (built before they were added) runs the teacher

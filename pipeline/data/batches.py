@@ -13,22 +13,22 @@ loss mask) with the loss on response tokens only; the same per-epoch permutation
 """
 from __future__ import annotations
 
-import collections
-import os
-from dataclasses import dataclass
 import codecs
-import json
+import collections
 import dataclasses
+import json
+import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from pipeline.config import DataConfig, resolve_files
-from pipeline.data.token_store import TokenStore
 from pipeline.data.teacher_topk import OfflineBlocks, TeacherTopk
+from pipeline.data.token_store import TokenStore
 
 EXT_FORMAT = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".md": "text"}
 
@@ -274,11 +274,12 @@ class Batch:
     teacher_logprobs: Tensor | None = None  # [B, T-1, k]: the teacher's stored top-k (loss.offline_teacher)
     teacher_ids: Tensor | None = None       # [B, T-1, k]
     teacher_hidden: Tensor | None = None    # [loss rows, H]: the teacher's stored hidden states (loss.teacher_cache)
+    documents: Tensor | None = None         # [B, T]: each position's document in its packed row (data.document_mask)
 
     def to(self, device) -> "Batch":
         return Batch(*(None if t is None else to_device(t, device) for t in (
             self.tokens, self.attention_mask, self.loss_mask, self.teacher_logprobs, self.teacher_ids,
-            self.teacher_hidden)))
+            self.teacher_hidden, self.documents)))
 
 
 def to_device(t: Tensor, device) -> Tensor:
@@ -291,13 +292,42 @@ def to_device(t: Tensor, device) -> Tensor:
     return t.to(device)
 
 
-def text_batch(block) -> Batch:
-    """A packed block [B, T] (or (block, teacher log-probs, teacher ids) from an offline-teacher store): every
-    position attends and every target counts."""
-    if isinstance(block, tuple):
-        tokens, lp, ids = block
-        return Batch(tokens, torch.ones_like(tokens), torch.ones_like(tokens[:, 1:]), lp, ids)
-    return Batch(block, torch.ones_like(block), torch.ones_like(block[:, 1:]))
+def text_batch(block, eos_id: int | None = None) -> Batch:
+    """A packed block [B, T] (or (block, teacher log-probs, teacher ids) from an offline-teacher store): every target
+    counts. eos_id (data.document_mask): attention stays inside each document (documents end with eos_id), else
+    every position attends to the whole row."""
+    tokens, lp, ids = block if isinstance(block, tuple) else (block, None, None)
+    return Batch(tokens, torch.ones_like(tokens), torch.ones_like(tokens[:, 1:]), lp, ids,
+                 documents=None if eos_id is None else documents(tokens, eos_id))
+
+
+def document_end(cfg, tokenizer) -> int | None:
+    """The token that ends a packed document when data.document_mask applies (text), else None."""
+    return tokenizer.eos_token_id if cfg.data.kind == "text" and cfg.data.document_mask else None
+
+
+def input_documents(b: Batch) -> Tensor | None:
+    """The documents of a batch's inputs (every position but the last)."""
+    return None if b.documents is None else b.documents[:, :-1]
+
+
+def documents(tokens: Tensor, eos_id: int) -> Tensor | None:
+    """[B, T] -> each position's document index in its row: a document ends with (and includes) eos_id. None when
+    every row is one document (no end of document before its last position): plain causal attention."""
+    end = tokens == eos_id
+    if not end[:, :-1].any():
+        return None
+    return torch.cumsum(end, 1) - end.long()
+
+
+def document_positions(documents: Tensor) -> Tensor:
+    """[B, T] document indices -> positions that restart at 0 at every document's first token."""
+    T = documents.shape[1]
+    idx = torch.arange(T, device=documents.device).expand_as(documents)
+    start = torch.ones_like(documents, dtype=torch.bool)
+    start[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    first = torch.cummax(torch.where(start, idx, torch.zeros_like(idx)), 1).values
+    return idx - first
 
 
 def collate(prompts: list, responses: list, pad_id: int) -> Batch:

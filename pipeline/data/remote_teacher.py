@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.data.batches import Batch
+from pipeline.data.batches import Batch, document_end
 
 KEY_ENV = "TEACHER_API_KEY"
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog, and 12 + 30 = 42."
@@ -80,6 +80,7 @@ class TeacherClient:
         self.model: str | None = None       # the served name, from the server (wait_until_up)
         self.max_model_len: int | None = None
         self.bytes_received = 0             # response bytes, for the benchmark's bytes per token
+        self.document_end: int | None = None  # packed text with data.document_mask: documents end with this token
 
     # ---- transport ---------------------------------------------------------------------------------------------
     def _connection(self) -> http.client.HTTPConnection:
@@ -162,9 +163,44 @@ class TeacherClient:
         return [_topk(c["prompt_logprobs"], len(r), k) for c, r in zip(choices, rows)]
 
     def score_block(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Packed rows [B, T] -> (log-probs [B, T-1, k], ids [B, T-1, k]), as an offline cache gives them."""
-        scored = self.score(tokens.tolist())
+        """Packed rows [B, T] -> (log-probs [B, T-1, k], ids [B, T-1, k]), as an offline cache gives them. With
+        document_end set (data.document_mask), each document is scored on its own, as the student sees it."""
+        if self.document_end is not None:
+            scored = self.score_documents(tokens.tolist(), self.document_end)
+        else:
+            scored = self.score(tokens.tolist())
         return torch.stack([lp for lp, _ in scored]), torch.stack([ids for _, ids in scored])
+
+    def score_documents(self, rows: list[list[int]], eos_id: int) -> list[tuple[Tensor, Tensor]]:
+        """Like score(), with attention inside each document of a row (documents end with eos_id): every document is
+        a prompt of its own; a document's last position (its end, predicting the next document's first token) is
+        the distribution of the token the API generates after it. One request per call."""
+        k = self.rc.top_k
+        docs, owner = [], []
+        for i, row in enumerate(rows):
+            start = 0
+            for t, tok in enumerate(row):
+                if tok == eos_id or t == len(row) - 1:
+                    docs.append(row[start:t + 1])
+                    owner.append((i, start, tok == eos_id and t < len(row) - 1))
+                    start = t + 1
+        out = self.request("POST", "/v1/completions", {
+            "model": self.model, "prompt": docs, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k,
+            "logprobs": k, "return_tokens_as_token_ids": True})
+        choices = sorted(out["choices"], key=lambda c: c["index"])
+        if len(choices) != len(docs):
+            raise TeacherMismatch(f"the teacher server at {self.url} answered {len(choices)} of {len(docs)} prompts")
+        lps = [np.empty((len(r) - 1, k), dtype=np.float32) for r in rows]
+        idss = [np.empty((len(r) - 1, k), dtype=np.int64) for r in rows]
+        for doc, (i, start, continues), c in zip(docs, owner, choices):
+            n = len(doc)
+            if n > 1:
+                lp, ids = _topk(c["prompt_logprobs"], n, k)
+                lps[i][start:start + n - 1], idss[i][start:start + n - 1] = lp.numpy(), ids.numpy()
+            if continues:  # the end of a document, predicting what follows it
+                lp, ids = _best(c["logprobs"]["top_logprobs"][0], k)
+                lps[i][start + n - 1], idss[i][start + n - 1] = lp, ids
+        return [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in zip(lps, idss)]
 
     def score_batch(self, b: Batch) -> Batch:
         """An instruction micro-batch (right-padded) with the teacher's top-k of each row's real tokens; padded
@@ -202,6 +238,16 @@ def _topk(positions: list, n: int, k: int) -> tuple[Tensor, Tensor]:
         ids[t] = [int(tok) for tok, _ in best]
         lp[t] = [v["logprob"] for _, v in best]
     return torch.from_numpy(lp), torch.from_numpy(ids)
+
+
+def _best(top: dict, k: int) -> tuple[list[float], list[int]]:
+    """The completions API's top_logprobs of a generated token ({"token_id:ID": log-prob}, with
+    return_tokens_as_token_ids) -> the k most likely (log-probs, ids), most likely first."""
+    if len(top) < k:
+        raise TeacherMismatch(f"the teacher server returned {len(top)} log-probs for a position, not "
+                              f"loss.remote.top_k = {k}")
+    best = sorted(top.items(), key=lambda kv: -kv[1])[:k]
+    return [v for _, v in best], [int(tok.rsplit(":", 1)[-1]) for tok, _ in best]
 
 
 class RemoteBlocks:
@@ -244,6 +290,7 @@ def connect(cfg, tokenizer, *, run_dir: str | None, is_main: bool, log=print) ->
                               f"data.seq_len = {need - 1} need {need}: start it with --max-model-len {need} or more")
     if run_dir is not None:
         check_probe(client, ours, os.path.join(run_dir, PROBE_FILE), write=is_main)
+    client.document_end = document_end(cfg, tokenizer)
     return client
 
 

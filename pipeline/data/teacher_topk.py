@@ -53,8 +53,10 @@ class TeacherTopk:
         self._files: dict[int, tuple] = {}
 
     def check(self, cfg: C.Config, store: S.TokenStore) -> None:
-        want = {"store": store.fingerprint, "seq_len": cfg.data.seq_len, "teacher": teacher_identity(cfg)}
-        have = {k: self.index[k] for k in want}
+        want = {"store": store.fingerprint, "seq_len": cfg.data.seq_len, "teacher": teacher_identity(cfg),
+                "document_mask": cfg.data.document_mask}
+        # a cache written before document masking existed: the teacher saw whole rows
+        have = {k: self.index.get(k, False) for k in want}
         bad = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
         if bad:
             raise S.StoreError(f"loss.offline_teacher: {self.path} was computed for another setup: "

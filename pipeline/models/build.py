@@ -6,9 +6,9 @@ import contextlib
 import os
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from safetensors import SafetensorError
 
 from pipeline.models import loading
 

@@ -16,11 +16,11 @@ import json
 import os
 
 import torch
-from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 import torch.distributed as dist
 from safetensors import safe_open
+from torch import Tensor, nn
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from transformers import AutoConfig, AutoModelForCausalLM
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

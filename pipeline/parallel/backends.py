@@ -16,33 +16,34 @@ size; OutputHeads sums its rows' gradients over the replicas and divides by the 
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import math
 import os
 from typing import Protocol
-import hashlib
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
-from transformers.masking_utils import sdpa_mask
-from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import and_masks, causal_mask_function, packed_sequence_mask_function, sdpa_mask
 
+from pipeline.config import read_deepspeed_json
+from pipeline.data.batches import document_positions
+from pipeline.loss.vocab_parallel import gather_shards, shard_range
 from pipeline.models import build as M, loading
 from pipeline.parallel.distributed import device, Layout, ranks_per_node
-from pipeline.loss.vocab_parallel import gather_shards, shard_range
-from pipeline.config import read_deepspeed_json
 
 
 class Models(Protocol):
     heads: "OutputHeads"
 
-    def student_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
-    def teacher_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
+    def student_hidden(self, input_ids: Tensor, attention_mask: Tensor, documents: Tensor | None = None) -> Tensor: ...
+    def teacher_hidden(self, input_ids: Tensor, attention_mask: Tensor, documents: Tensor | None = None) -> Tensor: ...
     def set_lr(self, lr: float) -> None: ...
     def backward(self, loss: Tensor) -> None: ...
     def grad_norm(self) -> Tensor | None: ...
@@ -162,12 +163,20 @@ def is_tied(model: nn.Module) -> bool:
 
 
 _UNPADDED = contextvars.ContextVar("unpadded", default=False)
+_DOCUMENTS: contextvars.ContextVar = contextvars.ContextVar("documents", default=None)
 
 
 def _causal_mask(*args, **kwargs):
     """transformers' sdpa mask, except for batches the caller knows have no padding: then no mask (sdpa runs with
     is_causal), without transformers reading the padding mask back to the host to find that out (a device sync per
-    forward)."""
+    forward). Packed documents (data.document_mask): causal and inside each document, from the document indices the
+    data path built on the host (transformers would derive them from the positions with a host read)."""
+    docs = _DOCUMENTS.get()
+    if docs is not None:
+        kwargs["mask_function"] = and_masks(kwargs.get("mask_function", causal_mask_function),
+                                            packed_sequence_mask_function(docs))
+        kwargs["allow_is_causal_skip"] = False
+        return sdpa_mask(*args, **kwargs)
     return None if _UNPADDED.get() else sdpa_mask(*args, **kwargs)
 
 
@@ -181,9 +190,17 @@ def causal_without_mask_reads(model: nn.Module) -> None:
     model.set_attn_implementation("pipeline_sdpa")
 
 
-def forward(model, input_ids, attention_mask) -> Tensor:
+def forward(model, input_ids, attention_mask, documents=None) -> Tensor:
     """The model's final hidden states (its output layer is an Identity, so the HF output's "logits" are they).
-    attention_mask None: the batch has no padding (known on the host)."""
+    attention_mask None: the batch has no padding (known on the host). documents [B, T] (packed text with
+    data.document_mask): each position's document; attention stays inside it and positions restart with it."""
+    if documents is not None:
+        token = _DOCUMENTS.set(documents)
+        try:
+            return model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                         position_ids=document_positions(documents), use_cache=False).logits
+        finally:
+            _DOCUMENTS.reset(token)
     if attention_mask is not None:
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     token = _UNPADDED.set(True)
@@ -308,8 +325,8 @@ def state_is_finite(student, heads: OutputHeads) -> Tensor:
 
 
 @torch.no_grad()
-def frozen_forward(teacher, input_ids, attention_mask) -> Tensor:
-    h = forward(teacher, input_ids, attention_mask)
+def frozen_forward(teacher, input_ids, attention_mask, documents=None) -> Tensor:
+    h = forward(teacher, input_ids, attention_mask, documents)
     if hasattr(teacher, "reshard"):
         # FSDP2 keeps the root's parameters gathered after forward, expecting a backward; the frozen teacher has
         # none, so free them now (also makes the local shards what teacher_state_digest reads)
@@ -383,11 +400,11 @@ class TorchModels:
         self.optimizer = build_adamw(student.parameters(), cfg.optim)
         self._raw_norm = None
 
-    def student_hidden(self, input_ids, attention_mask):
-        return forward(self.student, input_ids, attention_mask)
+    def student_hidden(self, input_ids, attention_mask, documents=None):
+        return forward(self.student, input_ids, attention_mask, documents)
 
-    def teacher_hidden(self, input_ids, attention_mask):
-        return frozen_forward(self.teacher, input_ids, attention_mask)
+    def teacher_hidden(self, input_ids, attention_mask, documents=None):
+        return frozen_forward(self.teacher, input_ids, attention_mask, documents)
 
     teacher_state_digest, set_lr = _teacher_digest, _set_lrs
 
@@ -509,12 +526,12 @@ class DeepSpeedModels:
         self.engine, self.teacher_engine, self.heads, self.cfg = engine, teacher_engine, heads, cfg
         self.student, self.teacher, self.optimizer = engine.module, teacher, engine.optimizer
 
-    def student_hidden(self, input_ids, attention_mask):
-        return forward(self.engine, input_ids, attention_mask)
+    def student_hidden(self, input_ids, attention_mask, documents=None):
+        return forward(self.engine, input_ids, attention_mask, documents)
 
-    def teacher_hidden(self, input_ids, attention_mask):
+    def teacher_hidden(self, input_ids, attention_mask, documents=None):
         return frozen_forward(self.teacher_engine if self.teacher_engine is not None else self.teacher, input_ids,
-                              attention_mask)
+                              attention_mask, documents)
 
     teacher_state_digest, set_lr = _teacher_digest, _set_lrs
 

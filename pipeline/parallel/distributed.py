@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 import datetime
 import os
-from dataclasses import dataclass
-import socket
-import ctypes
 import signal
+import socket
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist

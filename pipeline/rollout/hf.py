@@ -28,10 +28,10 @@ import torch.distributed as dist
 from torch import Tensor
 from transformers import AutoModelForCausalLM
 
-from pipeline.parallel.distributed import any_rank
+from pipeline.loss.vocab_parallel import shard_range
 from pipeline.models.build import embedding_name, head_name
 from pipeline.parallel.backends import full_numel, full_state_dict
-from pipeline.loss.vocab_parallel import shard_range
+from pipeline.parallel.distributed import any_rank
 
 SOURCES = ("dataset", "student", "teacher", "replay")
 

@@ -22,17 +22,17 @@ shape fails only at the first forward (a one-token warm-up at start).
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import json
 import math
 import os
-import time
-import copy
-import re
 import random
+import re
+import time
 
-import torch
 import numpy as np
+import torch
 
 from pipeline.models.build import embedding_name
 from pipeline.rollout import hf as rollout

@@ -17,6 +17,8 @@ Layout: run_dir/checkpoints/step_00000040/{body/..., rank0.pt, rank1.pt, ..., MA
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import random
@@ -24,14 +26,12 @@ import re
 import shutil
 import sys
 from typing import Protocol
-import errno
-import ctypes
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, GenerationConfig
 from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from pipeline.models.build import embedding_name, head_name
 from pipeline.parallel.distributed import barrier

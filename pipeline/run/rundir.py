@@ -12,12 +12,12 @@
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import socket
 import time
-import fcntl
 
 from pipeline import config as C
 from pipeline.run import checkpoint, integrity
