@@ -29,11 +29,12 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ, BATCH, NEW = 128, 8, 64
-COMMON = ["--loss.method=fkl", "--loss.options={}", "--loss.chunk_size=null", "--optim.lr=1e-3", "--optim.min_lr=1e-3",
-          "--optim.warmup_steps=0", "--optim.schedule=constant", "--optim.weight_decay=0.01", "--optim.grad_clip=1.0",
-          "--optim.clip_scope=global", "--train.micro_batch_size=8", "--train.grad_accum=1",
-          "--checkpoint.every=0", "--checkpoint.export=false", "--logging.progress=false", "--train.log_every=1",
-          "--parallel.backend=none"]
+# --data.document_mask=false: TRL attends across the documents of a packed row, so ours does too here
+COMMON = ["--data.document_mask=false", "--loss.method=fkl", "--loss.options={}", "--loss.chunk_size=null",
+          "--optim.lr=1e-3", "--optim.min_lr=1e-3", "--optim.warmup_steps=0", "--optim.schedule=constant",
+          "--optim.weight_decay=0.01", "--optim.grad_clip=1.0", "--optim.clip_scope=global",
+          "--train.micro_batch_size=8", "--train.grad_accum=1", "--checkpoint.every=0", "--checkpoint.export=false",
+          "--logging.progress=false", "--train.log_every=1", "--parallel.backend=none"]
 
 
 def prepare(work: str):

@@ -122,8 +122,10 @@ def prepare(assets_dir: str, data_dir: str):
 
 
 def measure(student_dir: str, teacher, tok, blocks, prompts, refs) -> dict:
+    """Held-out figures of a student: over the held-out play's packed blocks (documents masked, as the demo trains)
+    and its answers to the held-out prompts."""
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
-    scores = evaluate.evaluate_models(student, teacher, blocks)
+    scores = evaluate.evaluate_models(student, teacher, blocks, eos_id=tok.eos_token_id)
     answers = evaluate.generate(student, tok, prompts)
     return {**scores, "rouge_l": evaluate.rouge_l(answers, refs), "sample": answers[0]}
 

@@ -29,8 +29,13 @@ from pipeline.models import build as M
 from pipeline.rollout import hf as rollout
 
 
-def hidden_states(model, tokens, attention_mask):
-    """The final (normalised) hidden states [B, T, H] of a causal LM: its decoder without the output layer."""
+def hidden_states(model, tokens, attention_mask, documents=None):
+    """The final (normalised) hidden states [B, T, H] of a causal LM: its decoder without the output layer.
+    documents [B, T] (packed text, data.document_mask): attention inside each document, as training runs it
+    (transformers derives the documents from positions that restart with each)."""
+    if documents is not None:
+        return model.get_decoder()(input_ids=tokens, position_ids=data.document_positions(documents),
+                                   use_cache=False).last_hidden_state
     return model.get_decoder()(input_ids=tokens, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
@@ -51,8 +56,9 @@ def heldout_metrics(student, teacher, batch: data.Batch, batch_size: int = 4, ch
         tokens = batch.tokens[i:i + batch_size].to(device)
         attn = batch.attention_mask[i:i + batch_size, :-1].to(device)
         mask = batch.loss_mask[i:i + batch_size].to(device).bool()
-        hs = hidden_states(student, tokens[:, :-1], attn)[mask]  # [N, H]
-        ht = hidden_states(teacher, tokens[:, :-1], attn)[mask]
+        docs = None if batch.documents is None else batch.documents[i:i + batch_size, :-1].to(device)
+        hs = hidden_states(student, tokens[:, :-1], attn, docs)[mask]  # [N, H]
+        ht = hidden_states(teacher, tokens[:, :-1], attn, docs)[mask]
         targets = tokens[:, 1:][mask]
         for j in range(0, targets.numel(), chunk_tokens):
             zs = (hs[j:j + chunk_tokens] @ ws.t()).float()  # [chunk, V]
@@ -68,11 +74,11 @@ def heldout_metrics(student, teacher, batch: data.Batch, batch_size: int = 4, ch
             "top1_agreement": agree / n, "student_entropy": entropy / n, "tokens": int(n)}
 
 
-def evaluate_models(student, teacher, blocks: torch.Tensor, batch_size: int = 4) -> dict:
+def evaluate_models(student, teacher, blocks: torch.Tensor, batch_size: int = 4, eos_id: int | None = None) -> dict:
     """Token means over all predicted positions of packed blocks [n, T]: perplexity, KL(teacher || student),
-    teacher top-1 agreement."""
+    teacher top-1 agreement; eos_id: documents masked as in training (data.document_mask)."""
     student.eval()
-    m = heldout_metrics(student, teacher, data.text_batch(blocks), batch_size)
+    m = heldout_metrics(student, teacher, data.text_batch(blocks, eos_id), batch_size)
     return {k: m[k] for k in ("perplexity", "kl_to_teacher", "top1_agreement", "tokens")}
 
 
@@ -228,7 +234,8 @@ def heldout_sample(cfg, tokenizer, n: int) -> tuple[data.Batch, str]:
         rows = store.examples(d) if d.kind == "chat" else store.blocks(d.seq_len)
         tail = torch.arange(max(len(rows) - n, 0), len(rows))
         where = f"the last {len(tail)} {'examples' if d.kind == 'chat' else 'blocks'} of data.store (training data)"
-        return (data.collate(*zip(*rows[tail]), pad) if d.kind == "chat" else data.text_batch(rows[tail])), where
+        return (data.collate(*zip(*rows[tail]), pad) if d.kind == "chat"
+                else data.text_batch(rows[tail], data.document_end(cfg, tokenizer))), where
     elif d.files:
         files = C.resolve_files(d.files)[-1:]
         where = f"the first rows of {files[0]} (training data)"
@@ -243,7 +250,7 @@ def heldout_sample(cfg, tokenizer, n: int) -> tuple[data.Batch, str]:
     blocks = first_blocks(data.load_documents(held, where), tokenizer, d.text_field, d.seq_len, n)
     if blocks.shape[0] == 0:
         raise ValueError(f"{where}: no held-out block of data.seq_len ({d.seq_len}) tokens in it")
-    return data.text_batch(blocks), where
+    return data.text_batch(blocks, data.document_end(cfg, tokenizer)), where
 
 
 def check_device(cfg, environ=os.environ) -> None:

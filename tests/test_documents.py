@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from pipeline import evaluate
 from pipeline.data import batches as data
 from pipeline.parallel import backends
 from pipeline.precompute_teacher import teacher_topk
@@ -88,11 +89,15 @@ def test_a_packed_row_computes_what_its_documents_compute_alone(seed):
     assert not torch.allclose(packed, backends.forward(model, rows, None))
 
 
-def test_the_offline_teachers_top_k_is_each_documents_own():
-    """pipeline.precompute_teacher's top-k under document masking (transformers' packed-sequence path) equals the
-    top-k of each document's own forward."""
+def test_the_offline_teachers_top_k_and_the_evaluations_states_are_each_documents_own():
+    """pipeline.precompute_teacher's top-k and pipeline.evaluate's hidden states under document masking
+    (transformers' packed-sequence path) equal those of each document's own forward."""
     model = LlamaForCausalLM(LlamaConfig(**CONF)).double().eval()
     rows = _rows(7)
+    with torch.no_grad():
+        states = evaluate.hidden_states(model, rows, torch.ones_like(rows), data.documents(rows, EOS))
+        alone = [evaluate.hidden_states(model, torch.tensor([d]), None)[0] for r in rows.tolist() for d in _split(r)]
+    torch.testing.assert_close(states.reshape(-1, CONF["hidden_size"]), torch.cat(alone), rtol=1e-12, atol=1e-12)
     lp, ids = teacher_topk(model, rows, 5, EOS)
     for b in range(rows.shape[0]):
         start = 0
