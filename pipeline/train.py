@@ -232,15 +232,23 @@ def step_batches(run: Run) -> tuple[list, dict]:
         info.update(stats)
         pairs = list(zip(prompts, completions))
     B = cfg.train.micro_batch_size
-    batches = [data.collate([p for p, _ in pairs[i:i + B]], [c for _, c in pairs[i:i + B]], run.pad_id)
-               for i in range(0, len(pairs), B)]
+    batches, parts = [], []  # each micro-batch and its examples in the order its loss rows hold them
+    for i in range(0, len(pairs), B):
+        part = pairs[i:i + B]
+        if cfg.data.padding_free:
+            b, order = data.collate_packed([p for p, _ in part], [c for _, c in part], run.pad_id)
+            part = [part[j] for j in order]
+        else:
+            b = data.collate([p for p, _ in part], [c for _, c in part], run.pad_id)
+        batches.append(b)
+        parts.append(part)
     if run.teacher_server is not None:  # every micro-batch's rows in flight at once; the server batches them
         batches = list(run.score_pool.map(run.teacher_server.score_batch, batches))
     if source == "student" and r.replay_capacity:  # after the scores: a failed step leaves the buffer as it was
         run.replay.push(pairs)
     if source == "dataset" and run.teacher_cache is not None:  # every rank alike: the step's source is shared
-        batches = [dataclasses.replace(b, teacher_hidden=run.teacher_cache.states_of(pairs[i * B:(i + 1) * B]))
-                   for i, b in enumerate(batches)]
+        batches = [dataclasses.replace(b, teacher_hidden=run.teacher_cache.states_of(part))
+                   for b, part in zip(batches, parts)]
     info["response_len"] = sum(len(c) for _, c in pairs) / len(pairs)
     return batches, info
 
@@ -253,13 +261,20 @@ class MicroPlan:
     rows: torch.Tensor | None  # indices of the loss rows in the flattened [B * (T-1)] positions; None: all of them
     n_rows: int
     padded: bool
+    row_documents: list | None = None  # packed examples: each row's first sequence id
+    n_sequences: int = 0
 
 
 def plan_micro(mb: data.Batch) -> MicroPlan:
     mask = mb.loss_mask.reshape(-1).bool()
     n = int(mask.sum())
-    return MicroPlan(None if n == mask.numel() else torch.nonzero(mask).squeeze(-1), n,
+    plan = MicroPlan(None if n == mask.numel() else torch.nonzero(mask).squeeze(-1), n,
                      not bool(mb.attention_mask.all()))
+    if mb.documents is not None:  # sequences per row (packed examples; a row's padding counts as one, never a target)
+        per_row = (mb.documents.max(1).values + 1).tolist()
+        plan.row_documents = [sum(per_row[:r]) for r in range(len(per_row))]
+        plan.n_sequences = sum(per_row)
+    return plan
 
 
 def step_sizes(plans: list[MicroPlan] | None, run: Run) -> tuple[float, list[int]]:
@@ -299,6 +314,7 @@ def train_step(run: Run, stats_wanted: bool = True) -> dict:
         micro, info, lost = [], {}, e
     with distributed.host_data():
         plans = None if lost else [plan_micro(mb) for mb in micro]  # on the host, before the batches move
+        positions = sum(mb.tokens.numel() for mb in micro) / max(sum(int(mb.attention_mask.sum()) for mb in micro), 1)
     micro = [mb.to(dev) for mb in micro]  # built on the CPU; a no-op there
     t_data = time.perf_counter() - t0
     # the denominator is the number of loss tokens over the whole step and every rank: token-mean losses then do
@@ -329,6 +345,8 @@ def train_step(run: Run, stats_wanted: bool = True) -> dict:
                # text: how long the step waited for its batches, and how much this rank has read (store / stream)
                "data/wait_s": t_data if run.cfg.data.kind == "text" else None,
                "data/tokens_read": getattr(run.batches, "tokens_read", None),
+               # chat: positions through the models per real (prompt or response) token: 1 is no padding at all
+               "data/positions_per_token": positions if run.cfg.data.kind == "chat" else None,
                "_stop": signals.REQUEUE if v["requeue"] else signals.STOP if v["stop"] else 0}
     if info:
         _log_rollout(run, info, int(count))
@@ -366,13 +384,23 @@ def micro_loss(run: Run, mb, plan, rows_max, weight: float, *, stats, overrides:
         ht_rows = mb.teacher_hidden.to(hs.dtype)
     else:
         ht_rows = keep(models.teacher_hidden(inputs, attn, docs).reshape(n, -1))  # [rows, Ht]
-    groups = torch.arange(inputs.shape[0], device=dev).repeat_interleave(inputs.shape[1])  # ATKD's per-sequence scope
+    groups, n_groups = sequences(inputs, docs if cfg.data.kind == "chat" else None, plan)  # ATKD's per-sequence scope
     return fused_linear_loss(
         run.loss_fn, keep(hs.reshape(n, -1)), ht_rows, heads.student, heads.teacher,
         token_weight=weight, targets=keep(targets.reshape(n)), groups=keep(groups),
-        n_groups=inputs.shape[0], group=group, vocab_start=heads.start, chunk_size=run.chunk_size,
+        n_groups=n_groups, group=group, vocab_start=heads.start, chunk_size=run.chunk_size,
         compile=cfg.loss.compile, ce_weight=cfg.loss.ce_weight, precision=cfg.loss.matmul_precision,
         n_max=rows_max, stats=stats, **overrides)
+
+
+def sequences(inputs, docs, plan: MicroPlan) -> tuple[torch.Tensor, int]:
+    """(each input position's sequence [B * (T-1)], how many): a row, or with packed examples (docs) an example;
+    the count comes from the host-side plan."""
+    B, T = inputs.shape
+    if docs is None:
+        return torch.arange(B, device=inputs.device).repeat_interleave(T), B
+    offsets = torch.as_tensor(plan.row_documents, device=inputs.device)  # each row's first sequence id
+    return (docs + offsets[:, None]).reshape(-1), plan.n_sequences
 
 
 def update(run: Run, total, stats) -> dict:

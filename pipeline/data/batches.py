@@ -345,6 +345,48 @@ def collate(prompts: list, responses: list, pad_id: int) -> Batch:
     return Batch(tokens, attn, loss)
 
 
+def pack_order(lengths: list[int], width: int) -> list[list[int]]:
+    """Rows of example indices, each row's lengths summing to at most `width`: first fit, longest first (fewest
+    rows; ties keep the examples' order, so the packing depends on the lengths alone)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        j = next((j for j, r in enumerate(room) if r >= lengths[i]), None)
+        if j is None:
+            rows.append([i])
+            room.append(width - lengths[i])
+        else:
+            rows[j].append(i)
+            room[j] -= lengths[i]
+    return rows
+
+
+def collate_packed(prompts: list, responses: list, pad_id: int) -> tuple[Batch, list[int]]:
+    """Padding-free instruction batch (data.padding_free): prompt + response examples packed into rows as wide as the
+    longest example, each example a document of its own (attention inside it, positions restarting with it), the
+    loss on response tokens as in collate(). Returns the batch and the examples' order in it (row by row): its loss
+    rows are those of collate() over the examples in that order."""
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    width = max(lengths)
+    rows = pack_order(lengths, width)
+    R = len(rows)
+    tokens = torch.full((R, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((R, width), dtype=torch.long)
+    loss = torch.zeros((R, width - 1), dtype=torch.long)
+    docs = torch.zeros((R, width), dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for d, i in enumerate(members):
+            p, n = len(prompts[i]), lengths[i]
+            tokens[r, at:at + n] = torch.tensor(list(prompts[i]) + list(responses[i]), dtype=torch.long)
+            attn[r, at:at + n] = 1
+            loss[r, at + p - 1:at + n - 1] = 1
+            docs[r, at:at + n] = d
+            at += n
+        docs[r, at:] = len(members)  # the row's padding: a document of its own, never a target
+    return Batch(tokens, attn, loss, documents=docs), [i for row in rows for i in row]
+
+
 def chat_layout(ds, d: DataConfig) -> str:
     columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
     if d.messages_field in columns:

@@ -9,6 +9,7 @@ Address and key: `loss.remote.address` is a URL or the address file `python -m p
 the environment (TEACHER_API_KEY), never from a command line."""
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import os
@@ -203,16 +204,25 @@ class TeacherClient:
         return [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in zip(lps, idss)]
 
     def score_batch(self, b: Batch) -> Batch:
-        """An instruction micro-batch (right-padded) with the teacher's top-k of each row's real tokens; padded
-        positions get a uniform top-k of token 0 (finite, and never a loss row)."""
-        lengths = b.attention_mask.sum(1).tolist()
-        scored = self.score([row[:n] for row, n in zip(b.tokens.tolist(), lengths)])
+        """An instruction micro-batch (right-padded, or packed: data.padding_free) with the teacher's top-k of each
+        example, scored as a prompt of its own; padding gets a uniform top-k of token 0 (finite, never a loss
+        row)."""
+        segments = []  # (row, start, token ids) of every example
+        attn, docs = b.attention_mask.tolist(), None if b.documents is None else b.documents.tolist()
+        for i, row in enumerate(b.tokens.tolist()):
+            start = 0
+            for t in range(1, len(row) + 1):
+                if t == len(row) or not attn[i][t] or (docs is not None and docs[i][t] != docs[i][start]):
+                    if attn[i][start]:
+                        segments.append((i, start, row[start:t]))
+                    start = t
+        scored = self.score([s for _, _, s in segments])
         B, T, k = b.tokens.shape[0], b.tokens.shape[1], self.rc.top_k
         lp = torch.full((B, T - 1, k), -float(np.log(k)), dtype=torch.float32)
         ids = torch.zeros((B, T - 1, k), dtype=torch.long)
-        for i, (l, d) in enumerate(scored):
-            lp[i, :l.shape[0]], ids[i, :d.shape[0]] = l, d
-        return Batch(b.tokens, b.attention_mask, b.loss_mask, lp, ids)
+        for (i, start, seg), (l, d) in zip(segments, scored):
+            lp[i, start:start + len(seg) - 1], ids[i, start:start + len(seg) - 1] = l, d
+        return dataclasses.replace(b, teacher_logprobs=lp, teacher_ids=ids)
 
     def wrap(self, blocks) -> RemoteBlocks:
         return RemoteBlocks(blocks, self)
