@@ -9,7 +9,7 @@ PYTHON ?= python3
 BVENV  := .venv-bench
 BPY    := $(BVENV)/bin/python
 
-.PHONY: setup setup-gpu check-gpu-env gpu-check demo test bench bench-rollout bench-data bench-scale bench-e2e bench-teacher \
+.PHONY: setup setup-gpu check-gpu-env gpu-check demo test bench bench-rollout bench-data bench-scale bench-e2e bench-teacher bench-long \
 	bench-quality bench-load bench-integrity clean
 
 # DS_BUILD_OPS=0: DeepSpeed ships as an sdist; build no ops now (they JIT-compile on first use, cached).
@@ -91,6 +91,10 @@ bench-load: setup
 # what checking every store and teacher-cache read costs per step at the demo's size (~1 min)
 bench-integrity: setup
 	$(PY) bench/integrity_bench.py $(ARGS)
+
+# long sequences (peak memory from 1k to 64k tokens, ours and TRL's) and padding-free batches (~40 min here)
+bench-long: $(BVENV)/.installed
+	$(BPY) bench/long_bench.py $(ARGS)
 
 # a served teacher (vLLM) against the co-located one and an offline cache on the embedded pair (~10 min)
 bench-teacher: setup

@@ -12,6 +12,7 @@ communication these formulas count, on CPUs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -87,6 +88,13 @@ def memory(cfg, s: Shapes, t: Shapes | None, lay: Layout, a) -> tuple[dict, str]
     mem["gathered blocks (2 in flight)"] = 2 * s.largest_layer * b
     act = (2 if tr.activation_checkpointing else 67) * s.hidden * s.layers * tokens  # bytes; 67 H measured here
     mem["student activations"] = act
+    # grow with the sequence too: with checkpointing one layer is recomputed (its full working set) in backward;
+    # the teacher's forward holds one layer's working set at a time (priced as a training layer's: an upper bound).
+    # Attention itself is linear in the length with flash / memory-efficient kernels (GPUs), assumed here.
+    if tr.activation_checkpointing:
+        mem["student layer recomputed in backward"] = 67 * s.hidden * tokens
+    if t is not None:
+        mem["teacher forward: one layer's working set"] = 67 * t.hidden * tokens
     if s.tied:  # parallelize.TiedEmbedding gathers the whole fp32 table for the lookup, and its gradient
         mem["tied embedding: gathered table + gradient"] = 2 * s.head * 4
     head_rows = s.vocab / S
@@ -135,6 +143,11 @@ def step_time(cfg, s: Shapes, t: Shapes | None, lay: Layout, placement: str, *, 
     # loss's output-layer matmuls (2 forward per model, 4 for the student's gradients), all at mfu x peak
     flops = tokens * tr.grad_accum * ((8 if tr.activation_checkpointing else 6) * body + (2 * t.body if t else 0)
                                       + 2 * s.vocab * h_sum + 4 * s.vocab * s.hidden)
+    # causal attention's scores and weighted sum: 2 T^2 H per layer and sequence forward (x3 with the backward, x4
+    # with recomputation); what makes long sequences cost more per token
+    T, seqs = cfg.data.seq_len, tr.micro_batch_size * tr.grad_accum
+    flops += seqs * 2 * T * T * ((4 if tr.activation_checkpointing else 3) * s.hidden * s.layers
+                                 + (t.hidden * t.layers if t else 0))
     intra = inter = 0.0
     ga = tr.grad_accum
     # the loss: all-gather of the group's hidden states (+ weight, target, scope id per token), reduce-scatter of
@@ -187,6 +200,24 @@ def report(e: dict, a) -> str:
     return "\n".join(lines)
 
 
+def fit_table(cfg, s: Shapes, t: Shapes | None, lengths: list[int], a) -> str:
+    """GiB per GPU and tokens/s at each sequence length, one sequence per micro-batch (the step's other settings as
+    configured): a projection from the shapes, as the breakdown is."""
+    lines = [f"projection: one sequence per micro-batch, grad_accum {cfg.train.grad_accum}, activation checkpointing "
+             f"{'on' if cfg.train.activation_checkpointing else 'off'}, {a.nodes} x {a.gpus_per_node} GPUs of "
+             f"{a.gpu_memory_gb:.0f} GiB", "", f"{'tokens per sequence':>20s} {'GiB per GPU':>12s} {'fits':>5s} "
+             f"{'tokens/s':>12s}  largest item"]
+    for n in lengths:
+        c = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=n),
+                                train=dataclasses.replace(cfg.train, micro_batch_size=1))
+        e = estimate(c, s, t, a.nodes, a.gpus_per_node, a)
+        total, step = sum(e["memory"].values()), sum(e["time"].values())
+        big = max(e["memory"], key=e["memory"].get)
+        lines.append(f"{n:>20,d} {total / GIB:>12.1f} {'yes' if total <= a.gpu_memory_gb * GIB else 'NO':>5s} "
+                     f"{e['tokens_per_step'] / step:>12,.0f}  {big} ({e['memory'][big] / GIB:.1f})")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
@@ -199,6 +230,8 @@ def main(argv=None) -> int:
     ap.add_argument("--inter-gbs", type=cli.positive_float, default=40.0, help="GB/s per GPU across nodes (400 Gb/s IB: ~40)")
     ap.add_argument("--runtime-gb", type=cli.nonnegative_float, default=1.5,
                     help="GiB per GPU for the CUDA context (~0.5) and NCCL's communicator buffers (~1 for a few groups)")
+    ap.add_argument("--seq-lens", help="comma-separated sequence lengths (e.g. 8192,16384,32768): a fit table, one "
+                                       "sequence per micro-batch, instead of the breakdown (a projection)")
     ap.add_argument("--json", action="store_true", help="one JSON line instead of the table")
     a, overrides = ap.parse_known_args(argv)
     try:
@@ -208,9 +241,13 @@ def main(argv=None) -> int:
         s = shapes(m, "student")
         t = shapes(m, "teacher") if M.loads_teacher(cfg) else None
         e = estimate(cfg, s, t, a.nodes, a.gpus_per_node, a)
-    except (ValueError, OSError) as err:
+        lengths = [cli.positive_int(x) for x in a.seq_lens.split(",")] if a.seq_lens else []
+    except (ValueError, OSError, argparse.ArgumentTypeError) as err:
         print(f"plan error: {err}", file=sys.stderr)
         return 2
+    if lengths:
+        print(fit_table(cfg, s, t, lengths, a))
+        return 0
     if a.json:
         print(json.dumps({**e, "memory_gib": {k: v / GIB for k, v in e["memory"].items()}}))
     else:

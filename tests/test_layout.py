@@ -209,6 +209,31 @@ def test_plan_prints_memory_and_time_and_the_layout_changes_them(capsys, monkeyp
                       *shapes, "--parallel.shard_group_size=5"]) == 2  # a group size that does not divide 24
 
 
+def test_plan_prices_long_sequences(capsys, monkeypatch):
+    """--seq-lens: one sequence per micro-batch at each length; memory grows linearly with the length (activations,
+    one recomputed layer, the teacher's layer, the loss's gathered states: no T^2 term with flash attention), with
+    checkpointing 32k fits an H100 where without it the activations do not; attention's T^2 FLOPs lower tokens/s."""
+    import re
+    from pipeline import plan
+    monkeypatch.setenv("USER", "ada")
+    base = ["--config", "pipeline/configs/cluster_7b_to_1b.yaml", "--nodes", "4", "--gpus-per-node", "8",
+            "--model.teacher_path=pipeline/configs/assets/shapes/qwen2.5-7b-instruct",
+            "--model.student_path=pipeline/configs/assets/shapes/qwen2.5-1.5b", "--train.global_batch_size=null",
+            "--seq-lens", "8192,16384,32768"]
+
+    def table(*extra):
+        assert plan.main([*base, *extra]) == 0
+        rows = re.findall(r"^\s+([\d,]+)\s+([\d.]+)\s+(yes|NO)\s+([\d,]+)", capsys.readouterr().out, re.M)
+        return [(int(n.replace(",", "")), float(g), f, int(t.replace(",", ""))) for n, g, f, t in rows]
+
+    on, off = table("--train.activation_checkpointing=true"), table("--train.activation_checkpointing=false")
+    assert [r[0] for r in on] == [8192, 16384, 32768]
+    steps = [on[i + 1][1] - on[i][1] for i in range(2)]
+    assert steps[1] == pytest.approx(2 * steps[0], rel=0.02)  # linear: doubling the length doubles the growth
+    assert [r[2] for r in on] == ["yes"] * 3 and off[-1][2] == "NO"
+    assert on[2][3] < on[1][3]  # tokens/s at 32k below 16k: attention's quadratic FLOPs
+
+
 def test_plan_counts_the_vllm_engines_the_tied_table_and_the_runtime(capsys, monkeypatch):
     """The on-policy cluster job: one awake vLLM engine per generating model (weights, KV cache, overhead: what
     vllm_rollout checks at start), less what sleep mode lets it reuse; the tied 1.5B student's gathered fp32 table
