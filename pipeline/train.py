@@ -210,7 +210,9 @@ def step_batches(run: Run) -> tuple[list, dict]:
     drawn from (seed, step), identically on every rank, and all of the step's prompts go into one rollout."""
     cfg = run.cfg
     if cfg.data.kind == "text":
-        return [data.text_batch(run.batches.next(), run.document_end) for _ in range(cfg.train.grad_accum)], {}
+        blocks = [run.batches.next() for _ in range(cfg.train.grad_accum)]
+        with distributed.host_data():  # the documents are found in the host's copy of the tokens
+            return [data.text_batch(b, run.document_end) for b in blocks], {}
     r = cfg.rollout
     examples = run.batches.next()
     if run.schedule is not None:
@@ -480,7 +482,9 @@ def evaluate_heldout(run: Run, with_answers: bool = True) -> dict:
     (teacher-forced), and (`with_answers`) KL on the student's own greedy answers to the held-out prompts (the
     divergence the on-policy job is meant to shrink)."""
     if run.cfg.data.kind == "text":
-        return {"eval/kl": heldout_kl(run, data.text_batch(run.eval_data, run.document_end))}
+        with distributed.host_data():
+            batch = data.text_batch(run.eval_data, run.document_end)
+        return {"eval/kl": heldout_kl(run, batch)}
     pairs = run.eval_data
     prompts = [p for p, _ in pairs]
     cache = run.teacher_cache  # a cache without the held-out examples (built before they were added) runs the teacher
