@@ -4,13 +4,15 @@ betas 0.9/0.95, weight decay 0.01 on matrices, global-norm clipping at 1.0, as H
 tokens per step, fed the same batches in the same order (our packing of the demo corpus; TRL gets them through a
 sequential sampler and a collator that passes them through).
 
-    make bench-e2e                              # off-policy, 30 steps per side
-    .venv-bench/bin/python bench/e2e_bench.py --steps 12 --skip-onpolicy
+    make bench-e2e                              # 3 interleaved pairs per mode, 30 steps per side
+    .venv-bench/bin/python bench/e2e_bench.py --steps 12 --pairs 5 --skip-onpolicy
 
 Ours runs as users run it (python -m pipeline.train, the demo config with the overrides below); TRL in a child
 process of this script. Each side reports its step times (median over steps 6..N, after warm-up), its peak RSS
 (ru_maxrss of its own process) and its first-step loss. Ends with one JSON line:
-{"e2e_speedup_offpolicy", "e2e_speedup_onpolicy", "memory_ratio", "first_step_loss_rel_diff", ...}.
+{"e2e_speedup_offpolicy", "e2e_speedup_onpolicy", "e2e_speedup_pairs", "memory_ratio", "first_step_loss_rel_diff",
+...}: each speedup the median over --pairs pairs of runs, ours and TRL alternating (each pair in the other order
+than the last), so that the machine's drift between runs lands on both sides, with every pair's ratio beside it.
 
 On-policy (unless --skip-onpolicy): every step samples 64 tokens (temperature 1) for each of 8 prompts, the demo's
 instructions through the chat template, the same prompt ids in the same order on both sides, then trains on them
@@ -232,6 +234,20 @@ def profile_ours(teacher: str, student: str, steps: int) -> None:
         print(f"  {name:42s} {statistics.median(v[1:]):.2f}")
 
 
+def run_trl_child(teacher, student, blocks_file, steps: int, onpolicy: bool) -> dict:
+    child = subprocess.run([sys.executable, __file__, "--side", "trl", "--args", json.dumps(
+        {"teacher": teacher, "student": student, "blocks_file": blocks_file, "steps": steps,
+         "onpolicy": onpolicy})], cwd=REPO, capture_output=True, text=True)
+    if child.returncode:
+        raise SystemExit(f"TRL's run failed:\n{child.stderr[-4000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def log_pair(mode: str, i: int, sides: dict, warm: int) -> None:
+    o, t = median_after(sides["ours"]["step_s"], warm), median_after(sides["trl"]["step_s"], warm)
+    print(f"{mode} pair {i}: ours {o:.2f} s, TRL {t:.2f} s per step: {t / o:.3f}x", file=sys.stderr, flush=True)
+
+
 def median_after(step_s: dict, warm: int) -> float:
     return statistics.median(v for s, v in step_s.items() if int(s) > warm)
 
@@ -241,6 +257,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
     ap.add_argument("--skip-onpolicy", action="store_true")
+    ap.add_argument("--pairs", type=int, default=3, help="interleaved (ours, TRL) pairs per mode; the median is "
+                                                         "reported, with every pair's ratio")
     ap.add_argument("--profile", action="store_true", help="also time the phases of our step in-process")
     ap.add_argument("--side", choices=["trl"], help=argparse.SUPPRESS)
     ap.add_argument("--args", help=argparse.SUPPRESS)
@@ -255,20 +273,29 @@ def main() -> None:
         for r in rows:
             f.write(json.dumps({"prompt": r["prompt"], "response": r["response"]}) + "\n")
     from pipeline import config as C
-    results = {}
+    results, ratios = {}, {}
     for mode in ["offpolicy"] + ([] if a.skip_onpolicy else ["onpolicy"]):
         onpolicy = mode == "onpolicy"
-        run_dir = os.path.join(work, mode)
-        config, args = our_args(teacher, student, train_file, chat_file, a.steps, run_dir, onpolicy)
+        config, args = our_args(teacher, student, train_file, chat_file, a.steps, os.path.join(work, mode), onpolicy)
         blocks_file = os.path.join(work, f"{mode}_batches.json")
         json.dump(batches(C.load_config(os.path.join(REPO, config), args), a.steps), open(blocks_file, "w"))
-        ours = run_ours(config, args, run_dir)
-        child = subprocess.run([sys.executable, __file__, "--side", "trl", "--args", json.dumps(
-            {"teacher": teacher, "student": student, "blocks_file": blocks_file, "steps": a.steps,
-             "onpolicy": onpolicy})], cwd=REPO, capture_output=True, text=True)
-        if child.returncode:
-            raise SystemExit(f"TRL's run failed:\n{child.stderr[-4000:]}")
-        trl = json.loads(child.stdout.strip().splitlines()[-1])
+        # ours and TRL alternate, pair after pair, each pair in the other order than the last: a drift of the machine
+        # (thermal, neighbours) lands on both sides instead of in the ratio; the median pair is reported
+        pairs = []
+        for i in range(a.pairs):
+            run_dir = os.path.join(work, f"{mode}{i}")
+            _, args = our_args(teacher, student, train_file, chat_file, a.steps, run_dir, onpolicy)
+            sides = {}
+            for side in (("ours", "trl") if i % 2 == 0 else ("trl", "ours")):
+                sides[side] = (run_ours(config, args, run_dir) if side == "ours" else
+                               run_trl_child(teacher, student, blocks_file, a.steps, onpolicy))
+            pairs.append(sides)
+            log_pair(mode, i, sides, a.warmup)
+        ratios[mode] = sorted(median_after(p["trl"]["step_s"], a.warmup) / median_after(p["ours"]["step_s"], a.warmup)
+                              for p in pairs)
+        mid = pairs[sorted(range(len(pairs)), key=lambda i: median_after(pairs[i]["trl"]["step_s"], a.warmup)
+                           / median_after(pairs[i]["ours"]["step_s"], a.warmup))[len(pairs) // 2]]
+        ours, trl = mid["ours"], mid["trl"]
         results[mode] = {"ours_s": median_after(ours["step_s"], a.warmup),
                          "trl_s": median_after(trl["step_s"], a.warmup),
                          "ours_gb": ours["peak_rss_gb"], "trl_gb": trl["peak_rss_gb"],
@@ -297,12 +324,13 @@ def main() -> None:
     off = results["offpolicy"]
     on = results.get("onpolicy")
     print(json.dumps({
-        "e2e_speedup_offpolicy": round(off["trl_s"] / off["ours_s"], 3),
-        "e2e_speedup_onpolicy": round(on["trl_s"] / on["ours_s"], 3) if on else None,
+        "e2e_speedup_offpolicy": round(statistics.median(ratios["offpolicy"]), 3),
+        "e2e_speedup_onpolicy": round(statistics.median(ratios["onpolicy"]), 3) if on else None,
+        "e2e_speedup_pairs": {m: [round(r, 3) for r in v] for m, v in ratios.items()},
         "memory_ratio": round(off["ours_gb"] / off["trl_gb"], 3),
         "first_step_loss_rel_diff": float(f"{abs(off['ours_first'] - off['trl_first']) / abs(off['trl_first']):.3g}"),
         "ours_tokens_per_s": round(tokens / off["ours_s"], 1), "trl_tokens_per_s": round(tokens / off["trl_s"], 1),
-        "steps": a.steps, "warmup": a.warmup}))
+        "steps": a.steps, "warmup": a.warmup, "pairs": a.pairs}))
 
 
 if __name__ == "__main__":
