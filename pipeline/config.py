@@ -70,9 +70,9 @@ class DataConfig:
     streaming: bool = False
     """Stream the dataset (for corpora that do not fit on disk); packing happens on the fly."""
     padding_free: bool = True
-    """chat: pack each micro-batch's prompt + response examples into rows as wide as its longest (each example
-    attending only to itself, positions restarting with it) instead of right-padding every example to that width:
-    the same losses, fewer positions through both models."""
+    """chat: pack each micro-batch's prompt + response examples into rows (as wide as the longest or data.seq_len,
+    whichever runs fewer positions; each example attending only to itself, positions restarting with it) instead of
+    right-padding every example to the longest: the same losses, fewer positions through both models."""
     document_mask: bool = True
     """text: attention stays inside each document of a packed row (documents end with the tokenizer's EOS, as
     packing and the token store join them) and positions restart with each document, for student and teacher

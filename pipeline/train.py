@@ -238,7 +238,7 @@ def step_batches(run: Run) -> tuple[list, dict]:
     for i in range(0, len(pairs), B):
         part = pairs[i:i + B]
         if cfg.data.padding_free:
-            b, order = data.collate_packed([p for p, _ in part], [c for _, c in part], run.pad_id)
+            b, order = data.collate_packed([p for p, _ in part], [c for _, c in part], run.pad_id, cfg.data.seq_len)
             part = [part[j] for j in order]
         else:
             b = data.collate([p for p, _ in part], [c for _, c in part], run.pad_id)

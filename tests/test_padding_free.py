@@ -24,11 +24,12 @@ def test_packing_keeps_every_example_once_inside_the_width(seed):
     n = rng.randint(1, 12)
     prompts = [[rng.randint(1, 50) for _ in range(rng.randint(1, 20))] for _ in range(n)]
     responses = [[rng.randint(1, 50) for _ in range(rng.randint(1, 30))] for _ in range(n)]
-    b, order = data.collate_packed(prompts, responses, pad_id=0)
+    width = rng.choice([0, 40, 64])
+    b, order = data.collate_packed(prompts, responses, pad_id=0, width=width)
     padded = data.collate([prompts[i] for i in order], [responses[i] for i in order], pad_id=0)
     assert sorted(order) == list(range(n))
-    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    assert b.tokens.shape[1] == width and b.tokens.shape[0] <= n
+    longest = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    assert b.tokens.shape[1] in (longest, max(width, longest)) and b.tokens.numel() <= n * longest
     # the same loss targets in the same order: the loss rows of the padded batch over the examples in `order`
     assert torch.equal(b.tokens[:, 1:][b.loss_mask.bool()], padded.tokens[:, 1:][padded.loss_mask.bool()])
     assert int(b.attention_mask.sum()) == sum(len(p) + len(r) for p, r in zip(prompts, responses))

@@ -361,14 +361,15 @@ def pack_order(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(prompts: list, responses: list, pad_id: int) -> tuple[Batch, list[int]]:
+def collate_packed(prompts: list, responses: list, pad_id: int, width: int = 0) -> tuple[Batch, list[int]]:
     """Padding-free instruction batch (data.padding_free): prompt + response examples packed into rows as wide as the
-    longest example, each example a document of its own (attention inside it, positions restarting with it), the
+    longest example or `width` (data.seq_len), whichever puts fewer positions through the models (never more than
+    the padded batch), each example a document of its own (attention inside it, positions restarting with it), the
     loss on response tokens as in collate(). Returns the batch and the examples' order in it (row by row): its loss
     rows are those of collate() over the examples in that order."""
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    width = max(lengths)
-    rows = pack_order(lengths, width)
+    width, rows = min(((w, pack_order(lengths, w)) for w in sorted({max(lengths), max(width, max(lengths))})),
+                      key=lambda wr: wr[0] * len(wr[1]))
     R = len(rows)
     tokens = torch.full((R, width), pad_id, dtype=torch.long)
     attn = torch.zeros((R, width), dtype=torch.long)
