@@ -482,7 +482,7 @@ def make_batches(cfg, tokenizer, rank: int, world: int, teacher=None):
             blocks = OfflineBlocks(blocks, topk)
         if teacher is not None:
             return PackedBatches(teacher.wrap(blocks), cfg.train.micro_batch_size, rank, world, d.shuffle_seed,
-                                 prefetch=max(1, cfg.loss.remote.prefetch))
+                                 prefetch=cfg.loss.remote.prefetch)
         return PackedBatches(blocks, cfg.train.micro_batch_size, rank, world, d.shuffle_seed, prefetch=1)
     docs = load_documents(d)
     if d.streaming:
