@@ -73,10 +73,11 @@ class DataConfig:
     """chat: pack each micro-batch's prompt + response examples into rows (as wide as the longest or data.seq_len,
     whichever runs fewer positions; each example attending only to itself, positions restarting with it) instead of
     right-padding every example to the longest: the same losses, fewer positions through both models."""
-    document_mask: bool = True
-    """text: attention stays inside each document of a packed row (documents end with the tokenizer's EOS, as
-    packing and the token store join them) and positions restart with each document, for student and teacher
-    alike; false: every position attends to the whole row."""
+    document_mask: bool = False
+    """text: attention stays inside each document of a packed row and positions restart with each document, for
+    student and teacher alike; false: every position attends to the whole row. A document ends at the tokenizer's
+    EOS, which packing and the token store append to each: only for data whose documents hold no EOS themselves
+    (chat-formatted text whose template ends each turn with the EOS token is cut at every turn)."""
     shuffle_seed: int = 0
     """Seed of the order of packed sequences (one permutation per epoch, identical on every rank)."""
     max_documents: int | None = None

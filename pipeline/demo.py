@@ -121,11 +121,11 @@ def prepare(assets_dir: str, data_dir: str):
     return teacher_dir, student_init, train_file, held_file, rows
 
 
-def measure(student_dir: str, teacher, tok, blocks, prompts, refs) -> dict:
-    """Held-out figures of a student: over the held-out play's packed blocks (documents masked, as the demo trains)
-    and its answers to the held-out prompts."""
+def measure(student_dir: str, teacher, tok, blocks, prompts, refs, eos_id=None) -> dict:
+    """Held-out figures of a student: over the held-out play's packed blocks (documents masked as the demo trains
+    them when eos_id is given: data.document_mask) and its answers to the held-out prompts."""
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
-    scores = evaluate.evaluate_models(student, teacher, blocks, eos_id=tok.eos_token_id)
+    scores = evaluate.evaluate_models(student, teacher, blocks, eos_id=eos_id)
     answers = evaluate.generate(student, tok, prompts)
     return {**scores, "rouge_l": evaluate.rouge_l(answers, refs), "sample": answers[0]}
 
@@ -156,7 +156,11 @@ def main(argv=None) -> int:
     blocks = data.pack_blocks(held_docs, tok, "text", 128)[:32]
     eval_rows = rows[-HELD_OUT_PROMPTS:]
     prompts, refs = [r["prompt"] for r in eval_rows], [r["response"] for r in eval_rows]
-    before = measure(student_init, teacher, tok, blocks, prompts, refs)
+    # held-out blocks masked as training masks them (data.document_mask, off unless overridden)
+    eos = data.document_end(C.load_config(args.config, [f"--model.teacher_path={teacher_dir}",
+                                                        f"--model.student_path={student_init}", *overrides],
+                                          data_files=False), tok)
+    before = measure(student_init, teacher, tok, blocks, prompts, refs, eos)
     print(f"before: held-out KL {before['kl_to_teacher']:.3f}, ROUGE-L {before['rouge_l']:.1f}, "
           f"agreement {before['top1_agreement']:.3f}", file=sys.stderr)
 
@@ -170,7 +174,7 @@ def main(argv=None) -> int:
     if subprocess.run(cmd).returncode:
         print("the distillation run failed", file=sys.stderr)
         return 1
-    after = measure(os.path.join(args.run_dir, "student"), teacher, tok, blocks, prompts, refs)
+    after = measure(os.path.join(args.run_dir, "student"), teacher, tok, blocks, prompts, refs, eos)
     print(f"after:  held-out KL {after['kl_to_teacher']:.3f}, ROUGE-L {after['rouge_l']:.1f}, "
           f"agreement {after['top1_agreement']:.3f}", file=sys.stderr)
     print(f"prompt: {prompts[0]!r}\n  teacher: {refs[0]!r}\n  student before: {before['sample']!r}\n"

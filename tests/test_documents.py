@@ -113,7 +113,7 @@ def test_the_offline_teachers_top_k_and_the_evaluations_states_are_each_document
 def test_two_ranks_with_document_masking_equal_one_and_masking_changes_the_run(tmp_path, backend):
     """The debug job (its packed rows hold several documents): 2 ranks equal 1 process with twice the micro-batch,
     step for step; without the mask the losses differ (the mask is in force)."""
-    common = ["--train.steps=4", "--checkpoint.every=0", "--checkpoint.export=false"]
+    common = ["--train.steps=4", "--checkpoint.every=0", "--checkpoint.export=false", "--data.document_mask=true"]
     ok(run(tmp_path / "two", backend, *common))
     ok(run(tmp_path / "one", "none", *common, "--train.micro_batch_size=4"))
     ok(run(tmp_path / "off", "none", *common, "--train.micro_batch_size=4", "--data.document_mask=false"))

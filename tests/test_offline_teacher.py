@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from pipeline import config as C, precompute_teacher as PT, prepare as P
 from pipeline.data import token_store as S
@@ -49,8 +48,7 @@ def test_the_cache_holds_the_teachers_top_k(cache):
     blocks = S.TokenStore(store).blocks(32)
     rows = torch.tensor([0, 5, 150, len(blocks) - 1])  # across chunk files
     lp, ids = TeacherTopk(out).read(rows)
-    eos = AutoTokenizer.from_pretrained(TOK).eos_token_id  # data.document_mask (on): as training runs the teacher
-    want_lp, want_ids = PT.teacher_topk(_teacher(cfg), blocks[rows], K, eos)
+    want_lp, want_ids = PT.teacher_topk(_teacher(cfg), blocks[rows], K)
     assert lp.shape == (4, 31, K) and torch.equal(ids, want_ids)
     assert torch.equal(lp, want_lp.to(torch.float16).float())
     assert (lp.exp().sum(-1) < 1).all()  # a real top-k: mass is left for the bucket
