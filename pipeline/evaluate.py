@@ -34,7 +34,7 @@ def hidden_states(model, tokens, attention_mask, documents=None):
     documents [B, T] (packed text, data.document_mask): attention inside each document, as training runs it
     (transformers derives the documents from positions that restart with each)."""
     if documents is not None:
-        return model.get_decoder()(input_ids=tokens, position_ids=data.document_positions(documents),
+        return model.get_decoder()(input_ids=tokens, position_ids=M.document_positions(documents),
                                    use_cache=False).last_hidden_state
     return model.get_decoder()(input_ids=tokens, attention_mask=attention_mask, use_cache=False).last_hidden_state
 

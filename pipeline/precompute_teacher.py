@@ -25,10 +25,10 @@ from torch import Tensor
 
 from pipeline import cli, config as C
 from pipeline.data import token_store as S
-from pipeline.data.batches import document_positions, documents
+from pipeline.data.batches import documents
 from pipeline.data.teacher_topk import FORMAT, INDEX, chunk_name, teacher_identity
 from pipeline.loss.vocab_parallel import topk_teacher
-from pipeline.models.build import build_model, load_tokenizer
+from pipeline.models.build import build_model, document_positions, load_tokenizer
 from pipeline.parallel.distributed import device, env_ranks
 from pipeline.run import integrity
 

@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline import evaluate
 from pipeline.data import batches as data
+from pipeline.models import build as M
 from pipeline.parallel import backends
 from pipeline.precompute_teacher import teacher_topk
 from pipeline.loss.vocab_parallel import topk_teacher
@@ -45,7 +46,7 @@ def test_documents_and_their_positions(seed):
     one document each needs no mask (None)."""
     rows = _rows(seed)
     docs = data.documents(rows, EOS)
-    pos = data.document_positions(docs)
+    pos = M.document_positions(docs)
     for b in range(rows.shape[0]):
         parts = _split(rows[b].tolist())
         assert docs[b].tolist() == [i for i, d in enumerate(parts) for _ in d]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.data import batches as data
+from pipeline.models import build as M
 from tests.dist_utils import launch_preloaded
 from tests.test_faults import loss_lines, ok
 from tests.test_train import ENV, REPO
@@ -34,7 +35,7 @@ def test_packing_keeps_every_example_once_inside_the_width(seed):
     assert torch.equal(b.tokens[:, 1:][b.loss_mask.bool()], padded.tokens[:, 1:][padded.loss_mask.bool()])
     assert int(b.attention_mask.sum()) == sum(len(p) + len(r) for p, r in zip(prompts, responses))
     # each example is a document of its own, positions restart with it
-    pos = data.document_positions(b.documents)
+    pos = M.document_positions(b.documents)
     for r in range(b.tokens.shape[0]):
         starts = (pos[r] == 0).nonzero().squeeze(1).tolist()
         assert starts[0] == 0

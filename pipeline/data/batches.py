@@ -320,16 +320,6 @@ def documents(tokens: Tensor, eos_id: int) -> Tensor | None:
     return torch.cumsum(end, 1) - end.long()
 
 
-def document_positions(documents: Tensor) -> Tensor:
-    """[B, T] document indices -> positions that restart at 0 at every document's first token."""
-    T = documents.shape[1]
-    idx = torch.arange(T, device=documents.device).expand_as(documents)
-    start = torch.ones_like(documents, dtype=torch.bool)
-    start[:, 1:] = documents[:, 1:] != documents[:, :-1]
-    first = torch.cummax(torch.where(start, idx, torch.zeros_like(idx)), 1).values
-    return idx - first
-
-
 def collate(prompts: list, responses: list, pad_id: int) -> Batch:
     """prompt + response per row, right-padded; loss on the response tokens (a generation's EOS included)."""
     rows = [list(p) + list(r) for p, r in zip(prompts, responses)]

@@ -196,3 +196,13 @@ def head_name(model: nn.Module) -> str:
 
 def embedding_name(model: nn.Module) -> str:
     return weight_name(model, model.get_input_embeddings())
+
+
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """[B, T] document indices -> positions that restart at 0 at every document's first token."""
+    T = documents.shape[1]
+    idx = torch.arange(T, device=documents.device).expand_as(documents)
+    start = torch.ones_like(documents, dtype=torch.bool)
+    start[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    first = torch.cummax(torch.where(start, idx, torch.zeros_like(idx)), 1).values
+    return idx - first

@@ -33,7 +33,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import and_masks, causal_mask_function, packed_sequence_mask_function, sdpa_mask
 
 from pipeline.config import read_deepspeed_json
-from pipeline.data.batches import document_positions
 from pipeline.loss.vocab_parallel import gather_shards, shard_range
 from pipeline.models import build as M, loading
 from pipeline.parallel.distributed import device, Layout, ranks_per_node
@@ -198,7 +197,7 @@ def forward(model, input_ids, attention_mask, documents=None) -> Tensor:
         token = _DOCUMENTS.set(documents)
         try:
             return model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                         position_ids=document_positions(documents), use_cache=False).logits
+                         position_ids=M.document_positions(documents), use_cache=False).logits
         finally:
             _DOCUMENTS.reset(token)
     if attention_mask is not None:
