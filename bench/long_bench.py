@@ -33,6 +33,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench.e2e_bench import scalars  # noqa: E402  (tensorboard scalars of a run, read back)
+
 
 def run_limited(cmd: list[str], limit_gb: float, env: dict | None = None) -> tuple[int, float, float, str]:
     """(exit code, peak RSS GB of the process, seconds, stderr tail); stopped with SIGKILL past `limit_gb` (exit
@@ -127,13 +129,6 @@ def trl(teacher, student, doc, T, limit_gb) -> dict:
            json.dumps({"teacher": teacher, "student": student, "doc": doc, "T": T})]
     rc, rss, secs, why = run_limited(cmd, limit_gb)
     return {"ok": rc == 0, "peak_rss_gb": round(rss, 3), "seconds": round(secs, 1), **({} if rc == 0 else {"why": why})}
-
-
-def scalars(run_dir: str, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(os.path.join(run_dir, "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
 
 
 def padding(teacher, student, chat_file, steps: int, work: str) -> dict:

@@ -34,6 +34,7 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from bench.e2e_bench import scalars  # noqa: E402  (tensorboard scalars of a run, read back)
 from pipeline import config as C, demo, precompute_teacher as PT, prepare as P  # noqa: E402
 from pipeline.data import remote_teacher as R, token_store as S  # noqa: E402
 from pipeline.loss.vocab_parallel import topk_teacher  # noqa: E402
@@ -42,13 +43,6 @@ SEQ, BATCH = 128, 8
 COMMON = ["--loss.method=fkl", "--loss.options={}", "--optim.warmup_steps=0", "--train.micro_batch_size=8",
           "--train.grad_accum=1", "--checkpoint.every=0", "--checkpoint.export=false", "--logging.progress=false",
           "--train.log_every=1", "--parallel.backend=none", f"--data.seq_len={SEQ}", "--data.max_documents=400"]
-
-
-def scalars(run_dir: str, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(os.path.join(run_dir, "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
 
 
 def train(args: list[str], run_dir: str) -> dict:
